@@ -1,0 +1,903 @@
+//! The configuration file: TOML in, a validated [`Config`] out.
+//!
+//! `load()` reads the file, walks it with [`reader`] (which knows every allowed key and reports
+//! every error with file, line and field), applies `[defaults]`, and checks cross-references.
+//! Everything downstream holds typed values (`Duration`, `SocketAddr`, enums), never strings.
+
+pub mod reader;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::de::DeTable;
+
+pub use reader::ConfigError;
+use reader::{Diag, Table, join};
+
+/// A config that failed to load: every error found, in file order.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigError>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub source: PathBuf,
+    pub global: Global,
+    pub frontends: Vec<Frontend>,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Global {
+    /// Most connections sclb holds at once; more wait in the kernel's accept queue.
+    pub maxconn: usize,
+    pub log: LogConfig,
+    /// On SIGTERM, how long live connections may go on before they are cut.
+    pub hard_stop_after: Duration,
+    pub admin: Option<AdminConfig>,
+    pub stats: Option<StatsConfig>,
+    pub state_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub path: PathBuf,
+    pub mode: u32,
+    pub level: AdminLevel,
+}
+
+/// HAProxy's socket levels, least to most powerful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AdminLevel {
+    User,
+    Operator,
+    Admin,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsConfig {
+    pub bind: SocketAddr,
+    /// When set, HTTP admin actions require `Authorization: Bearer <token>`.
+    pub admin_token: Option<String>,
+    /// Auto-refresh period of the HTML page.
+    pub refresh: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frontend {
+    pub name: String,
+    pub binds: Vec<SocketAddr>,
+    pub backend: String,
+    pub maxconn: Option<usize>,
+    /// Inactivity allowed on the client side (HAProxy `timeout client`).
+    pub timeout_client: Duration,
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+    /// Consistent hash of the client's IP.
+    Source,
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::RoundRobin => "roundrobin",
+            Balance::LeastConn => "leastconn",
+            Balance::Source => "source",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StickConfig {
+    pub expire: Duration,
+    pub size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckType {
+    Tcp,
+    H2,
+    Spark,
+    None,
+}
+
+impl fmt::Display for CheckType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CheckType::Tcp => "tcp",
+            CheckType::H2 => "h2",
+            CheckType::Spark => "spark",
+            CheckType::None => "none",
+        })
+    }
+}
+
+/// Where a server starts before its first check (HAProxy's `init-state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitState {
+    /// UP; every one of `fall` checks must fail to take it DOWN.
+    FullyUp,
+    /// UP; the first failed check takes it DOWN (HAProxy's and sclb's default).
+    Up,
+    /// DOWN; the first good check brings it UP.
+    Down,
+    /// DOWN; `rise` good checks bring it UP.
+    FullyDown,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckConfig {
+    pub kind: CheckType,
+    pub inter: Duration,
+    /// Interval while a server is transitioning (between UP and DOWN).
+    pub fastinter: Duration,
+    /// Interval while a server is DOWN.
+    pub downinter: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub timeout: Duration,
+    /// Check this port instead of the server's.
+    pub port: Option<u16>,
+    /// Random jitter, as a fraction of the interval (0.0..=0.5).
+    pub spread: f64,
+    pub init_state: InitState,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            kind: CheckType::Tcp,
+            inter: Duration::from_secs(2),
+            fastinter: Duration::from_secs(2),
+            downinter: Duration::from_secs(2),
+            rise: 2,
+            fall: 3,
+            timeout: Duration::from_secs(2),
+            port: None,
+            spread: 0.05,
+            init_state: InitState::Up,
+        }
+    }
+}
+
+/// What happens to a server's live connections when its checks mark it DOWN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMarkedDown {
+    /// They go on; the server may still answer them.
+    Keep,
+    /// They are closed at once (HAProxy `on-marked-down shutdown-sessions`).
+    ShutdownSessions,
+}
+
+/// What a backend does when every server is DOWN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllDown {
+    /// Try the servers anyway: the checks may be wrong, the servers may not.
+    FailOpen,
+    /// Close new connections at once.
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub name: String,
+    pub balance: Balance,
+    pub stick: Option<StickConfig>,
+    pub servers: Vec<ServerConfig>,
+    /// Extra connect attempts after the first one fails.
+    pub retries: u32,
+    /// Let the last retry go to another server (and re-pin the client there).
+    pub redispatch: bool,
+    pub timeout_connect: Duration,
+    pub timeout_server: Duration,
+    /// Inactivity allowed once both sides are connected; replaces client/server when set.
+    pub timeout_tunnel: Option<Duration>,
+    /// How long a client may wait for a slot on a full server.
+    pub timeout_queue: Duration,
+    pub on_marked_down: OnMarkedDown,
+    pub all_down: AllDown,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub name: String,
+    /// The address as written (a hostname is kept for display).
+    pub addr_text: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub maxconn: Option<usize>,
+    pub backup: bool,
+    pub check: CheckConfig,
+}
+
+/// Largest weight a server can have, as in HAProxy.
+pub const MAX_WEIGHT: u32 = 256;
+
+const GLOBAL_KEYS: &[&str] = &[
+    "maxconn",
+    "log",
+    "hard_stop_after",
+    "admin",
+    "stats",
+    "state_file",
+];
+const TIMEOUT_KEYS: &[&str] = &["connect", "client", "server", "tunnel", "queue"];
+const CHECK_KEYS: &[&str] = &[
+    "type",
+    "inter",
+    "fastinter",
+    "downinter",
+    "rise",
+    "fall",
+    "timeout",
+    "port",
+    "spread",
+    "init_state",
+];
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, LoadError> {
+    let src = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &src).map_err(LoadError::Invalid)
+}
+
+/// Parses and validates config text; `path` is used for error messages and stored in the result.
+pub fn parse(path: &Path, src: &str) -> Result<Config, Vec<ConfigError>> {
+    let diag = Diag::new(path, src);
+    let (doc, syntax) = DeTable::parse_recoverable(src);
+    for e in &syntax {
+        let at = e.span().map(|s| s.start).unwrap_or(0);
+        diag.error(at, "", format!("TOML syntax: {}", e.message()));
+    }
+    if !syntax.is_empty() {
+        return Err(diag.into_errors());
+    }
+    let root = Table::root(&doc, &diag);
+    let config = read_config(path, root);
+    if diag.has_errors() {
+        return Err(diag.into_errors());
+    }
+    Ok(config.expect("a config read without errors is complete"))
+}
+
+fn read_config(path: &Path, root: Table<'_, '_>) -> Option<Config> {
+    root.allow(&["global", "defaults", "frontend", "backend"]);
+    let global = match root.table("global", "global") {
+        Some(t) => read_global(t),
+        None => Some(default_global()),
+    };
+    let defaults = root
+        .table("defaults", "defaults")
+        .map(read_defaults)
+        .unwrap_or_default();
+
+    let fe_paths = root.element_paths("frontend");
+    let frontends: Vec<Option<Frontend>> = root
+        .tables("frontend", &fe_paths)
+        .into_iter()
+        .map(|t| read_frontend(t, &defaults))
+        .collect();
+    let be_paths = root.element_paths("backend");
+    let be_tables = root.tables("backend", &be_paths);
+    let backends: Vec<Option<Backend>> = be_tables
+        .iter()
+        .map(|t| read_backend(*t, &defaults))
+        .collect();
+    if fe_paths.is_empty() {
+        root.error(
+            "frontend",
+            "no [[frontend]]: sclb needs at least one listener",
+        );
+    }
+
+    // Cross-references and uniqueness, from the raw tables: a table with another error in it
+    // still gets these checked, so that one run reports everything.
+    let fe_tables = root.tables("frontend", &fe_paths);
+    let be_names: Vec<&str> = be_tables.iter().filter_map(|t| t.str("name")).collect();
+    unique_names(&fe_tables, "frontend");
+    unique_names(&be_tables, "backend");
+    for t in &fe_tables {
+        if let Some(be) = t.str("backend")
+            && !be_names.contains(&be)
+        {
+            t.error("backend", format!("backend \"{be}\" is not defined"));
+        }
+    }
+    let mut binds = HashSet::new();
+    for fe in frontends.iter().flatten() {
+        for b in &fe.binds {
+            if !binds.insert(*b) && b.port() != 0 {
+                let t = fe_tables.iter().find(|t| t.str("name") == Some(&fe.name));
+                if let Some(t) = t {
+                    t.error("bind", format!("address {b} is bound twice"));
+                }
+            }
+        }
+    }
+
+    Some(Config {
+        source: path.to_path_buf(),
+        global: global?,
+        frontends: frontends.into_iter().collect::<Option<Vec<_>>>()?,
+        backends: backends.into_iter().collect::<Option<Vec<_>>>()?,
+    })
+}
+
+fn default_global() -> Global {
+    Global {
+        maxconn: 20000,
+        log: LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        },
+        hard_stop_after: Duration::from_secs(30),
+        admin: None,
+        stats: None,
+        state_file: None,
+    }
+}
+
+fn read_global(t: Table<'_, '_>) -> Option<Global> {
+    t.allow(GLOBAL_KEYS);
+    let mut g = default_global();
+    let mut ok = true;
+    if let Some(n) = t.int("maxconn", 1, 1_000_000) {
+        g.maxconn = n as usize;
+    }
+    if let Some(d) = t.duration("hard_stop_after") {
+        g.hard_stop_after = d;
+    }
+    if let Some(log) = t.table("log", "global.log") {
+        log.allow(&["level", "format"]);
+        if let Some(level) = log.choice(
+            "level",
+            &[
+                ("error", "error"),
+                ("warn", "warn"),
+                ("info", "info"),
+                ("debug", "debug"),
+                ("trace", "trace"),
+            ],
+        ) {
+            g.log.level = level.to_string();
+        }
+        if let Some(f) = log.choice(
+            "format",
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        ) {
+            g.log.format = f;
+        }
+    }
+    if let Some(a) = t.table("admin", "global.admin") {
+        a.allow(&["path", "mode", "level"]);
+        let path = if a.required("path") {
+            a.str("path")
+        } else {
+            None
+        };
+        let mode = match a.str("mode") {
+            None => Some(0o600),
+            Some(m) => match u32::from_str_radix(m, 8) {
+                Ok(v) if v <= 0o777 => Some(v),
+                _ => {
+                    a.error(
+                        "mode",
+                        format!("\"{m}\" is not an octal file mode such as \"0600\""),
+                    );
+                    None
+                }
+            },
+        };
+        let level = if a.contains("level") {
+            a.choice(
+                "level",
+                &[
+                    ("user", AdminLevel::User),
+                    ("operator", AdminLevel::Operator),
+                    ("admin", AdminLevel::Admin),
+                ],
+            )
+        } else {
+            Some(AdminLevel::Admin)
+        };
+        match (path, mode, level) {
+            (Some(path), Some(mode), Some(level)) => {
+                g.admin = Some(AdminConfig {
+                    path: path.into(),
+                    mode,
+                    level,
+                })
+            }
+            _ => ok = false,
+        }
+    }
+    if let Some(s) = t.table("stats", "global.stats") {
+        s.allow(&["bind", "admin_token", "refresh"]);
+        let bind = if s.required("bind") {
+            s.parse::<SocketAddr>("bind", "address")
+        } else {
+            None
+        };
+        let admin_token = s.str("admin_token").map(str::to_string);
+        if admin_token.as_deref().is_some_and(|tok| tok.len() < 16) {
+            s.error("admin_token", "too short: use at least 16 characters");
+        }
+        let refresh = s.duration("refresh").unwrap_or(Duration::from_secs(5));
+        match bind {
+            Some(bind) => {
+                g.stats = Some(StatsConfig {
+                    bind,
+                    admin_token,
+                    refresh,
+                })
+            }
+            None => ok = false,
+        }
+    }
+    if let Some(p) = t.str("state_file") {
+        g.state_file = Some(p.into());
+    }
+    ok.then_some(g)
+}
+
+/// Settings from `[defaults]`; each may be overridden where it applies.
+#[derive(Default)]
+struct Defaults {
+    timeouts: TimeoutsPartial,
+    retries: Option<u32>,
+    redispatch: Option<bool>,
+    check: CheckPartial,
+    balance: Option<Balance>,
+    maxconn: Option<usize>,
+}
+
+#[derive(Default, Clone)]
+struct TimeoutsPartial {
+    connect: Option<Duration>,
+    client: Option<Duration>,
+    server: Option<Duration>,
+    tunnel: Option<Duration>,
+    queue: Option<Duration>,
+}
+
+impl TimeoutsPartial {
+    fn read(t: Table<'_, '_>, allowed: &[&str]) -> Self {
+        t.allow(allowed);
+        TimeoutsPartial {
+            connect: t.duration("connect"),
+            client: t.duration("client"),
+            server: t.duration("server"),
+            tunnel: t.duration("tunnel"),
+            queue: t.duration("queue"),
+        }
+    }
+
+    fn or(&self, base: &TimeoutsPartial) -> TimeoutsPartial {
+        TimeoutsPartial {
+            connect: self.connect.or(base.connect),
+            client: self.client.or(base.client),
+            server: self.server.or(base.server),
+            tunnel: self.tunnel.or(base.tunnel),
+            queue: self.queue.or(base.queue),
+        }
+    }
+}
+
+/// Shipped defaults when a timeout is set nowhere. Spark Connect keeps one HTTP/2 connection
+/// per session open for hours, so the idle timeouts default to 4 h rather than HAProxy's
+/// "no limit" or a web server's seconds.
+const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
+const DEFAULT_IDLE: Duration = Duration::from_secs(4 * 3600);
+const DEFAULT_QUEUE: Duration = Duration::from_secs(30);
+
+#[derive(Default, Clone)]
+struct CheckPartial {
+    kind: Option<CheckType>,
+    inter: Option<Duration>,
+    fastinter: Option<Duration>,
+    downinter: Option<Duration>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    timeout: Option<Duration>,
+    port: Option<u16>,
+    spread: Option<f64>,
+    init_state: Option<InitState>,
+}
+
+impl CheckPartial {
+    fn read(t: Table<'_, '_>) -> Self {
+        t.allow(CHECK_KEYS);
+        let spread = t.str("spread").and_then(|s| {
+            let v = s
+                .strip_suffix('%')
+                .and_then(|p| p.trim().parse::<f64>().ok())
+                .filter(|p| (0.0..=50.0).contains(p));
+            if v.is_none() {
+                t.error(
+                    "spread",
+                    format!("\"{s}\" is not a percentage between \"0%\" and \"50%\""),
+                );
+            }
+            v.map(|p| p / 100.0)
+        });
+        CheckPartial {
+            kind: t.choice(
+                "type",
+                &[
+                    ("tcp", CheckType::Tcp),
+                    ("h2", CheckType::H2),
+                    ("spark", CheckType::Spark),
+                    ("none", CheckType::None),
+                ],
+            ),
+            inter: positive(t, "inter"),
+            fastinter: positive(t, "fastinter"),
+            downinter: positive(t, "downinter"),
+            rise: t.int("rise", 1, 100).map(|n| n as u32),
+            fall: t.int("fall", 1, 100).map(|n| n as u32),
+            timeout: positive(t, "timeout"),
+            port: t.int("port", 1, 65535).map(|n| n as u16),
+            spread,
+            init_state: t.choice(
+                "init_state",
+                &[
+                    ("fully-up", InitState::FullyUp),
+                    ("up", InitState::Up),
+                    ("down", InitState::Down),
+                    ("fully-down", InitState::FullyDown),
+                ],
+            ),
+        }
+    }
+
+    fn or(&self, base: &CheckPartial) -> CheckPartial {
+        CheckPartial {
+            kind: self.kind.or(base.kind),
+            inter: self.inter.or(base.inter),
+            fastinter: self.fastinter.or(base.fastinter),
+            downinter: self.downinter.or(base.downinter),
+            rise: self.rise.or(base.rise),
+            fall: self.fall.or(base.fall),
+            timeout: self.timeout.or(base.timeout),
+            port: self.port.or(base.port),
+            spread: self.spread.or(base.spread),
+            init_state: self.init_state.or(base.init_state),
+        }
+    }
+
+    /// Fills what is unset: fastinter and downinter follow inter, as in HAProxy.
+    fn resolve(&self) -> CheckConfig {
+        let d = CheckConfig::default();
+        let inter = self.inter.unwrap_or(d.inter);
+        CheckConfig {
+            kind: self.kind.unwrap_or(d.kind),
+            inter,
+            fastinter: self.fastinter.unwrap_or(inter),
+            downinter: self.downinter.unwrap_or(inter),
+            rise: self.rise.unwrap_or(d.rise),
+            fall: self.fall.unwrap_or(d.fall),
+            timeout: self.timeout.unwrap_or(d.timeout.min(inter)),
+            port: self.port,
+            spread: self.spread.unwrap_or(d.spread),
+            init_state: self.init_state.unwrap_or(d.init_state),
+        }
+    }
+}
+
+fn positive(t: Table<'_, '_>, key: &str) -> Option<Duration> {
+    let d = t.duration(key)?;
+    if d.is_zero() {
+        t.error(key, "must be longer than zero");
+        return None;
+    }
+    Some(d)
+}
+
+const BALANCES: &[(&str, Balance)] = &[
+    ("roundrobin", Balance::RoundRobin),
+    ("leastconn", Balance::LeastConn),
+    ("source", Balance::Source),
+];
+
+fn read_defaults(t: Table<'_, '_>) -> Defaults {
+    t.allow(&[
+        "timeout",
+        "retries",
+        "redispatch",
+        "check",
+        "balance",
+        "maxconn",
+    ]);
+    Defaults {
+        timeouts: t
+            .table("timeout", "defaults.timeout")
+            .map(|t| TimeoutsPartial::read(t, TIMEOUT_KEYS))
+            .unwrap_or_default(),
+        retries: t.int("retries", 0, 100).map(|n| n as u32),
+        redispatch: t.bool("redispatch"),
+        check: t
+            .table("check", "defaults.check")
+            .map(CheckPartial::read)
+            .unwrap_or_default(),
+        balance: t.choice("balance", BALANCES),
+        maxconn: t.int("maxconn", 1, 1_000_000).map(|n| n as usize),
+    }
+}
+
+/// Reports the second and later tables of `tables` that reuse a name.
+fn unique_names(tables: &[Table<'_, '_>], what: &str) {
+    let mut seen = HashSet::new();
+    for t in tables {
+        if let Some(name) = t.str("name")
+            && !seen.insert(name)
+        {
+            t.error("name", format!("duplicate {what} name \"{name}\""));
+        }
+    }
+}
+
+/// Proxy and server names end up in admin commands (`backend/server`), CSV and HTML: keep them
+/// to HAProxy's character set.
+fn check_name(t: Table<'_, '_>) -> Option<String> {
+    if !t.required("name") {
+        return None;
+    }
+    let name = t.str("name")?;
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+    if !ok {
+        t.error(
+            "name",
+            format!("\"{name}\" is not a valid name: use 1-64 of A-Z a-z 0-9 _ - . :"),
+        );
+        return None;
+    }
+    Some(name.to_string())
+}
+
+fn read_frontend(t: Table<'_, '_>, d: &Defaults) -> Option<Frontend> {
+    t.allow(&["name", "bind", "backend", "maxconn", "timeout", "backlog"]);
+    let name = check_name(t);
+    let mut binds = Vec::new();
+    let mut binds_ok = t.required("bind");
+    for (i, (text, at)) in t.strings("bind").into_iter().enumerate() {
+        match text.parse::<SocketAddr>() {
+            Ok(a) => binds.push(a),
+            Err(_) => {
+                binds_ok = false;
+                t.error_at(
+                    at,
+                    &format!("{}[{i}]", join(t.path, "bind")),
+                    format!(
+                        "invalid address \"{text}\": write IPv4 \"0.0.0.0:15002\" or IPv6 \"[::]:15002\""
+                    ),
+                );
+            }
+        }
+    }
+    if t.contains("bind") && binds.is_empty() && binds_ok {
+        t.error("bind", "needs at least one address");
+        binds_ok = false;
+    }
+    let backend = if t.required("backend") {
+        t.str("backend")
+    } else {
+        None
+    };
+    let tpath = join(t.path, "timeout");
+    let timeouts = t
+        .table("timeout", &tpath)
+        .map(|tt| TimeoutsPartial::read(tt, &["client"]))
+        .unwrap_or_default()
+        .or(&d.timeouts);
+    let maxconn = t
+        .int("maxconn", 1, 1_000_000)
+        .map(|n| n as usize)
+        .or(d.maxconn);
+    let backlog = t.int("backlog", 1, 65535).map(|n| n as u32).unwrap_or(4096);
+    Some(Frontend {
+        name: name?,
+        binds: if binds_ok { binds } else { return None },
+        backend: backend?.to_string(),
+        maxconn,
+        timeout_client: timeouts.client.unwrap_or(DEFAULT_IDLE),
+        backlog,
+    })
+}
+
+fn read_backend(t: Table<'_, '_>, d: &Defaults) -> Option<Backend> {
+    t.allow(&[
+        "name",
+        "balance",
+        "stick",
+        "servers",
+        "retries",
+        "redispatch",
+        "timeout",
+        "check",
+        "on_marked_down",
+        "all_down",
+    ]);
+    let name = check_name(t);
+    let balance = if t.contains("balance") {
+        t.choice("balance", BALANCES)
+    } else {
+        Some(d.balance.unwrap_or(Balance::RoundRobin))
+    };
+    let mut ok = balance.is_some();
+    let stick_path = join(t.path, "stick");
+    let stick = t.table("stick", &stick_path).map(|s| {
+        s.allow(&["on", "expire", "size"]);
+        if s.contains("on") && s.choice("on", &[("src", ())]).is_none() {
+            ok = false;
+        }
+        StickConfig {
+            expire: s
+                .duration("expire")
+                .unwrap_or(Duration::from_secs(2 * 3600)),
+            size: s.int("size", 1, 100_000_000).unwrap_or(100_000) as usize,
+        }
+    });
+    let tpath = join(t.path, "timeout");
+    let timeouts = t
+        .table("timeout", &tpath)
+        .map(|tt| TimeoutsPartial::read(tt, &["connect", "server", "tunnel", "queue"]))
+        .unwrap_or_default()
+        .or(&d.timeouts);
+    let cpath = join(t.path, "check");
+    let check = t
+        .table("check", &cpath)
+        .map(CheckPartial::read)
+        .unwrap_or_default()
+        .or(&d.check);
+
+    let srv_paths = t.element_paths("servers");
+    let srv_tables = t.tables("servers", &srv_paths);
+    let mut servers = Vec::new();
+    for st in &srv_tables {
+        match read_server(*st, &check) {
+            Some(s) => servers.push(s),
+            None => ok = false,
+        }
+    }
+    unique_names(&srv_tables, "server");
+    if srv_tables
+        .iter()
+        .filter_map(|st| st.str("name"))
+        .collect::<HashSet<_>>()
+        .len()
+        != srv_tables.len()
+    {
+        ok = false;
+    }
+    let on_marked_down = t
+        .choice(
+            "on_marked_down",
+            &[
+                ("keep", OnMarkedDown::Keep),
+                ("shutdown-sessions", OnMarkedDown::ShutdownSessions),
+            ],
+        )
+        .unwrap_or(OnMarkedDown::Keep);
+    let all_down = t
+        .choice(
+            "all_down",
+            &[
+                ("fail-open", AllDown::FailOpen),
+                ("reject", AllDown::Reject),
+            ],
+        )
+        .unwrap_or(AllDown::FailOpen);
+    let be = Backend {
+        name: name?,
+        balance: balance?,
+        stick,
+        servers,
+        retries: t
+            .int("retries", 0, 100)
+            .map(|n| n as u32)
+            .or(d.retries)
+            .unwrap_or(3),
+        redispatch: t.bool("redispatch").or(d.redispatch).unwrap_or(true),
+        timeout_connect: timeouts.connect.unwrap_or(DEFAULT_CONNECT),
+        timeout_server: timeouts.server.unwrap_or(DEFAULT_IDLE),
+        timeout_tunnel: timeouts.tunnel,
+        timeout_queue: timeouts.queue.unwrap_or(DEFAULT_QUEUE),
+        on_marked_down,
+        all_down,
+    };
+    ok.then_some(be)
+}
+
+fn read_server(t: Table<'_, '_>, backend_check: &CheckPartial) -> Option<ServerConfig> {
+    t.allow(&["name", "addr", "weight", "maxconn", "backup", "check"]);
+    let name = check_name(t);
+    let addr_text = if t.required("addr") {
+        t.str("addr")
+    } else {
+        None
+    };
+    let addr = addr_text.and_then(|a| match resolve(a) {
+        Ok(sa) => Some(sa),
+        Err(e) => {
+            t.error("addr", e);
+            None
+        }
+    });
+    let weight = t
+        .int("weight", 0, MAX_WEIGHT as i64)
+        .map(|n| n as u32)
+        .unwrap_or(1);
+    let maxconn = t.int("maxconn", 1, 1_000_000).map(|n| n as usize);
+    let backup = t.bool("backup").unwrap_or(false);
+    let cpath = join(t.path, "check");
+    let check = t
+        .table("check", &cpath)
+        .map(CheckPartial::read)
+        .unwrap_or_default()
+        .or(backend_check)
+        .resolve();
+    Some(ServerConfig {
+        name: name?,
+        addr_text: addr_text?.to_string(),
+        addr: addr?,
+        weight,
+        maxconn,
+        backup,
+        check,
+    })
+}
+
+/// "10.0.1.11:15002", "[::1]:15002" or "host:15002" (resolved once, at load).
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(sa) = text.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("\"{text}\" has no port: write \"host:15002\""));
+    };
+    if port.parse::<u16>().is_err() || host.is_empty() {
+        return Err(format!(
+            "invalid address \"{text}\": write \"10.0.1.11:15002\" or \"host:15002\""
+        ));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("\"{host}\" resolves to no address")),
+        Err(e) => Err(format!("cannot resolve \"{host}\": {e}")),
+    }
+}

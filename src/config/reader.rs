@@ -1,0 +1,428 @@
+//! A small reader over a TOML document that keeps positions, so that every problem in a config
+//! file is reported with its file, line, column and field path — and all of them at once.
+//!
+//! Why not `serde` with `deny_unknown_fields`: serde stops at the first error, and an operator
+//! fixing a file one error per run is a bad afternoon. The reader walks the spanned tree that
+//! `toml` parses, checks keys against the keys each table allows, and collects every error.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the field, e.g. `backend[0].servers[1].addr`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}: {}",
+                self.file, self.line, self.column, self.field, self.message
+            )
+        }
+    }
+}
+
+/// Collects errors and turns byte offsets into lines and columns.
+pub struct Diag {
+    file: String,
+    line_starts: Vec<usize>,
+    errors: RefCell<Vec<ConfigError>>,
+}
+
+impl Diag {
+    pub fn new(file: &Path, src: &str) -> Self {
+        let mut line_starts = vec![0];
+        line_starts.extend(src.match_indices('\n').map(|(i, _)| i + 1));
+        Diag {
+            file: file.display().to_string(),
+            line_starts,
+            errors: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Records an error at byte offset `at`.
+    pub fn error(&self, at: usize, field: &str, message: impl Into<String>) {
+        let line = self.line_starts.partition_point(|&s| s <= at).max(1);
+        let column = at - self.line_starts[line - 1] + 1;
+        self.errors.borrow_mut().push(ConfigError {
+            file: self.file.clone(),
+            line,
+            column,
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    pub fn has_errors(&self) -> bool {
+        !self.errors.borrow().is_empty()
+    }
+
+    pub fn into_errors(self) -> Vec<ConfigError> {
+        let mut errors = self.errors.into_inner();
+        errors.sort_by_key(|e| (e.line, e.column));
+        errors
+    }
+}
+
+/// A view of one TOML table at a known path.
+#[derive(Clone, Copy)]
+pub struct Table<'a, 'i> {
+    pub path: &'a str,
+    table: &'a DeTable<'i>,
+    /// Where the table starts in the source (for errors about a missing key).
+    at: usize,
+    diag: &'a Diag,
+}
+
+fn type_name(v: &DeValue<'_>) -> &'static str {
+    match v {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a datetime",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+/// Joins a parent path and a key into a field path.
+pub fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+impl<'a, 'i> Table<'a, 'i> {
+    pub fn root(doc: &'a Spanned<DeTable<'i>>, diag: &'a Diag) -> Self {
+        Table {
+            path: "",
+            table: doc.get_ref(),
+            at: doc.span().start,
+            diag,
+        }
+    }
+
+    pub fn diag(&self) -> &'a Diag {
+        self.diag
+    }
+
+    /// Reports every key not in `allowed`, suggesting the closest allowed one.
+    pub fn allow(&self, allowed: &[&str]) {
+        for (key, _) in self.table.iter() {
+            let name: &str = key.get_ref();
+            if !allowed.contains(&name) {
+                let hint = closest(name, allowed)
+                    .map(|c| format!(" (did you mean \"{c}\"?)"))
+                    .unwrap_or_default();
+                self.diag.error(
+                    key.span().start,
+                    &join(self.path, name),
+                    format!(
+                        "unknown key \"{name}\"{hint}; allowed here: {}",
+                        allowed.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Spanned<DeValue<'i>>> {
+        self.table.get(key)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Byte offset of a key's value, or of the table itself when the key is absent.
+    pub fn pos(&self, key: &str) -> usize {
+        self.get(key).map(|v| v.span().start).unwrap_or(self.at)
+    }
+
+    /// Records an error about `key` of this table.
+    pub fn error(&self, key: &str, message: impl Into<String>) {
+        self.diag
+            .error(self.pos(key), &join(self.path, key), message);
+    }
+
+    fn wrong_type(&self, key: &str, v: &Spanned<DeValue<'i>>, expected: &str) {
+        self.diag.error(
+            v.span().start,
+            &join(self.path, key),
+            format!("expected {expected}, found {}", type_name(v.get_ref())),
+        );
+    }
+
+    pub fn required(&self, key: &str) -> bool {
+        if self.contains(key) {
+            true
+        } else {
+            self.diag.error(
+                self.at,
+                &join(self.path, key),
+                format!("missing required key \"{key}\""),
+            );
+            false
+        }
+    }
+
+    pub fn str(&self, key: &str) -> Option<&'a str> {
+        let v = self.get(key)?;
+        match v.get_ref() {
+            DeValue::String(s) => Some(s.as_ref()),
+            _ => {
+                self.wrong_type(key, v, "a string");
+                None
+            }
+        }
+    }
+
+    pub fn bool(&self, key: &str) -> Option<bool> {
+        let v = self.get(key)?;
+        match v.get_ref() {
+            DeValue::Boolean(b) => Some(*b),
+            _ => {
+                self.wrong_type(key, v, "true or false");
+                None
+            }
+        }
+    }
+
+    /// An integer within `min..=max`.
+    pub fn int(&self, key: &str, min: i64, max: i64) -> Option<i64> {
+        let v = self.get(key)?;
+        let DeValue::Integer(i) = v.get_ref() else {
+            self.wrong_type(key, v, "an integer");
+            return None;
+        };
+        let parsed = i64::from_str_radix(i.as_str().replace('_', "").as_str(), i.radix());
+        match parsed {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                self.error(key, format!("must be between {min} and {max}, got {i}"));
+                None
+            }
+        }
+    }
+
+    /// A human duration such as "2s", "500ms", "4h" or "1h 30m".
+    pub fn duration(&self, key: &str) -> Option<Duration> {
+        let v = self.get(key)?;
+        if !matches!(v.get_ref(), DeValue::String(_)) {
+            self.wrong_type(key, v, "a duration string such as \"2s\" or \"500ms\"");
+            return None;
+        }
+        let s = self.str(key)?;
+        match parse_duration(s) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.error(key, e);
+                None
+            }
+        }
+    }
+
+    /// A string parsed with `FromStr`; `what` names the expected form in the error.
+    pub fn parse<T: FromStr>(&self, key: &str, what: &str) -> Option<T>
+    where
+        T::Err: fmt::Display,
+    {
+        let s = self.str(key)?;
+        match s.parse::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error(key, format!("invalid {what} \"{s}\": {e}"));
+                None
+            }
+        }
+    }
+
+    /// One of a fixed set of words.
+    pub fn choice<T: Copy>(&self, key: &str, choices: &[(&str, T)]) -> Option<T> {
+        let s = self.str(key)?;
+        match choices.iter().find(|(name, _)| *name == s) {
+            Some((_, v)) => Some(*v),
+            None => {
+                let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+                self.error(key, format!("\"{s}\" is not one of: {}", names.join(", ")));
+                None
+            }
+        }
+    }
+
+    pub fn table<'b>(&self, key: &str, path: &'b str) -> Option<Table<'b, 'i>>
+    where
+        'a: 'b,
+    {
+        let v = self.get(key)?;
+        match v.get_ref() {
+            DeValue::Table(t) => Some(Table {
+                path,
+                table: t,
+                at: v.span().start,
+                diag: self.diag,
+            }),
+            _ => {
+                self.wrong_type(key, v, "a table");
+                None
+            }
+        }
+    }
+
+    /// Items of an array, each with its byte offset. A missing key is an empty list.
+    pub fn array(&self, key: &str) -> Vec<&'a Spanned<DeValue<'i>>> {
+        let Some(v) = self.get(key) else {
+            return Vec::new();
+        };
+        match v.get_ref() {
+            DeValue::Array(items) => items.iter().collect(),
+            _ => {
+                self.wrong_type(key, v, "an array");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Strings of an array; a single string is accepted as a list of one.
+    pub fn strings(&self, key: &str) -> Vec<(&'a str, usize)> {
+        let Some(v) = self.get(key) else {
+            return Vec::new();
+        };
+        if let DeValue::String(s) = v.get_ref() {
+            return vec![(s.as_ref(), v.span().start)];
+        }
+        let mut out = Vec::new();
+        for (i, item) in self.array(key).into_iter().enumerate() {
+            match item.get_ref() {
+                DeValue::String(s) => out.push((s.as_ref(), item.span().start)),
+                other => self.diag.error(
+                    item.span().start,
+                    &format!("{}[{i}]", join(self.path, key)),
+                    format!("expected a string, found {}", type_name(other)),
+                ),
+            }
+        }
+        out
+    }
+
+    /// The tables of an array of tables (`[[frontend]]` or an inline array of `{ ... }`).
+    /// `paths` receives the path of each element, and must outlive the returned views.
+    pub fn tables<'b>(&self, key: &str, paths: &'b [String]) -> Vec<Table<'b, 'i>>
+    where
+        'a: 'b,
+    {
+        let mut out = Vec::new();
+        for (i, item) in self.array(key).into_iter().enumerate() {
+            match item.get_ref() {
+                DeValue::Table(t) => out.push(Table {
+                    path: &paths[i],
+                    table: t,
+                    at: item.span().start,
+                    diag: self.diag,
+                }),
+                other => self.diag.error(
+                    item.span().start,
+                    &paths[i],
+                    format!("expected a table, found {}", type_name(other)),
+                ),
+            }
+        }
+        out
+    }
+
+    /// Field paths for the elements of the array at `key`, for [`Table::tables`].
+    pub fn element_paths(&self, key: &str) -> Vec<String> {
+        let n = match self.get(key).map(|v| v.get_ref()) {
+            Some(DeValue::Array(a)) => a.len(),
+            _ => 0,
+        };
+        (0..n)
+            .map(|i| format!("{}[{i}]", join(self.path, key)))
+            .collect()
+    }
+
+    /// Reports an error at an array element's position.
+    pub fn error_at(&self, at: usize, field: &str, message: impl Into<String>) {
+        self.diag.error(at, field, message);
+    }
+}
+
+/// Parses "2s", "500ms", "4h", "1h 30m"; a bare number is refused so that units are explicit.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim().chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "\"{s}\" has no unit; write a duration such as \"500ms\", \"2s\", \"30m\" or \"4h\""
+        ));
+    }
+    humantime::parse_duration(s).map_err(|e| {
+        format!("invalid duration \"{s}\" ({e}); write e.g. \"500ms\", \"2s\", \"30m\" or \"4h\"")
+    })
+}
+
+/// The allowed word closest to `word`, if it is close enough to be a typo.
+fn closest<'s>(word: &str, allowed: &[&'s str]) -> Option<&'s str> {
+    allowed
+        .iter()
+        .map(|a| (edit_distance(word, a), *a))
+        .filter(|(d, a)| *d <= 2.max(a.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, a)| a)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("2000").unwrap_err().contains("no unit"));
+        assert!(parse_duration("2 fortnights").is_err());
+    }
+
+    #[test]
+    fn typo_suggestions() {
+        assert_eq!(closest("maxcon", &["maxconn", "log"]), Some("maxconn"));
+        assert_eq!(closest("zzzzzz", &["maxconn", "log"]), None);
+    }
+}

@@ -1,0 +1,145 @@
+//! Test helpers: real TCP backends on 127.0.0.1:0, sclb started from a config string, and
+//! clients that connect from a chosen loopback source address (127.0.0.2, 127.0.0.3, ...) so
+//! that each looks like a different client IP.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+use sclb::Sclb;
+
+/// A backend that greets each connection with its name and a newline, then echoes.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(name, listener)
+    }
+
+    /// Serves on an existing listener (to restart a backend on the same port).
+    pub fn serve(name: &str, listener: TcpListener) -> Backend {
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let greeting = format!("{name}\n");
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let greeting = greeting.clone();
+                tokio::spawn(async move {
+                    if s.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Stops accepting: new connections to its port are refused.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts sclb from TOML text.
+pub async fn start_sclb(toml: &str) -> Sclb {
+    let config = sclb::config::parse(Path::new("test.toml"), toml)
+        .unwrap_or_else(|e| panic!("test config invalid: {e:?}"));
+    Sclb::start(config).await.expect("sclb starts")
+}
+
+/// A config with one frontend "fe" on 127.0.0.1:0 and one backend "be" over `backends`.
+/// `backend_extra` is added to the backend table (balance, stick, ...).
+pub fn config(backends: &[&Backend], backend_extra: &str, global_extra: &str) -> String {
+    let servers: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ name = \"{}\", addr = \"{}\" }}", b.name, b.addr))
+        .collect();
+    format!(
+        r#"
+[global]
+{global_extra}
+[defaults]
+timeout = {{ connect = "1s", queue = "2s" }}
+check = {{ type = "none" }}
+
+[[frontend]]
+name = "fe"
+bind = ["127.0.0.1:0"]
+backend = "be"
+
+[[backend]]
+name = "be"
+{backend_extra}
+servers = [ {} ]
+"#,
+        servers.join(", ")
+    )
+}
+
+pub fn frontend_addr(sclb: &Sclb) -> SocketAddr {
+    sclb.local_addrs("fe")[0]
+}
+
+/// Connects to `dst` from source address 127.0.0.`n`.
+pub async fn connect_from(n: u8, dst: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::from((Ipv4Addr::new(127, 0, 0, n), 0)))
+        .unwrap();
+    s.connect(dst).await.unwrap()
+}
+
+/// Connects from 127.0.0.`n` and returns the greeting's server name and the stream.
+pub async fn which_server(n: u8, dst: SocketAddr) -> (String, BufReader<TcpStream>) {
+    let s = connect_from(n, dst).await;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+        .await
+        .expect("greeting within 10 s")
+        .unwrap();
+    assert!(line.ends_with('\n'), "no greeting, got {line:?}");
+    (line.trim().to_string(), r)
+}
+
+/// Reads until EOF with a deadline; returns the bytes.
+pub async fn read_to_end(s: &mut (impl AsyncReadExt + Unpin), within: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    tokio::time::timeout(within, s.read_to_end(&mut out))
+        .await
+        .expect("EOF in time")
+        .unwrap();
+    out
+}
