@@ -37,7 +37,7 @@ impl Balancer {
             for (pos, s) in servers.iter().enumerate() {
                 // Points hash the server's name, not its position: adding or removing one server
                 // moves only the clients that hashed to it.
-                let points = s.config.weight.max(1) * RING_POINTS_PER_WEIGHT;
+                let points = s.config().weight.max(1) * RING_POINTS_PER_WEIGHT;
                 for i in 0..points {
                     ring.push((hash(&(&*s.name, i)), pos));
                 }

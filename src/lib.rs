@@ -8,6 +8,7 @@
 //! - [`forward`]: one connection — pick (stick table, then [`balance`]), connect with retries,
 //!   [`pipe`] both ways, log.
 //! - [`server`], [`stick_table`]: a server's counters/health/admin state; client IP → server pins.
+//! - [`health`]: a checker task per server (tcp, h2, spark probes) driving rise/fall.
 //!
 //! [`Sclb::start`] wires them up from a config; the binary adds signals and logging.
 
@@ -17,6 +18,7 @@ pub mod balance;
 pub mod config;
 pub mod forward;
 pub mod frontend;
+pub mod health;
 pub mod pipe;
 pub mod server;
 pub mod sockopt;
@@ -81,6 +83,13 @@ impl Sclb {
             listeners: Listeners::default(),
         };
         sclb.sync_listeners()?;
+        for (_, server) in sclb.shared.state.snapshot().all_servers() {
+            health::spawn_checker(
+                server.clone(),
+                sclb.shared.state.clone(),
+                sclb.shared.stop_background.clone(),
+            );
+        }
         tokio::spawn(purge_loop(sclb.shared.clone()));
         Ok(sclb)
     }

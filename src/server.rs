@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 
+use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -115,6 +116,14 @@ pub struct Health {
     pub spark_version: Mutex<Option<String>>,
 }
 
+/// Fully UP, fully DOWN, or on the way between (HAProxy then checks at `fastinter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    FullyUp,
+    Transition,
+    FullyDown,
+}
+
 /// What a check result did to the state, for logging and counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
@@ -187,6 +196,25 @@ impl Health {
             (true, false) => Transition::WentDown,
             _ => Transition::None,
         }
+    }
+
+    /// Where the counter stands, for choosing the next check interval.
+    pub fn phase(&self) -> Phase {
+        let (rise, fall) = (self.rise.load(Relaxed), self.fall.load(Relaxed));
+        match self.counter.load(Relaxed) {
+            c if c == rise + fall - 1 => Phase::FullyUp,
+            0 => Phase::FullyDown,
+            _ => Phase::Transition,
+        }
+    }
+
+    /// Applies new rise/fall values (after a reload), keeping the UP/DOWN state.
+    pub fn set_rise_fall(&self, rise: u32, fall: u32) {
+        let was_up = self.is_up();
+        self.rise.store(rise, Relaxed);
+        self.fall.store(fall, Relaxed);
+        let c = if was_up { rise + fall - 1 } else { 0 };
+        self.counter.store(c, Relaxed);
     }
 
     pub fn last(&self) -> LastCheck {
@@ -265,7 +293,8 @@ pub struct Server {
     /// Position in its backend, 1-based (HAProxy's `sid`); may change on reload.
     pub sid: AtomicU32,
     addr: RwLock<SocketAddr>,
-    pub config: ServerConfig,
+    /// The server's config; a reload that keeps the server may replace it (weight, check...).
+    config: ArcSwap<ServerConfig>,
     weight: AtomicU32,
     maxconn: AtomicU64,
     admin: AtomicU8,
@@ -297,8 +326,25 @@ impl Server {
             sessions: Mutex::new(CancellationToken::new()),
             retired: CancellationToken::new(),
             last_change: Mutex::new(Instant::now()),
-            config,
+            config: ArcSwap::from_pointee(config),
         }
+    }
+
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config.load_full()
+    }
+
+    /// The address the server was configured with (the key a reload matches on).
+    pub fn config_addr(&self) -> SocketAddr {
+        self.config.load().addr
+    }
+
+    pub fn is_backup(&self) -> bool {
+        self.config.load().backup
+    }
+
+    pub fn set_config(&self, config: ServerConfig) {
+        self.config.store(Arc::new(config));
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -95,7 +95,7 @@ impl Backend {
         }
         let pick = |backup: bool| {
             self.balancer.pick(&self.servers, client, tried, |s| {
-                s.config.backup == backup && s.takes_new_clients()
+                s.is_backup() == backup && s.takes_new_clients()
             })
         };
         if let Some(s) = pick(false).or_else(|| pick(true)) {
@@ -234,7 +234,7 @@ impl State {
                         p.servers
                             .iter()
                             .chain(p.leaving.iter())
-                            .find(|s| s.name.as_ref() == sc.name && s.config.addr == sc.addr)
+                            .find(|s| s.name.as_ref() == sc.name && s.config_addr() == sc.addr)
                     });
                     let server = match kept {
                         Some(s) => {
