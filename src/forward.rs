@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::pipe::{self, End, Side, Totals};
 use crate::server::{Server, ServerId};
+use crate::sessions::SessInfo;
 use crate::state::{Backend, Choice, FrontendCounters};
 use crate::{Shared, sockopt};
 
@@ -108,7 +109,15 @@ pub async fn handle(
             kill.cancel();
         }
     };
-    let totals = Totals::default();
+    let totals = Arc::new(Totals::default());
+    let _registered = shared.sessions.register(SessInfo {
+        client: peer,
+        frontend: frontend.clone(),
+        backend: backend.config.name.clone(),
+        server: server.name.clone(),
+        started: start,
+        totals: totals.clone(),
+    });
     let on_bytes = |side: Side, n: u64| match side {
         Side::Client => {
             server.counters.bytes_in.fetch_add(n, Relaxed);
@@ -233,21 +242,18 @@ fn log_repin(backend: &Backend, peer: SocketAddr, from: ServerId, to: &Server) {
     );
 }
 
-/// Waits for a connection slot on a server with `maxconn`; the wait is the server's queue.
+/// Waits for a connection slot on the server; the wait is the server's queue.
 async fn acquire_slot(
     server: &Arc<Server>,
     queue_timeout: Duration,
 ) -> Result<Option<OwnedSemaphorePermit>, ConnectError> {
-    let Some(slots) = &server.slots else {
-        return Ok(None);
-    };
-    if let Ok(p) = slots.clone().try_acquire_owned() {
+    if let Ok(p) = server.slots.clone().try_acquire_owned() {
         return Ok(Some(p));
     }
     let c = &server.counters;
     let q = c.queue_cur.fetch_add(1, Relaxed) + 1;
     c.queue_max.fetch_max(q, Relaxed);
-    let r = timeout(queue_timeout, slots.clone().acquire_owned()).await;
+    let r = timeout(queue_timeout, server.slots.clone().acquire_owned()).await;
     c.queue_cur.fetch_sub(1, Relaxed);
     match r {
         Ok(Ok(p)) => Ok(Some(p)),

@@ -168,7 +168,9 @@ async fn accept_loop(
                 sockopt::tune_stream(&stream);
                 let fe = frontend.load_full();
                 let counters = shared.state.frontend_counters(&fe);
-                let span = info_span!("conn", client = %peer, frontend = %fe);
+                // The connection's own log line carries client and frontend; the span only groups
+                // its debug lines, without repeating them.
+                let span = info_span!(parent: None, "conn");
                 let conn_shared = shared.clone();
                 shared.conns.spawn(
                     async move {

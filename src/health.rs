@@ -42,7 +42,14 @@ pub fn spawn_with(
     stop: CancellationToken,
 ) {
     let span = info_span!("check", server = %format!("{}/{}", server.backend, server.name));
-    tokio::spawn(run(server, probe, state, stop).instrument(span));
+    server.set_checker_running(true);
+    tokio::spawn(
+        async move {
+            run(server.clone(), probe, state, stop).await;
+            server.set_checker_running(false);
+        }
+        .instrument(span),
+    );
 }
 
 /// Random fraction in [0, 1).
@@ -75,10 +82,11 @@ fn check_addr(server: &Server, check: &CheckConfig) -> SocketAddr {
 
 async fn run(
     server: Arc<Server>,
-    probe: Box<dyn Probe>,
+    mut probe: Box<dyn Probe>,
     state: Arc<State>,
     stop: CancellationToken,
 ) {
+    let mut kind = server.config().check.kind;
     // The first check comes at once, moved by up to `spread` of the interval, so that sclb
     // knows the truth quickly after start without every check firing at the same instant.
     let check = server.config().check.clone();
@@ -91,6 +99,13 @@ async fn run(
             _ = server.retired.cancelled() => return,
         }
         let check = server.config().check.clone();
+        if check.kind != kind {
+            // A reload changed the check type.
+            match probe::for_type(check.kind) {
+                Some(p) => (probe, kind) = (p, check.kind),
+                None => return,
+            }
+        }
         if server.admin_state() != AdminState::Maint && server.health.enabled() {
             let result = probe
                 .check(check_addr(&server, &check), check.timeout)

@@ -9,21 +9,29 @@
 //!   [`pipe`] both ways, log.
 //! - [`server`], [`stick_table`]: a server's counters/health/admin state; client IP → server pins.
 //! - [`health`]: a checker task per server (tcp, h2, spark probes) driving rise/fall.
+//! - [`admin`] (Unix socket, HAProxy runtime API) and [`http`] (stats page, metrics): read
+//!   through [`stats`]; every change goes through [`admin::execute`] or [`reload`].
 //!
 //! [`Sclb::start`] wires them up from a config; the binary adds signals and logging.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod forward;
 pub mod frontend;
 pub mod health;
+pub mod http;
 pub mod pipe;
+pub mod reload;
 pub mod server;
+pub mod sessions;
 pub mod sockopt;
 pub mod state;
+pub mod stats;
 pub mod stick_table;
+pub mod systemd;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,24 +59,40 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     /// Stops background tasks.
     pub stop_background: CancellationToken,
+    pub listeners: Listeners,
+    pub sessions: sessions::Sessions,
+    pub started: std::time::SystemTime,
+    pub reloads: reload::ReloadStats,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error("admin socket {path}: {source}")]
+    Admin {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("stats listener {addr}: {source}")]
+    Stats {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running load balancer.
 pub struct Sclb {
     shared: Arc<Shared>,
-    listeners: Listeners,
+    stats_addr: Option<SocketAddr>,
+    admin_path: Option<std::path::PathBuf>,
 }
 
 impl Sclb {
     /// Binds every frontend and starts serving. Must be called inside a Tokio runtime.
     pub async fn start(config: Config) -> Result<Sclb, StartError> {
         let maxconn = config.global.maxconn;
+        let global = config.global.clone();
         let state = State::new(config);
         let shared = Arc::new(Shared {
             state,
@@ -77,21 +101,52 @@ impl Sclb {
             stop_accepting: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             stop_background: CancellationToken::new(),
-        });
-        let sclb = Sclb {
-            shared,
             listeners: Listeners::default(),
-        };
-        sclb.sync_listeners()?;
-        for (_, server) in sclb.shared.state.snapshot().all_servers() {
+            sessions: sessions::Sessions::default(),
+            started: std::time::SystemTime::now(),
+            reloads: reload::ReloadStats::default(),
+        });
+        shared.sync_listeners()?;
+        for (_, server) in shared.state.snapshot().all_servers() {
             health::spawn_checker(
                 server.clone(),
-                sclb.shared.state.clone(),
-                sclb.shared.stop_background.clone(),
+                shared.state.clone(),
+                shared.stop_background.clone(),
             );
         }
-        tokio::spawn(purge_loop(sclb.shared.clone()));
-        Ok(sclb)
+        // Bind everything before serving anything, so a bad address fails the start cleanly.
+        let admin = match &global.admin {
+            Some(a) => Some((
+                admin::bind(a).map_err(|source| StartError::Admin {
+                    path: a.path.clone(),
+                    source,
+                })?,
+                a.clone(),
+            )),
+            None => None,
+        };
+        let stats = match &global.stats {
+            Some(s) => Some(
+                sockopt::bind(s.bind, 128).map_err(|source| StartError::Stats {
+                    addr: s.bind,
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let stats_addr = stats.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some((listener, cfg)) = admin {
+            tokio::spawn(admin::serve(listener, cfg, shared.clone()));
+        }
+        if let Some(listener) = stats {
+            tokio::spawn(http::serve(listener, shared.clone()));
+        }
+        tokio::spawn(purge_loop(shared.clone()));
+        Ok(Sclb {
+            shared,
+            stats_addr,
+            admin_path: global.admin.map(|a| a.path),
+        })
     }
 
     pub fn state(&self) -> &Arc<State> {
@@ -102,30 +157,19 @@ impl Sclb {
         &self.shared
     }
 
-    /// Actual listening addresses of a frontend (with port 0 resolved).
-    pub fn local_addrs(&self, frontend: &str) -> Vec<SocketAddr> {
-        self.listeners.local_addrs(frontend)
+    /// Where the stats page listens (port 0 resolved), if configured.
+    pub fn stats_addr(&self) -> Option<SocketAddr> {
+        self.stats_addr
     }
 
-    fn sync_listeners(&self) -> Result<(), BindError> {
-        let snap = self.shared.state.snapshot();
-        let wanted = snap
-            .frontends
-            .iter()
-            .flat_map(|fe| {
-                let slots = fe
-                    .config
-                    .maxconn
-                    .map(|_| self.shared.state.frontend_slots(&fe.config));
-                fe.config.binds.iter().map(move |addr| Wanted {
-                    addr: *addr,
-                    frontend: fe.config.name.clone(),
-                    backlog: fe.config.backlog,
-                    slots: slots.clone(),
-                })
-            })
-            .collect();
-        self.listeners.sync(wanted, &self.shared)
+    /// Actual listening addresses of a frontend (with port 0 resolved).
+    pub fn local_addrs(&self, frontend: &str) -> Vec<SocketAddr> {
+        self.shared.listeners.local_addrs(frontend)
+    }
+
+    /// Reloads the config file (what SIGHUP and `reload` do).
+    pub async fn reload(&self) -> Result<String, String> {
+        self.shared.reload().await
     }
 
     /// Stops accepting, lets live connections finish for up to `hard_stop_after`, then cuts
@@ -134,6 +178,9 @@ impl Sclb {
         let shared = &self.shared;
         shared.stop_accepting.cancel();
         shared.stop_background.cancel();
+        if let Some(p) = &self.admin_path {
+            admin::remove_socket(p);
+        }
         shared.conns.close();
         let live = shared.conns.len();
         if live > 0 {
@@ -153,6 +200,30 @@ impl Sclb {
     }
 }
 
+impl Shared {
+    /// Makes the listening sockets match the running config.
+    pub fn sync_listeners(self: &Arc<Self>) -> Result<(), BindError> {
+        let snap = self.state.snapshot();
+        let wanted = snap
+            .frontends
+            .iter()
+            .flat_map(|fe| {
+                let slots = fe
+                    .config
+                    .maxconn
+                    .map(|_| self.state.frontend_slots(&fe.config));
+                fe.config.binds.iter().map(move |addr| Wanted {
+                    addr: *addr,
+                    frontend: fe.config.name.clone(),
+                    backlog: fe.config.backlog,
+                    slots: slots.clone(),
+                })
+            })
+            .collect();
+        self.listeners.sync(wanted, self)
+    }
+}
+
 /// Drops expired stick entries, so that the table's size reflects live pins.
 async fn purge_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
@@ -161,10 +232,19 @@ async fn purge_loop(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             _ = shared.stop_background.cancelled() => return,
         }
-        for b in &shared.state.snapshot().backends {
+        let snap = shared.state.snapshot();
+        for b in &snap.backends {
             if let Some(t) = &b.stick {
                 t.purge();
             }
+        }
+        // Servers removed by a reload stay visible while they drain; drop the empty ones.
+        if snap.backends.iter().any(|b| {
+            b.leaving
+                .iter()
+                .any(|s| s.counters.cur.load(std::sync::atomic::Ordering::Relaxed) == 0)
+        }) {
+            shared.state.refresh();
         }
     }
 }

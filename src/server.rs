@@ -300,13 +300,37 @@ pub struct Server {
     admin: AtomicU8,
     pub health: Health,
     pub counters: Counters,
-    /// Slots when `maxconn` is set; a client waits here (the queue) for up to `timeout queue`.
-    pub slots: Option<Arc<Semaphore>>,
+    /// Connection slots: `maxconn` of them, or unlimited. A client waits here (the queue) for
+    /// up to `timeout queue`.
+    pub slots: Arc<Semaphore>,
     sessions: Mutex<CancellationToken>,
     /// Cancelled when the server leaves the config: its checker stops, its clients drain.
     pub retired: CancellationToken,
     /// When the state last changed (UP/DOWN or admin), for `lastchg`.
     last_change: Mutex<Instant>,
+    checker: AtomicBool,
+}
+
+/// Grows or shrinks a semaphore used as a connection limit. Permits held above a lowered
+/// limit are taken back as they are released.
+pub fn resize_semaphore(sem: &Arc<Semaphore>, old: usize, new: usize) {
+    if new > old {
+        sem.add_permits((new - old).min(Semaphore::MAX_PERMITS - sem.available_permits()));
+    } else if new < old {
+        let mut deficit = old - new;
+        deficit -= sem.forget_permits(deficit);
+        if deficit > 0 {
+            let sem = sem.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = sem
+                    .acquire_many_owned(deficit.min(u32::MAX as usize) as u32)
+                    .await
+                {
+                    p.forget();
+                }
+            });
+        }
+    }
 }
 
 impl Server {
@@ -322,11 +346,14 @@ impl Server {
             admin: AtomicU8::new(AdminState::Ready as u8),
             health: Health::new(&config.check),
             counters: Counters::default(),
-            slots: config.maxconn.map(|n| Arc::new(Semaphore::new(n))),
+            slots: Arc::new(Semaphore::new(
+                config.maxconn.unwrap_or(Semaphore::MAX_PERMITS),
+            )),
             sessions: Mutex::new(CancellationToken::new()),
             retired: CancellationToken::new(),
             last_change: Mutex::new(Instant::now()),
             config: ArcSwap::from_pointee(config),
+            checker: AtomicBool::new(false),
         }
     }
 
@@ -366,6 +393,52 @@ impl Server {
     /// 0 means no limit.
     pub fn maxconn(&self) -> u64 {
         self.maxconn.load(Relaxed)
+    }
+
+    /// Changes maxconn (0: no limit). Lowering it below the live count takes effect as
+    /// connections close.
+    pub fn set_maxconn(&self, n: u64) -> Result<(), String> {
+        let limit = |m: u64| {
+            if m == 0 {
+                Semaphore::MAX_PERMITS
+            } else {
+                m as usize
+            }
+        };
+        if n > 1_000_000 {
+            return Err("Invalid maxconn: at most 1000000.".into());
+        }
+        let old = self.maxconn.swap(n, Relaxed);
+        resize_semaphore(&self.slots, limit(old), limit(n));
+        Ok(())
+    }
+
+    /// Applies a new config to a server a reload keeps: an explicit config change of weight
+    /// or maxconn wins over a runtime one; health state is kept.
+    pub fn update_config(&self, new: ServerConfig) {
+        let old = self.config();
+        if old.weight != new.weight {
+            self.set_weight(new.weight);
+        }
+        if old.maxconn != new.maxconn {
+            let _ = self.set_maxconn(new.maxconn.unwrap_or(0) as u64);
+        }
+        if (old.check.rise, old.check.fall) != (new.check.rise, new.check.fall) {
+            self.health.set_rise_fall(new.check.rise, new.check.fall);
+        }
+        if (old.check.kind == CheckType::None) != (new.check.kind == CheckType::None) {
+            self.health.set_enabled(new.check.kind != CheckType::None);
+        }
+        self.set_config(new);
+    }
+
+    /// Whether a checker task is running for this server.
+    pub fn checker_running(&self) -> bool {
+        self.checker.load(Relaxed)
+    }
+
+    pub fn set_checker_running(&self, on: bool) {
+        self.checker.store(on, Relaxed);
     }
 
     pub fn admin_state(&self) -> AdminState {

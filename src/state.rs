@@ -239,6 +239,9 @@ impl State {
                     let server = match kept {
                         Some(s) => {
                             s.sid.store(i as u32 + 1, Relaxed);
+                            if *s.config() != *sc {
+                                s.update_config(sc.clone());
+                            }
                             s.clone()
                         }
                         None => Arc::new(Server::new(
@@ -304,6 +307,11 @@ impl State {
         let new = Arc::new(self.build(config, &old));
         self.current.store(new.clone());
         (old, new)
+    }
+
+    /// Puts back a snapshot (a reload that could not finish).
+    pub fn restore(&self, snap: Arc<Snapshot>) {
+        self.current.store(snap);
     }
 
     /// Republishes the current config (e.g. to drop leaving servers that emptied).
