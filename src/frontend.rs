@@ -55,6 +55,18 @@ impl Listeners {
     /// fails, nothing changes and the error is returned.
     pub fn sync(&self, wanted: Vec<Wanted>, shared: &Arc<Shared>) -> Result<(), BindError> {
         let mut running = self.running.lock().unwrap();
+        // A listener bound to port 0 is known by its configured address and by the one it
+        // got; a config that names the latter means the same socket. Re-key it.
+        let rekey: Vec<(SocketAddr, SocketAddr)> = running
+            .iter()
+            .filter(|(k, r)| **k != r.local && wanted.iter().any(|w| w.addr == r.local))
+            .map(|(k, r)| (*k, r.local))
+            .collect();
+        for (old, new) in rekey {
+            if let Some(r) = running.remove(&old) {
+                running.insert(new, r);
+            }
+        }
         let mut bound = Vec::new();
         for w in wanted.iter().filter(|w| !running.contains_key(&w.addr)) {
             match sockopt::bind(w.addr, w.backlog) {

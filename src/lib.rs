@@ -29,6 +29,7 @@ pub mod server;
 pub mod sessions;
 pub mod sockopt;
 pub mod state;
+pub mod state_file;
 pub mod stats;
 pub mod stick_table;
 pub mod systemd;
@@ -94,6 +95,9 @@ impl Sclb {
         let maxconn = config.global.maxconn;
         let global = config.global.clone();
         let state = State::new(config);
+        if let Some(p) = &global.state_file {
+            state_file::restore(&state, p);
+        }
         let shared = Arc::new(Shared {
             state,
             maxconn: Arc::new(Semaphore::new(maxconn)),
@@ -142,6 +146,9 @@ impl Sclb {
             tokio::spawn(http::serve(listener, shared.clone()));
         }
         tokio::spawn(purge_loop(shared.clone()));
+        if let Some(p) = global.state_file.clone() {
+            tokio::spawn(save_loop(shared.clone(), p));
+        }
         Ok(Sclb {
             shared,
             stats_addr,
@@ -190,13 +197,26 @@ impl Sclb {
             .await
             .is_ok()
         {
+            self.save_state();
             return 0;
         }
         let cut = shared.conns.len();
         warn!("hard_stop_after reached: closing {cut} live connections");
         shared.hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), shared.conns.wait()).await;
+        self.save_state();
         cut
+    }
+
+    /// Writes the state file, if one is configured.
+    fn save_state(&self) {
+        let snap = self.shared.state.snapshot();
+        if let Some(p) = &snap.config.global.state_file {
+            match state_file::save(&self.shared.state, p) {
+                Ok(()) => info!(path = %p.display(), "state saved"),
+                Err(e) => warn!(path = %p.display(), "cannot save state: {e}"),
+            }
+        }
     }
 }
 
@@ -224,18 +244,40 @@ impl Shared {
     }
 }
 
-/// Drops expired stick entries, so that the table's size reflects live pins.
-async fn purge_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+/// Writes the state file every 30 s, so that even a crash loses little.
+async fn save_loop(shared: Arc<Shared>, path: std::path::PathBuf) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    tick.tick().await;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shared.stop_background.cancelled() => return,
         }
+        let (state, p) = (shared.state.clone(), path.clone());
+        let r = tokio::task::spawn_blocking(move || state_file::save(&state, &p)).await;
+        if let Ok(Err(e)) = r {
+            warn!(path = %path.display(), "cannot save state: {e}");
+        }
+    }
+}
+
+/// Every 10 s drops expired stick entries, so that a table's size reflects live pins; every
+/// second drops servers removed by a reload once their last connection has ended.
+async fn purge_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.stop_background.cancelled() => return,
+        }
+        n += 1;
         let snap = shared.state.snapshot();
-        for b in &snap.backends {
-            if let Some(t) = &b.stick {
-                t.purge();
+        if n.is_multiple_of(10) {
+            for b in &snap.backends {
+                if let Some(t) = &b.stick {
+                    t.purge();
+                }
             }
         }
         // Servers removed by a reload stay visible while they drain; drop the empty ones.

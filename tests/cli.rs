@@ -99,3 +99,67 @@ servers = [ { name = "s", addr = "127.0.0.1:1" } ]
     assert!(log.contains("listening"), "{log}");
     assert!(log.contains("SIGTERM: stopping gracefully"), "{log}");
 }
+
+#[test]
+fn tells_systemd_ready_reloading_and_stopping_and_reloads_on_sighup() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let cfg = dir.path().join("sclb.toml");
+    let text = |servers: &str| {
+        format!(
+            r#"
+[[frontend]]
+name = "f"
+bind = ["127.0.0.1:0"]
+backend = "b"
+[[backend]]
+name = "b"
+check = {{ type = "none" }}
+servers = [ {servers} ]
+"#
+        )
+    };
+    std::fs::write(&cfg, text(r#"{ name = "s", addr = "127.0.0.1:1" }"#)).unwrap();
+    let mut child = Command::new(SCLB)
+        .arg("-c")
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let recv = || {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(recv(), "READY=1");
+    std::fs::write(
+        &cfg,
+        text(r#"{ name = "s", addr = "127.0.0.1:1" }, { name = "t", addr = "127.0.0.1:2" }"#),
+    )
+    .unwrap();
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    // The file watcher may see the change first; either way systemd hears about SIGHUP's.
+    let reloading = recv();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(recv(), "READY=1");
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert_eq!(recv(), "STOPPING=1");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("SIGHUP: reloading"), "{log}");
+    // Whichever reload saw the new file first (watcher or SIGHUP) added server t.
+    assert!(
+        log.contains("reloaded: frontends +0 -0 ~0, backends +0 -0 ~1, servers +1 -0 ~0"),
+        "{log}"
+    );
+}

@@ -1,0 +1,354 @@
+//! Hot reload and restart: nothing a client has is lost — connections, pins, drains.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use common::*;
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// A config file with frontend "fe" on `bind` and servers `(name, addr)` in backend "be".
+fn cfg(bind: &str, servers: &[(&str, String)], extra_global: &str, inter: &str) -> String {
+    let list: Vec<String> = servers
+        .iter()
+        .map(|(n, a)| format!("{{ name = \"{n}\", addr = \"{a}\" }}"))
+        .collect();
+    format!(
+        r#"
+[global]
+{extra_global}
+[defaults]
+check = {{ type = "tcp", inter = "{inter}" }}
+[[frontend]]
+name = "fe"
+bind = ["{bind}"]
+backend = "be"
+[[backend]]
+name = "be"
+stick = {{ on = "src", expire = "2h" }}
+servers = [ {} ]
+"#,
+        list.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_reloads_under_traffic_fail_no_connection_and_move_no_client() {
+    let (a, b, c) = (
+        Backend::start("s1").await,
+        Backend::start("s2").await,
+        Backend::start("s3").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sclb.toml");
+    let two = [("s1", a.addr.to_string()), ("s2", b.addr.to_string())];
+    write(&path, &cfg("127.0.0.1:0", &two, "", "1s"));
+    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let fe = sclb.local_addrs("fe")[0];
+    let fe_port = fe.port();
+    // Pin ten clients before the reloads start.
+    let mut pinned = Vec::new();
+    for ip in 2..12u8 {
+        pinned.push((ip, which_server(ip, fe).await.0));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed, moved) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let mut clients = Vec::new();
+    for (ip, server) in pinned.clone() {
+        let (stop, ok, failed, moved) = (stop.clone(), ok.clone(), failed.clone(), moved.clone());
+        clients.push(tokio::spawn(async move {
+            // Bounded: at most 2000 connections per client, or until told to stop.
+            for _ in 0..2000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = tokio::time::timeout(Duration::from_secs(5), async {
+                    let (got, mut conn) = which_server(ip, fe).await;
+                    conn.get_mut().write_all(b"ping\n").await?;
+                    let mut line = String::new();
+                    conn.read_line(&mut line).await?;
+                    Ok::<_, std::io::Error>((got, line))
+                })
+                .await;
+                match r {
+                    Ok(Ok((got, line))) if line == "ping\n" => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if got != server {
+                            moved.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    // Fifty reloads: add and remove s3, change check intervals, add and remove a frontend.
+    let three = [
+        ("s1", a.addr.to_string()),
+        ("s2", b.addr.to_string()),
+        ("s3", c.addr.to_string()),
+    ];
+    for i in 0..50 {
+        let bind = format!("127.0.0.1:{fe_port}");
+        let text = if i % 2 == 0 {
+            cfg(&bind, &three, "maxconn = 5000", "500ms")
+        } else {
+            cfg(&bind, &two, "", "1s")
+        };
+        write(&path, &text);
+        let summary = sclb.reload().await.expect("good config reloads");
+        assert!(summary.contains("servers +"), "{summary}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed, moved) = (
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        moved.load(Ordering::Relaxed),
+    );
+    assert!(ok > 100, "traffic flowed during the reloads: {ok}");
+    assert_eq!(failed, 0, "failed connections during reloads ({ok} ok)");
+    assert_eq!(moved, 0, "clients moved during reloads ({ok} ok)");
+    let snap = sclb.state().snapshot();
+    assert_eq!(snap.backends[0].repins.count.load(Ordering::Relaxed), 0);
+    assert_eq!(sclb.shared().reloads.ok.load(Ordering::Relaxed), 50);
+    assert_eq!(
+        sclb.local_addrs("fe"),
+        vec![fe],
+        "the listener kept its socket"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_file_keeps_connections_pins_and_drains_then_a_good_one_applies() {
+    let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sclb.toml");
+    let servers = [("s1", a.addr.to_string()), ("s2", b.addr.to_string())];
+    let good = cfg("127.0.0.1:0", &servers, "", "1s");
+    write(&path, &good);
+    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let fe = sclb.local_addrs("fe")[0];
+    let (server, mut live) = which_server(2, fe).await;
+    let snap = sclb.state().snapshot();
+    let s2 = snap.backends[0].server_by_name("s2").unwrap().clone();
+    s2.set_admin_state(sclb::server::AdminState::Drain);
+
+    write(
+        &path,
+        &good.replace("backend = \"be\"", "backend = \"nope\""),
+    );
+    let err = sclb.reload().await.unwrap_err();
+    assert!(
+        err.contains("sclb.toml:") && err.contains("backend \"nope\" is not defined"),
+        "{err}"
+    );
+    assert_eq!(sclb.shared().reloads.failed.load(Ordering::Relaxed), 1);
+    // Nothing was lost: the live connection works, the pin holds, the drain holds.
+    live.get_mut().write_all(b"still\n").await.unwrap();
+    let mut line = String::new();
+    live.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "still\n");
+    assert_eq!(which_server(2, fe).await.0, server);
+    assert_eq!(s2.status(), "DRAIN");
+
+    // The next good file applies, and the drain set at runtime survives it.
+    write(&path, &good.replace("inter = \"1s\"", "inter = \"2s\""));
+    sclb.reload().await.unwrap();
+    let snap = sclb.state().snapshot();
+    let s2_now = snap.backends[0].server_by_name("s2").unwrap();
+    assert!(Arc::ptr_eq(s2_now, &s2), "same server, same live state");
+    assert_eq!(s2_now.status(), "DRAIN");
+    assert_eq!(s2_now.config().check.inter, Duration::from_secs(2));
+    assert!(sclb.shared().reloads.last_error.lock().unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_file_replaced_by_rename_is_picked_up_by_the_watcher() {
+    let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sclb.toml");
+    write(
+        &path,
+        &cfg("127.0.0.1:0", &[("s1", a.addr.to_string())], "", "1s"),
+    );
+    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    sclb::reload::watch(sclb.shared().clone(), &path).unwrap();
+    // What config-management tools and deploy-server.sh do: write a temp file, rename it over.
+    let tmp = dir.path().join(".sclb.toml.XXXX");
+    let two = [("s1", a.addr.to_string()), ("s2", b.addr.to_string())];
+    write(&tmp, &cfg("127.0.0.1:0", &two, "", "1s"));
+    std::fs::rename(&tmp, &path).unwrap();
+    wait_for(|| sclb.state().snapshot().backends[0].servers.len() == 2).await;
+    // An editor that saves in place: also seen. Touching without a change reloads nothing.
+    let reloads = sclb.shared().reloads.ok.load(Ordering::Relaxed);
+    assert_eq!(reloads, 1);
+    std::fs::write(dir.path().join("unrelated.txt"), "x").unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        sclb.shared().reloads.ok.load(Ordering::Relaxed),
+        1,
+        "same content: no reload"
+    );
+    write(
+        &path,
+        &cfg("127.0.0.1:0", &[("s2", b.addr.to_string())], "", "1s"),
+    );
+    wait_for(|| sclb.state().snapshot().backends[0].servers.len() == 1).await;
+}
+
+#[tokio::test]
+async fn a_removed_server_drains_its_live_connections_then_disappears() {
+    let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sclb.toml");
+    let two = [("s1", a.addr.to_string()), ("s2", b.addr.to_string())];
+    write(&path, &cfg("127.0.0.1:0", &two, "", "1s"));
+    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let fe = sclb.local_addrs("fe")[0];
+    let mut on_s2 = None;
+    for ip in 2..10 {
+        let (s, conn) = which_server(ip, fe).await;
+        if s == "s2" {
+            on_s2 = Some((ip, conn));
+            break;
+        }
+    }
+    let (ip, mut conn) = on_s2.expect("roundrobin reaches s2");
+    write(
+        &path,
+        &cfg("127.0.0.1:0", &[("s1", a.addr.to_string())], "", "1s"),
+    );
+    sclb.reload().await.unwrap();
+    let rows = sclb::stats::rows(sclb.shared());
+    let s2 = rows
+        .iter()
+        .find(|r| r.get("svname") == "s2")
+        .expect("still shown while draining");
+    assert_eq!(s2.get("status"), "DRAIN (removed)");
+    assert_eq!(s2.get("scur"), "1");
+    // Its live connection goes on...
+    conn.get_mut().write_all(b"on\n").await.unwrap();
+    let mut line = String::new();
+    conn.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "on\n");
+    // ...its client's next connection goes to a server that exists...
+    assert_eq!(which_server(ip, fe).await.0, "s1");
+    // ...and once its last connection ends it is gone.
+    drop(conn);
+    wait_for(|| {
+        !sclb::stats::rows(sclb.shared())
+            .iter()
+            .any(|r| r.get("svname") == "s2")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn restart_with_a_state_file_keeps_every_pin_and_drain() {
+    let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sclb.toml");
+    let state = dir.path().join("state.json");
+    let servers = [("s1", a.addr.to_string()), ("s2", b.addr.to_string())];
+    let text = cfg(
+        "127.0.0.1:0",
+        &servers,
+        &format!("state_file = \"{}\"", state.display()),
+        "1s",
+    );
+    write(&path, &text);
+    let first = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let fe = first.local_addrs("fe")[0];
+    let mut pins = Vec::new();
+    for ip in 2..8u8 {
+        pins.push((ip, which_server(ip, fe).await.0));
+    }
+    let snap = first.state().snapshot();
+    snap.backends[0]
+        .server_by_name("s2")
+        .unwrap()
+        .set_admin_state(sclb::server::AdminState::Drain);
+    assert_eq!(first.shutdown(Duration::from_secs(5)).await, 0);
+    assert!(state.exists(), "state written on stop");
+
+    // A new process (here: a new instance) on a new port.
+    let second = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let fe = second.local_addrs("fe")[0];
+    let snap = second.state().snapshot();
+    assert_eq!(
+        snap.backends[0].server_by_name("s2").unwrap().status(),
+        "DRAIN"
+    );
+    assert_eq!(snap.backends[0].stick.as_ref().unwrap().len(), 6);
+    for (ip, server) in pins {
+        assert_eq!(
+            which_server(ip, fe).await.0,
+            server,
+            "127.0.0.{ip} kept its server"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_is_reported_and_ignored() {
+    let a = Backend::start("s1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sclb.toml");
+    let state = dir.path().join("state.json");
+    std::fs::write(&state, "{ not json").unwrap();
+    write(
+        &path,
+        &cfg(
+            "127.0.0.1:0",
+            &[("s1", a.addr.to_string())],
+            &format!("state_file = \"{}\"", state.display()),
+            "1s",
+        ),
+    );
+    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(which_server(2, sclb.local_addrs("fe")[0]).await.0, "s1");
+    let r = sclb::state_file::restore(sclb.state(), &state);
+    assert_eq!(r, sclb::state_file::Restored::default());
+}
+
+async fn wait_for(cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not met within 5 s");
+}
