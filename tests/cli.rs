@@ -124,7 +124,7 @@ servers = [ {servers} ]
         )
     };
     std::fs::write(&cfg, text(r#"{ name = "s", addr = "127.0.0.1:1" }"#)).unwrap();
-    let mut child = Command::new(SCLB)
+    let child = Command::new(SCLB)
         .arg("-c")
         .arg(&cfg)
         .env("NOTIFY_SOCKET", &notify)
