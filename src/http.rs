@@ -186,7 +186,7 @@ fn status_class(status: &str) -> &'static str {
 const STYLE: &str = "body{font-family:Arial,Helvetica,sans-serif;font-size:13px;margin:12px;color:#222}\
 h1{font-size:18px;margin:0 0 4px}h2{font-size:15px;margin:18px 0 4px}.meta{color:#555;margin-bottom:8px}\
 table{border-collapse:collapse;margin-bottom:6px}th,td{border:1px solid #999;padding:2px 6px;text-align:right;white-space:nowrap}\
-th{background:#20407a;color:#fff;font-weight:normal}td.l{text-align:left}tr.total td{background:#e8e8f8;font-weight:bold}\
+th{background:#20407a;color:#fff;font-weight:normal;text-align:center}td.l{text-align:left}tr.total td{background:#e8e8f8;font-weight:bold}\
 .up{background:#c0f0c0}.down{background:#ff9090}.going-down{background:#ffffa0}.going-up{background:#ffd080}\
 .drain{background:#b0d0ff}.maint{background:#c0b090}.err{color:#b00000;font-weight:bold}.legend span{padding:1px 6px;margin-right:4px;border:1px solid #999}";
 
