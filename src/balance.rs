@@ -146,6 +146,7 @@ mod tests {
                     i as u32 + 1,
                     ServerConfig {
                         name: format!("s{}", i + 1),
+                        uid: None,
                         addr_text: format!("127.0.0.1:{}", 10000 + i),
                         addr: format!("127.0.0.1:{}", 10000 + i).parse().unwrap(),
                         weight: w,

@@ -47,6 +47,8 @@ pub struct Global {
     pub admin: Option<AdminConfig>,
     pub stats: Option<StatsConfig>,
     pub state_file: Option<PathBuf>,
+    /// Move bytes with `splice(2)` (zero-copy) rather than through user-space buffers.
+    pub splice: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -223,11 +225,18 @@ pub struct Backend {
     pub timeout_queue: Duration,
     pub on_marked_down: OnMarkedDown,
     pub all_down: AllDown,
+    /// The backend's check settings (defaults merged), for servers that are discovered
+    /// rather than listed.
+    pub check: CheckConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub name: String,
+    /// Identity of a discovered server (a pod's uid); `None` for servers from the file. Two
+    /// servers with the same name and address but different uids are different servers, so a
+    /// recycled pod IP never inherits a dead pod's clients.
+    pub uid: Option<String>,
     /// The address as written (a hostname is kept for display).
     pub addr_text: String,
     pub addr: SocketAddr,
@@ -247,6 +256,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "admin",
     "stats",
     "state_file",
+    "splice",
 ];
 const TIMEOUT_KEYS: &[&str] = &["connect", "client", "server", "tunnel", "queue"];
 const CHECK_KEYS: &[&str] = &[
@@ -364,6 +374,7 @@ fn default_global() -> Global {
         admin: None,
         stats: None,
         state_file: None,
+        splice: true,
     }
 }
 
@@ -466,6 +477,9 @@ fn read_global(t: Table<'_, '_>) -> Option<Global> {
     }
     if let Some(p) = t.str("state_file") {
         g.state_file = Some(p.into());
+    }
+    if let Some(b) = t.bool("splice") {
+        g.splice = b;
     }
     ok.then_some(g)
 }
@@ -838,6 +852,7 @@ fn read_backend(t: Table<'_, '_>, d: &Defaults) -> Option<Backend> {
         timeout_queue: timeouts.queue.unwrap_or(DEFAULT_QUEUE),
         on_marked_down,
         all_down,
+        check: check.resolve(),
     };
     ok.then_some(be)
 }
@@ -872,6 +887,7 @@ fn read_server(t: Table<'_, '_>, backend_check: &CheckPartial) -> Option<ServerC
         .resolve();
     Some(ServerConfig {
         name: name?,
+        uid: None,
         addr_text: addr_text?.to_string(),
         addr: addr?,
         weight,

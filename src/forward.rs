@@ -129,7 +129,7 @@ pub async fn handle(
         }
     };
     let end = tokio::select! {
-        end = pipe::pipe(&mut client, &mut conn.stream, idle, &kill, &totals, &on_bytes) => end,
+        end = pipe::pipe(&mut client, &mut conn.stream, idle, &kill, &totals, &on_bytes, shared.pipe_mode) => end,
         _ = killer => End::Killed,
     };
     if end == End::Reset(Side::Server) {

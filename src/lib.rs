@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod discovery;
 pub mod forward;
 pub mod frontend;
 pub mod health;
@@ -64,6 +65,8 @@ pub struct Shared {
     pub sessions: sessions::Sessions,
     pub started: std::time::SystemTime,
     pub reloads: reload::ReloadStats,
+    /// splice(2) or copy, from `global.splice` at start.
+    pub pipe_mode: pipe::Mode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +112,11 @@ impl Sclb {
             sessions: sessions::Sessions::default(),
             started: std::time::SystemTime::now(),
             reloads: reload::ReloadStats::default(),
+            pipe_mode: if global.splice {
+                pipe::Mode::Splice
+            } else {
+                pipe::Mode::Copy
+            },
         });
         shared.sync_listeners()?;
         for (_, server) in shared.state.snapshot().all_servers() {
@@ -146,6 +154,7 @@ impl Sclb {
             tokio::spawn(http::serve(listener, shared.clone()));
         }
         tokio::spawn(purge_loop(shared.clone()));
+        discovery::sync_sources(&shared);
         if let Some(p) = global.state_file.clone() {
             tokio::spawn(save_loop(shared.clone(), p));
         }

@@ -200,6 +200,30 @@ impl Shared {
             return Err(e.to_string());
         }
         crate::server::resize_semaphore(&self.maxconn, old_maxconn, new_maxconn);
+        self.reconcile(&old, &new);
+        crate::discovery::sync_sources(self);
+        if global_changed {
+            warn!(
+                "changes to global.admin, global.stats and global.log take effect at the next restart"
+            );
+        }
+        Ok(summary)
+    }
+
+    /// Applies a discovery update for `backend`: the snapshot is rebuilt (the running config
+    /// plus the discovered servers), then checkers start and retirements follow, as on a
+    /// reload.
+    pub fn discovery_update(self: &Arc<Self>, backend: &str, update: crate::discovery::Update) {
+        if !self.state.discovered.apply(backend, update) {
+            return;
+        }
+        let (old, new) = self.state.refresh();
+        self.reconcile(&old, &new);
+    }
+
+    /// After a new snapshot: start checkers for new servers, retire removed ones (their pins
+    /// go; their live connections drain).
+    fn reconcile(self: &Arc<Self>, old: &crate::state::Snapshot, new: &crate::state::Snapshot) {
         for (_, s) in new.all_servers() {
             if !old.all_servers().any(|(_, o)| o.id == s.id) || !s.checker_running() {
                 health::spawn_checker(s.clone(), self.state.clone(), self.stop_background.clone());
@@ -216,12 +240,6 @@ impl Shared {
                 }
             }
         }
-        if global_changed {
-            warn!(
-                "changes to global.admin, global.stats and global.log take effect at the next restart"
-            );
-        }
-        Ok(summary)
     }
 }
 

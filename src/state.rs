@@ -173,6 +173,11 @@ pub struct State {
     current: ArcSwap<Snapshot>,
     next_server_id: AtomicU64,
     frontend_counters: Mutex<HashMap<String, Arc<FrontendCounters>>>,
+    /// Serialises snapshot replacements (reload, discovery, refresh): each reads the current
+    /// snapshot and replaces it, and two must not interleave.
+    apply_lock: Mutex<()>,
+    /// Servers reported by discovery sources, merged into each snapshot.
+    pub discovered: crate::discovery::Registry,
     /// Per-frontend maxconn slots, by frontend name: (maxconn, slots).
     frontend_slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
@@ -184,6 +189,8 @@ impl State {
             next_server_id: AtomicU64::new(1),
             frontend_counters: Mutex::new(HashMap::new()),
             frontend_slots: Mutex::new(HashMap::new()),
+            discovered: Default::default(),
+            apply_lock: Mutex::new(()),
         });
         let snap = state.build(config, &Snapshot::empty());
         state.current.store(Arc::new(snap));
@@ -228,13 +235,30 @@ impl State {
             .iter()
             .map(|bc| {
                 let prev = old.backend(&bc.name);
-                let mut servers = Vec::with_capacity(bc.servers.len());
-                for (i, sc) in bc.servers.iter().enumerate() {
+                let discovered = self.discovered.servers(&bc.name);
+                let configs: Vec<config::ServerConfig> = bc
+                    .servers
+                    .iter()
+                    .cloned()
+                    .chain(discovered.iter().map(|d| config::ServerConfig {
+                        name: d.name.clone(),
+                        uid: Some(d.uid.clone()),
+                        addr_text: d.addr.to_string(),
+                        addr: d.addr,
+                        weight: 1,
+                        maxconn: None,
+                        backup: false,
+                        check: bc.check.clone(),
+                    }))
+                    .collect();
+                let mut servers = Vec::with_capacity(configs.len());
+                for (i, sc) in configs.iter().enumerate() {
                     let kept = prev.and_then(|p| {
-                        p.servers
-                            .iter()
-                            .chain(p.leaving.iter())
-                            .find(|s| s.name.as_ref() == sc.name && s.config_addr() == sc.addr)
+                        p.servers.iter().chain(p.leaving.iter()).find(|s| {
+                            s.name.as_ref() == sc.name
+                                && s.config_addr() == sc.addr
+                                && s.config().uid == sc.uid
+                        })
                     });
                     let server = match kept {
                         Some(s) => {
@@ -251,6 +275,15 @@ impl State {
                             sc.clone(),
                         )),
                     };
+                    if sc.uid.is_some()
+                        && discovered
+                            .iter()
+                            .any(|d| Some(&d.uid) == sc.uid.as_ref() && d.draining)
+                        && server.admin_state() == crate::server::AdminState::Ready
+                    {
+                        // A terminating pod: its pinned sessions finish, no new ones start.
+                        server.set_admin_state(crate::server::AdminState::Drain);
+                    }
                     servers.push(server);
                 }
                 let leaving = prev
@@ -303,6 +336,7 @@ impl State {
 
     /// Replaces the running config, carrying live state. Returns the old and new snapshots.
     pub fn apply(&self, config: Config) -> (Arc<Snapshot>, Arc<Snapshot>) {
+        let _one = self.apply_lock.lock().unwrap();
         let old = self.snapshot();
         let new = Arc::new(self.build(config, &old));
         self.current.store(new.clone());
@@ -311,13 +345,18 @@ impl State {
 
     /// Puts back a snapshot (a reload that could not finish).
     pub fn restore(&self, snap: Arc<Snapshot>) {
+        let _one = self.apply_lock.lock().unwrap();
         self.current.store(snap);
     }
 
-    /// Republishes the current config (e.g. to drop leaving servers that emptied).
-    pub fn refresh(&self) {
-        let cfg = (*self.snapshot().config).clone();
-        self.apply(cfg);
+    /// Rebuilds the snapshot from the running config: discovered servers changed, or servers
+    /// removed by a reload have finished draining.
+    pub fn refresh(&self) -> (Arc<Snapshot>, Arc<Snapshot>) {
+        let _one = self.apply_lock.lock().unwrap();
+        let old = self.snapshot();
+        let new = Arc::new(self.build((*old.config).clone(), &old));
+        self.current.store(new.clone());
+        (old, new)
     }
 }
 
@@ -336,6 +375,7 @@ impl Snapshot {
                     admin: None,
                     stats: None,
                     state_file: None,
+                    splice: true,
                 },
                 frontends: Vec::new(),
                 backends: Vec::new(),

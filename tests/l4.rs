@@ -162,10 +162,19 @@ fn fill(state: &mut u64, buf: &mut [u8]) {
 }
 
 #[tokio::test]
-async fn a_100_mb_transfer_arrives_intact_both_ways() {
+async fn a_100_mb_transfer_arrives_intact_both_ways_with_splice() {
+    transfer_100_mb("splice = true").await;
+}
+
+#[tokio::test]
+async fn a_100_mb_transfer_arrives_intact_both_ways_with_copy() {
+    transfer_100_mb("splice = false").await;
+}
+
+async fn transfer_100_mb(global: &str) {
     const TOTAL: usize = 100 * 1024 * 1024;
     let a = Backend::start("s1").await;
-    let sclb = start_sclb(&config(&[&a], "", "")).await;
+    let sclb = start_sclb(&config(&[&a], "", global)).await;
     let (_, conn) = which_server(2, frontend_addr(&sclb)).await;
     let (mut r, mut w) = tokio::io::split(conn);
     let writer = tokio::spawn(async move {
@@ -210,8 +219,14 @@ async fn a_100_mb_transfer_arrives_intact_both_ways() {
 
 #[tokio::test]
 async fn client_half_close_still_gets_the_reply() {
+    for global in ["splice = true", "splice = false"] {
+        half_close(global).await;
+    }
+}
+
+async fn half_close(global: &str) {
     let a = Backend::start("s1").await;
-    let sclb = start_sclb(&config(&[&a], "", "")).await;
+    let sclb = start_sclb(&config(&[&a], "", global)).await;
     let (_, mut conn) = which_server(2, frontend_addr(&sclb)).await;
     conn.get_mut().write_all(b"last words").await.unwrap();
     conn.get_mut().shutdown().await.unwrap(); // FIN: the backend echoes, then closes
