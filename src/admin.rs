@@ -261,8 +261,9 @@ pub async fn execute_line(
     (out, false)
 }
 
-/// Binds the admin socket so that it is never reachable with looser permissions than `mode`:
-/// created under a umask that yields `mode`, chmod'ed, then renamed over the final path.
+/// Binds the admin socket so that it is never reachable with looser permissions or another
+/// owner than configured: created under a umask that yields `mode`, chmod'ed and chown'ed
+/// under a temporary name, then renamed over the final path.
 pub fn bind(cfg: &AdminConfig) -> io::Result<UnixListener> {
     let tmp: PathBuf = {
         let mut p = cfg.path.clone().into_os_string();
@@ -275,6 +276,9 @@ pub fn bind(cfg: &AdminConfig) -> io::Result<UnixListener> {
     nix::sys::stat::umask(old);
     let listener = listener?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(cfg.mode))?;
+    if cfg.uid.is_some() || cfg.gid.is_some() {
+        std::os::unix::fs::chown(&tmp, cfg.uid, cfg.gid)?;
+    }
     std::fs::rename(&tmp, &cfg.path)?;
     Ok(listener)
 }

@@ -49,6 +49,10 @@ pub struct Global {
     pub state_file: Option<PathBuf>,
     /// Move bytes with `splice(2)` (zero-copy) rather than through user-space buffers.
     pub splice: bool,
+    /// `user`/`group`: drop root for this identity after binding.
+    pub run_as: Option<RunAs>,
+    /// Worker threads serving connections; 0: one per CPU.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +72,17 @@ pub struct AdminConfig {
     pub path: PathBuf,
     pub mode: u32,
     pub level: AdminLevel,
+    /// Owner of the socket file (HAProxy's `user`/`group` on `stats socket`).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// The unprivileged identity sclb switches to once its sockets are bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// HAProxy's socket levels, least to most powerful.
@@ -257,6 +272,9 @@ const GLOBAL_KEYS: &[&str] = &[
     "stats",
     "state_file",
     "splice",
+    "user",
+    "group",
+    "threads",
 ];
 const TIMEOUT_KEYS: &[&str] = &["connect", "client", "server", "tunnel", "queue"];
 const CHECK_KEYS: &[&str] = &[
@@ -375,7 +393,52 @@ fn default_global() -> Global {
         stats: None,
         state_file: None,
         splice: true,
+        run_as: None,
+        threads: 0,
     }
+}
+
+/// A user name (or numeric id) from the system's user database.
+fn lookup_user(t: Table<'_, '_>, key: &str) -> Option<nix::unistd::User> {
+    let name = t.str(key)?;
+    let found = match name.parse::<u32>() {
+        Ok(id) => nix::unistd::User::from_uid(id.into()),
+        Err(_) => nix::unistd::User::from_name(name),
+    };
+    match found {
+        Ok(Some(u)) => Some(u),
+        _ => {
+            t.error(key, format!("no such user \"{name}\" on this machine"));
+            None
+        }
+    }
+}
+
+fn lookup_group(t: Table<'_, '_>, key: &str) -> Option<u32> {
+    let name = t.str(key)?;
+    let found = match name.parse::<u32>() {
+        Ok(id) => nix::unistd::Group::from_gid(id.into()),
+        Err(_) => nix::unistd::Group::from_name(name),
+    };
+    match found {
+        Ok(Some(g)) => Some(g.gid.as_raw()),
+        _ => {
+            t.error(key, format!("no such group \"{name}\" on this machine"));
+            None
+        }
+    }
+}
+
+/// Whether an admin `path` is really a network address: the runtime API has no
+/// authentication of its own, so sclb only serves it on a Unix socket.
+fn looks_like_tcp(path: &str) -> bool {
+    path.parse::<SocketAddr>().is_ok()
+        || ["tcp:", "tcp4:", "tcp6:", "ipv4@", "ipv6@", "tcp@"]
+            .iter()
+            .any(|p| path.starts_with(p))
+        || path
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.contains('/') && p.parse::<u16>().is_ok())
 }
 
 fn read_global(t: Table<'_, '_>) -> Option<Global> {
@@ -410,12 +473,33 @@ fn read_global(t: Table<'_, '_>) -> Option<Global> {
         }
     }
     if let Some(a) = t.table("admin", "global.admin") {
-        a.allow(&["path", "mode", "level"]);
-        let path = if a.required("path") {
+        a.allow(&["path", "mode", "level", "user", "group"]);
+        let mut path = if a.required("path") {
             a.str("path")
         } else {
             None
         };
+        if let Some(p) = path
+            && looks_like_tcp(p)
+        {
+            a.error(
+                "path",
+                format!(
+                    "\"{p}\" is a network address: the admin socket has no authentication, so \
+                     sclb only serves it on a Unix socket path such as \"/run/sclb/admin.sock\" \
+                     (for remote admin use stats.admin_token)"
+                ),
+            );
+            path = None;
+        }
+        let uid = a.contains("user").then(|| lookup_user(a, "user")).flatten();
+        let gid = a
+            .contains("group")
+            .then(|| lookup_group(a, "group"))
+            .flatten();
+        if (a.contains("user") && uid.is_none()) || (a.contains("group") && gid.is_none()) {
+            ok = false;
+        }
         let mode = match a.str("mode") {
             None => Some(0o600),
             Some(m) => match u32::from_str_radix(m, 8) {
@@ -447,6 +531,8 @@ fn read_global(t: Table<'_, '_>) -> Option<Global> {
                     path: path.into(),
                     mode,
                     level,
+                    uid: uid.map(|u| u.uid.as_raw()),
+                    gid,
                 })
             }
             _ => ok = false,
@@ -481,6 +567,34 @@ fn read_global(t: Table<'_, '_>) -> Option<Global> {
     if let Some(b) = t.bool("splice") {
         g.splice = b;
     }
+    if let Some(n) = t.int("threads", 0, 256) {
+        g.threads = n as usize;
+    }
+    if t.contains("user") || t.contains("group") {
+        let user = lookup_user(t, "user");
+        let gid = if t.contains("group") {
+            lookup_group(t, "group")
+        } else {
+            user.as_ref().map(|u| u.gid.as_raw())
+        };
+        if !t.contains("user") {
+            t.error(
+                "user",
+                "\"group\" needs \"user\" too: sclb drops to a user and its group",
+            );
+        }
+        match (user, gid) {
+            (Some(u), Some(gid)) => {
+                g.run_as = Some(RunAs {
+                    user: u.name,
+                    uid: u.uid.as_raw(),
+                    gid,
+                })
+            }
+            _ => ok = false,
+        }
+    }
+
     ok.then_some(g)
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};
@@ -51,7 +51,7 @@ struct Connected {
 
 /// Serves one accepted client to the end. Never returns an error: everything is logged here.
 pub async fn handle(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     frontend: Arc<str>,
     fe_counters: Arc<FrontendCounters>,
@@ -75,8 +75,10 @@ pub async fn handle(
     };
     drop(snap);
 
-    let connected = connect(&backend, peer).await;
-    let mut conn = match connected {
+    // Boxed: its state (timeouts, retries, the queue wait) is freed once connected, so a
+    // long-lived idle connection does not carry it (a task is as large as its largest state).
+    let connected = Box::pin(connect(&backend, peer)).await;
+    let conn = match connected {
         Ok(c) => c,
         Err(e) => {
             fe_counters.denied.fetch_add(1, Relaxed);
@@ -92,23 +94,13 @@ pub async fn handle(
             return;
         }
     };
-    sockopt::tune_stream(&conn.stream);
     let server = conn.server.clone();
     server.counters.connection_started();
 
-    let kill = tokio_util::sync::CancellationToken::new();
+    // Closed by `shutdown sessions`, on_marked_down, or a hard stop (which shuts every
+    // server's sessions).
     let sessions = server.sessions_token();
-    let hard = shared.hard_stop.clone();
-    let killer = {
-        let kill = kill.clone();
-        async move {
-            tokio::select! {
-                _ = sessions.cancelled() => {},
-                _ = hard.cancelled() => {},
-            }
-            kill.cancel();
-        }
-    };
+    let kill = sessions.cancelled();
     let totals = Arc::new(Totals::default());
     let _registered = shared.sessions.register(SessInfo {
         client: peer,
@@ -128,10 +120,16 @@ pub async fn handle(
             fe_counters.bytes_out.fetch_add(n, Relaxed);
         }
     };
-    let end = tokio::select! {
-        end = pipe::pipe(&mut client, &mut conn.stream, idle, &kill, &totals, &on_bytes, shared.pipe_mode) => end,
-        _ = killer => End::Killed,
-    };
+    let end = pipe::pipe(
+        &client,
+        &conn.stream,
+        idle,
+        kill,
+        &totals,
+        &on_bytes,
+        shared.pipe_mode,
+    )
+    .await;
     if end == End::Reset(Side::Server) {
         server.counters.resp_errors.fetch_add(1, Relaxed);
     }
@@ -267,11 +265,5 @@ async fn acquire_slot(
 }
 
 async fn connect_to(addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_nodelay(true)?;
-    socket.connect(addr).await
+    sockopt::upstream_socket(addr)?.connect(addr).await
 }

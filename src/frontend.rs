@@ -28,9 +28,14 @@ pub struct BindError {
     pub source: io::Error,
 }
 
+/// The frontend a listener serves; replaced (not mutated) when a reload renames it.
+pub struct FeName {
+    pub name: Arc<str>,
+}
+
 struct Running {
     local: SocketAddr,
-    frontend: Arc<ArcSwap<String>>,
+    frontend: Arc<ArcSwap<FeName>>,
     slots: Arc<ArcSwap<Option<Arc<Semaphore>>>>,
     stop: CancellationToken,
 }
@@ -69,8 +74,8 @@ impl Listeners {
         }
         let mut bound = Vec::new();
         for w in wanted.iter().filter(|w| !running.contains_key(&w.addr)) {
-            match sockopt::bind(w.addr, w.backlog) {
-                Ok(l) => bound.push((w.addr, l)),
+            match bind_all(w, shared.workers.len()) {
+                Ok(ls) => bound.push((w.addr, ls)),
                 Err(source) => {
                     return Err(BindError {
                         frontend: w.frontend.clone(),
@@ -90,33 +95,48 @@ impl Listeners {
         });
         for w in &wanted {
             if let Some(r) = running.get(&w.addr) {
-                r.frontend.store(Arc::new(w.frontend.clone()));
+                if *r.frontend.load().name != *w.frontend {
+                    r.frontend.store(Arc::new(FeName {
+                        name: w.frontend.as_str().into(),
+                    }));
+                }
                 r.slots.store(Arc::new(w.slots.clone()));
             }
         }
-        for (addr, listener) in bound {
+        for (addr, listeners) in bound {
             let w = wanted
                 .iter()
                 .find(|w| w.addr == addr)
                 .expect("bound from wanted");
-            let local = listener.local_addr().unwrap_or(addr);
+            let local = listeners[0].local_addr().unwrap_or(addr);
             let r = Running {
                 local,
-                frontend: Arc::new(ArcSwap::from_pointee(w.frontend.clone())),
+                frontend: Arc::new(ArcSwap::from_pointee(FeName {
+                    name: w.frontend.as_str().into(),
+                })),
                 slots: Arc::new(ArcSwap::from_pointee(w.slots.clone())),
                 stop: shared.stop_accepting.child_token(),
             };
-            let span = info_span!("listener", frontend = %w.frontend, addr = %local);
-            tokio::spawn(
-                accept_loop(
-                    listener,
+            for (i, std_listener) in listeners.into_iter().enumerate() {
+                let span = info_span!("listener", frontend = %w.frontend, addr = %local);
+                let (fe, slots, sh, stop) = (
                     r.frontend.clone(),
                     r.slots.clone(),
                     shared.clone(),
                     r.stop.clone(),
-                )
-                .instrument(span),
-            );
+                );
+                let task = async move {
+                    match TcpListener::from_std(std_listener) {
+                        Ok(l) => accept_loop(l, fe, slots, sh, stop).await,
+                        Err(e) => error!("cannot register the listener: {e}"),
+                    }
+                }
+                .instrument(span);
+                match shared.workers.get(i) {
+                    Some(worker) => drop(worker.spawn(task)),
+                    None => drop(tokio::spawn(task)),
+                }
+            }
             info!(frontend = %w.frontend, addr = %local, "listening");
             running.insert(addr, r);
         }
@@ -128,12 +148,27 @@ impl Listeners {
         let running = self.running.lock().unwrap();
         let mut v: Vec<SocketAddr> = running
             .values()
-            .filter(|r| r.frontend.load().as_str() == frontend)
+            .filter(|r| &*r.frontend.load().name == frontend)
             .map(|r| r.local)
             .collect();
         v.sort();
         v
     }
+}
+
+/// One listening socket per worker thread (SO_REUSEPORT), or one for the current runtime.
+fn bind_all(w: &Wanted, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    if workers <= 1 {
+        return Ok(vec![sockopt::bind_std(w.addr, w.backlog, workers == 1)?]);
+    }
+    let first = sockopt::bind_std(w.addr, w.backlog, true)?;
+    // Port 0: the others bind the port the first one got.
+    let addr = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..workers {
+        all.push(sockopt::bind_std(addr, w.backlog, true)?);
+    }
+    Ok(all)
 }
 
 /// Accept errors that mean "out of resources": back off and keep going.
@@ -146,13 +181,16 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 
 async fn accept_loop(
     listener: TcpListener,
-    frontend: Arc<ArcSwap<String>>,
+    frontend: Arc<ArcSwap<FeName>>,
     fe_slots: Arc<ArcSwap<Option<Arc<Semaphore>>>>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
     // Resource errors come in bursts: log the first, count the rest, report when it passes.
-    let mut burst: Option<(Instant, u64)> = None;
+    // (started, failures, last failure)
+    let mut burst: Option<(Instant, u64, Instant)> = None;
+    // The frontend's counters, looked up again only when a reload renames the frontend.
+    let mut cached: Option<(Arc<FeName>, Arc<crate::state::FrontendCounters>)> = None;
     loop {
         let global = tokio::select! {
             p = shared.maxconn.clone().acquire_owned() => p.expect("never closed"),
@@ -171,35 +209,45 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                if let Some((since, n)) = burst.take() {
+                // A burst ends after a second without a failure, not at the first success:
+                // under churn, successes and failures alternate within one burst.
+                if let Some((since, n, last)) = burst
+                    && last.elapsed() >= Duration::from_secs(1)
+                {
                     info!(
                         "accepting again after {n} failed accepts in {:?}",
                         since.elapsed()
                     );
+                    burst = None;
                 }
-                sockopt::tune_stream(&stream);
                 let fe = frontend.load_full();
-                let counters = shared.state.frontend_counters(&fe);
-                // The connection's own log line carries client and frontend; the span only groups
-                // its debug lines, without repeating them.
-                let span = info_span!(parent: None, "conn");
-                let conn_shared = shared.clone();
-                shared.conns.spawn(
-                    async move {
-                        forward::handle(stream, peer, fe.as_str().into(), counters, conn_shared)
-                            .await;
-                        drop(global);
-                        drop(fe_slot);
+                let counters = match &cached {
+                    Some((name, c)) if Arc::ptr_eq(name, &fe) => c.clone(),
+                    _ => {
+                        let c = shared.state.frontend_counters(&fe.name);
+                        cached = Some((fe.clone(), c.clone()));
+                        c
                     }
-                    .instrument(span),
-                );
+                };
+                let conn_shared = shared.clone();
+                // No span per connection: its one log line carries client, frontend and server.
+                shared.conns.spawn(async move {
+                    forward::handle(stream, peer, fe.name.clone(), counters, conn_shared).await;
+                    drop(global);
+                    drop(fe_slot);
+                });
             }
             Err(e) if is_resource_exhaustion(&e) => {
+                // Give back the file descriptors this thread keeps pooled (idle pipes).
+                crate::pipe::release_pools();
                 match &mut burst {
-                    Some((_, n)) => *n += 1,
+                    Some((_, n, last)) => {
+                        *n += 1;
+                        *last = Instant::now();
+                    }
                     None => {
                         error!("accept failed: {e}; backing off until it recovers");
-                        burst = Some((Instant::now(), 1));
+                        burst = Some((Instant::now(), 1, Instant::now()));
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

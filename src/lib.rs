@@ -67,6 +67,11 @@ pub struct Shared {
     pub reloads: reload::ReloadStats,
     /// splice(2) or copy, from `global.splice` at start.
     pub pipe_mode: pipe::Mode,
+    /// Most connections the file descriptor limit can hold (see [`fd_budget`]).
+    pub fd_cap: usize,
+    /// Data-plane runtimes, one per worker thread: each has its own listening sockets and
+    /// keeps the connections it accepts. Empty: everything runs on the current runtime.
+    pub workers: Vec<tokio::runtime::Handle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,9 +98,19 @@ pub struct Sclb {
 }
 
 impl Sclb {
-    /// Binds every frontend and starts serving. Must be called inside a Tokio runtime.
+    /// Binds every frontend and starts serving on the current Tokio runtime.
     pub async fn start(config: Config) -> Result<Sclb, StartError> {
-        let maxconn = config.global.maxconn;
+        Self::start_on(config, Vec::new()).await
+    }
+
+    /// Like [`Sclb::start`], with connections served on `workers` (one runtime per thread);
+    /// health checks, the admin socket, stats and reloads stay on the current runtime.
+    pub async fn start_on(
+        config: Config,
+        workers: Vec<tokio::runtime::Handle>,
+    ) -> Result<Sclb, StartError> {
+        let fd_cap = fd_budget(&config, workers.len().max(1));
+        let maxconn = config.global.maxconn.min(fd_cap);
         let global = config.global.clone();
         let state = State::new(config);
         if let Some(p) = &global.state_file {
@@ -117,6 +132,8 @@ impl Sclb {
             } else {
                 pipe::Mode::Copy
             },
+            workers,
+            fd_cap,
         });
         shared.sync_listeners()?;
         for (_, server) in shared.state.snapshot().all_servers() {
@@ -212,6 +229,9 @@ impl Sclb {
         let cut = shared.conns.len();
         warn!("hard_stop_after reached: closing {cut} live connections");
         shared.hard_stop.cancel();
+        for (_, s) in shared.state.snapshot().all_servers() {
+            s.shutdown_sessions();
+        }
         let _ = tokio::time::timeout(Duration::from_secs(5), shared.conns.wait()).await;
         self.save_state();
         cut
@@ -251,6 +271,45 @@ impl Shared {
             .collect();
         self.listeners.sync(wanted, self)
     }
+}
+
+/// Fixed file descriptors: stdio, epoll and wake-up fds per runtime, signals, the admin and
+/// stats sockets, the config watcher, health checks in flight, the state file.
+const FD_RESERVE: usize = 48;
+
+/// How many client connections the file descriptor limit can hold, as HAProxy derives its
+/// maxconn from `ulimit -n`: first the soft limit is raised to the hard one, then each
+/// connection is counted at two descriptors (client and server sockets) after the fixed
+/// reserve, listeners and splice pipes (capped to a small share) are set aside. Asking for
+/// more than fits would let sclb accept clients it then cannot connect anywhere.
+pub fn fd_budget(config: &Config, workers: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (mut soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        soft = hard;
+    }
+    let soft = soft.min(10_000_000) as usize;
+    let listeners: usize = config
+        .frontends
+        .iter()
+        .map(|f| f.binds.len())
+        .sum::<usize>()
+        * workers;
+    let pipes = if config.global.splice {
+        (soft / 16).min(256)
+    } else {
+        0
+    };
+    pipe::set_max_pipes(pipes);
+    let cap = soft.saturating_sub(FD_RESERVE + listeners + 2 * pipes) / 2;
+    if config.global.maxconn > cap {
+        warn!(
+            "global.maxconn {} lowered to {cap}: the file descriptor limit is {soft} \
+             (each connection needs two); raise it (systemd LimitNOFILE) to allow more",
+            config.global.maxconn
+        );
+    }
+    cap.max(1)
 }
 
 /// Writes the state file every 30 s, so that even a crash loses little.

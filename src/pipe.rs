@@ -6,45 +6,35 @@
 //! Two ways to move bytes: `splice(2)` through a kernel pipe (zero-copy: the bytes never enter
 //! user space), or read/write through a buffer. Either way the pipe or buffer is taken from a
 //! per-thread pool only while data is in flight, so an idle connection holds neither memory nor
-//! file descriptors — what lets 10,000 idle Spark sessions cost little.
+//! file descriptors.
+//!
+//! [`Pipe`] is a hand-written future over the sockets' `poll_read_ready`/`poll_write_ready`
+//! rather than `async` code: an idle connection then costs a few hundred bytes, not the
+//! kilobyte that nested readiness futures and a select would hold for its whole life.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
-
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl};
 use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::time::{Instant, sleep_until};
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep, sleep_until};
 
 const BUF_SIZE: usize = 64 * 1024;
+/// Capacity asked for each pipe: fewer, larger splices for bulk transfers.
+const PIPE_SIZE: usize = 256 * 1024;
 /// Buffers kept per thread for reuse; more are freed.
 const POOL_MAX: usize = 64;
-
-thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-}
-
-fn take_buf() -> Box<[u8]> {
-    POOL.with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
-}
-
-fn give_buf(b: Box<[u8]>) {
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < POOL_MAX {
-            p.push(b);
-        }
-    });
-}
+/// Pipes kept per thread: each holds two file descriptors, which matter more than memory.
+const PIPE_POOL_MAX: usize = 16;
 
 /// Which side did something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,15 +69,6 @@ impl End {
     }
 }
 
-/// Byte counts of one connection, updated live so that stats see them before it ends.
-#[derive(Default)]
-pub struct Totals {
-    /// Client to server.
-    pub up: AtomicU64,
-    /// Server to client.
-    pub down: AtomicU64,
-}
-
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -97,138 +78,13 @@ pub enum Mode {
     Copy,
 }
 
-/// Copies until both directions are closed, one side fails, `idle` passes with no byte moved,
-/// or `kill` fires. `on_bytes(side, n)` is told of every chunk (for live counters).
-pub async fn pipe(
-    client: &mut TcpStream,
-    server: &mut TcpStream,
-    idle: Duration,
-    kill: &CancellationToken,
-    totals: &Totals,
-    on_bytes: &(dyn Fn(Side, u64) + Sync),
-    mode: Mode,
-) -> End {
-    if mode == Mode::Splice {
-        return pipe_splice(client, server, idle, kill, totals, on_bytes).await;
-    }
-    let start = Instant::now();
-    // Milliseconds since `start` of the last byte moved; the idle watchdog reads it.
-    let last = AtomicU64::new(0);
-    let touch = || last.store(start.elapsed().as_millis() as u64, Relaxed);
-
-    let (cr, cw) = client.split();
-    let (sr, sw) = server.split();
-    let up = one_way(cr, sw, &totals.up, &touch, |n| on_bytes(Side::Client, n));
-    let down = one_way(sr, cw, &totals.down, &touch, |n| on_bytes(Side::Server, n));
-    let watchdog = async {
-        loop {
-            let deadline = start + Duration::from_millis(last.load(Relaxed)) + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            sleep_until(deadline).await;
-        }
-    };
-    tokio::pin!(up, down, watchdog);
-
-    let mut first_close: Option<Side> = None;
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up, if !up_done => match r {
-                Ok(()) => {
-                    up_done = true;
-                    first_close.get_or_insert(Side::Client);
-                }
-                Err(failed) => return End::Reset(failed.side(false)),
-            },
-            r = &mut down, if !down_done => match r {
-                Ok(()) => {
-                    down_done = true;
-                    first_close.get_or_insert(Side::Server);
-                }
-                Err(failed) => return End::Reset(failed.side(true)),
-            },
-            _ = &mut watchdog => return End::IdleTimeout,
-            _ = kill.cancelled() => return End::Killed,
-        }
-    }
-    End::Closed(first_close.unwrap_or(Side::Client))
-}
-
-/// Which end of a one-way copy failed: its source or its destination.
-#[derive(Debug, Clone, Copy)]
-enum Failed {
-    Source,
-    Dest,
-}
-
-impl Failed {
-    /// The connection side that failed; `reversed` is true for the server-to-client direction.
-    fn side(self, reversed: bool) -> Side {
-        match (self, reversed) {
-            (Failed::Source, false) | (Failed::Dest, true) => Side::Client,
-            _ => Side::Server,
-        }
-    }
-}
-
-/// Copies `src` to `dst` until EOF, then shuts `dst`'s write side (half-close).
-///
-/// A buffer is taken only once `src` is readable and given back as soon as it is drained.
-/// The first read of each burst goes through `AsyncRead`, whose short-read path clears the
-/// readiness flag, so a drained socket costs no extra `EAGAIN` syscall.
-async fn one_way(
-    mut src: ReadHalf<'_>,
-    mut dst: WriteHalf<'_>,
-    total: &AtomicU64,
-    touch: &impl Fn(),
-    on_bytes: impl Fn(u64),
-) -> Result<(), Failed> {
-    loop {
-        src.readable().await.map_err(|_| Failed::Source)?;
-        let mut buf = take_buf();
-        let mut n = match src.read(&mut buf).await {
-            Ok(n) => n,
-            Err(_) => {
-                give_buf(buf);
-                return Err(Failed::Source);
-            }
-        };
-        let result = loop {
-            if n == 0 {
-                break Ok(true);
-            }
-            if dst.write_all(&buf[..n]).await.is_err() {
-                break Err(Failed::Dest);
-            }
-            total.fetch_add(n as u64, Relaxed);
-            on_bytes(n as u64);
-            touch();
-            if n < buf.len() {
-                break Ok(false);
-            }
-            // A full buffer: more is probably waiting.
-            n = match src.try_read(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
-                Err(_) => break Err(Failed::Source),
-            };
-        };
-        give_buf(buf);
-        if result? {
-            // EOF: pass the half-close on. A peer already gone shows up in the other direction.
-            let _ = dst.shutdown().await;
-            return Ok(());
-        }
-    }
-}
-
-/// Capacity asked for each pipe: fewer, larger splices for bulk transfers.
-const PIPE_SIZE: usize = 256 * 1024;
-
-thread_local! {
-    static PIPES: RefCell<Vec<KernelPipe>> = const { RefCell::new(Vec::new()) };
+/// Byte counts of one connection, updated live so that stats see them before it ends.
+#[derive(Default)]
+pub struct Totals {
+    /// Client to server.
+    pub up: AtomicU64,
+    /// Server to client.
+    pub down: AtomicU64,
 }
 
 /// A kernel pipe used as the splice buffer; empty whenever it is in the pool.
@@ -238,12 +94,35 @@ struct KernelPipe {
     cap: usize,
 }
 
+/// Pipes in existence (in use or pooled) and the most allowed: each holds two file
+/// descriptors, and a connection must never fail to open its server socket because pipes took
+/// the last descriptors. Past the limit a burst goes through a buffer instead.
+static LIVE_PIPES: AtomicUsize = AtomicUsize::new(0);
+static MAX_PIPES: AtomicUsize = AtomicUsize::new(256);
+
+/// Sets how many pipes may exist at once (from the file descriptor budget).
+pub fn set_max_pipes(n: usize) {
+    MAX_PIPES.store(n, Relaxed);
+}
+
+thread_local! {
+    static PIPES: RefCell<Vec<KernelPipe>> = const { RefCell::new(Vec::new()) };
+    static BUFS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
 impl KernelPipe {
     fn take() -> io::Result<KernelPipe> {
         if let Some(p) = PIPES.with(|p| p.borrow_mut().pop()) {
             return Ok(p);
         }
-        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        if LIVE_PIPES.fetch_add(1, Relaxed) >= MAX_PIPES.load(Relaxed) {
+            LIVE_PIPES.fetch_sub(1, Relaxed);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let (r, w) =
+            nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).inspect_err(|_| {
+                LIVE_PIPES.fetch_sub(1, Relaxed);
+            })?;
         // Best effort: a smaller pipe only means more syscalls.
         let cap = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
             .map(|c| c as usize)
@@ -255,128 +134,304 @@ impl KernelPipe {
     fn give(self) {
         PIPES.with(|p| {
             let mut p = p.borrow_mut();
-            if p.len() < POOL_MAX {
+            if p.len() < PIPE_POOL_MAX {
                 p.push(self);
             }
         });
     }
 }
 
+/// Frees this thread's pooled pipes and buffers: when file descriptors run out, pooled pipes
+/// must not be what keeps `accept` failing.
+pub fn release_pools() {
+    PIPES.with(|p| p.borrow_mut().clear());
+    BUFS.with(|p| p.borrow_mut().clear());
+}
+
+impl Drop for KernelPipe {
+    fn drop(&mut self) {
+        LIVE_PIPES.fetch_sub(1, Relaxed);
+    }
+}
+
+fn take_buf() -> Box<[u8]> {
+    BUFS.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+}
+
+fn give_buf(b: Box<[u8]>) {
+    BUFS.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_MAX {
+            p.push(b);
+        }
+    });
+}
+
 fn splice_flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
 }
 
-/// [`pipe`] with `splice(2)`: the same select over two directions, idle watchdog and kill.
-async fn pipe_splice(
-    client: &TcpStream,
-    server: &TcpStream,
-    idle: Duration,
-    kill: &CancellationToken,
-    totals: &Totals,
-    on_bytes: &(dyn Fn(Side, u64) + Sync),
-) -> End {
-    let start = Instant::now();
-    let last = AtomicU64::new(0);
-    let touch = || last.store(start.elapsed().as_millis() as u64, Relaxed);
-    let up = one_way_splice(client, server, &totals.up, &touch, |n| {
-        on_bytes(Side::Client, n)
-    });
-    let down = one_way_splice(server, client, &totals.down, &touch, |n| {
-        on_bytes(Side::Server, n)
-    });
-    let watchdog = async {
-        loop {
-            let deadline = start + Duration::from_millis(last.load(Relaxed)) + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            sleep_until(deadline).await;
-        }
-    };
-    tokio::pin!(up, down, watchdog);
-    let mut first_close: Option<Side> = None;
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up, if !up_done => match r {
-                Ok(()) => {
-                    up_done = true;
-                    first_close.get_or_insert(Side::Client);
-                }
-                Err(failed) => return End::Reset(failed.side(false)),
-            },
-            r = &mut down, if !down_done => match r {
-                Ok(()) => {
-                    down_done = true;
-                    first_close.get_or_insert(Side::Server);
-                }
-                Err(failed) => return End::Reset(failed.side(true)),
-            },
-            _ = &mut watchdog => return End::IdleTimeout,
-            _ = kill.cancelled() => return End::Killed,
-        }
-    }
-    End::Closed(first_close.unwrap_or(Side::Client))
+/// Where the bytes of a burst wait between reading and writing.
+enum Held {
+    Pipe(KernelPipe),
+    Buf(Box<[u8]>),
 }
 
-/// Splices `src` into `dst` until EOF, then shuts `dst`'s write side.
-///
-/// Each burst: wait until `src` is readable, take a pipe, splice as much as the pipe holds,
-/// then splice it all out to `dst` (waiting while `dst` is full: backpressure, no buffering),
-/// give the pipe back. A short read is reported to tokio as "would block" so that the socket's
-/// readiness is cleared without an extra `EAGAIN` syscall.
-async fn one_way_splice(
-    src: &TcpStream,
-    dst: &TcpStream,
-    total: &AtomicU64,
-    touch: &impl Fn(),
-    on_bytes: impl Fn(u64),
-) -> Result<(), Failed> {
-    loop {
-        src.readable().await.map_err(|_| Failed::Source)?;
-        let pipe = KernelPipe::take().map_err(|_| Failed::Source)?;
-        let mut got = 0usize;
-        let r = src.try_io(Interest::READABLE, || {
-            let n = nix::fcntl::splice(src, None, &pipe.w, None, pipe.cap, splice_flags())
-                .map_err(io::Error::from)?;
-            got = n;
-            if n > 0 && n < pipe.cap {
-                return Err(io::ErrorKind::WouldBlock.into());
+/// Which end of a one-way transfer failed.
+#[derive(Debug, Clone, Copy)]
+enum Failed {
+    Source,
+    Dest,
+}
+
+/// One direction: bytes from `src` to `dst`.
+struct Transfer {
+    /// The pipe or buffer of the burst in flight; `None` between bursts.
+    held: Option<Held>,
+    /// Bytes read and not yet written.
+    pending: usize,
+    /// For a buffer: where the unwritten bytes start.
+    offset: usize,
+    /// Bytes of the burst in flight, counted once it is all written.
+    burst: usize,
+    done: bool,
+}
+
+impl Transfer {
+    fn new() -> Self {
+        Transfer {
+            held: None,
+            pending: 0,
+            offset: 0,
+            burst: 0,
+            done: false,
+        }
+    }
+
+    /// Frees the pipe or buffer: pooled when empty, closed when it still holds bytes.
+    fn release(&mut self) {
+        match self.held.take() {
+            Some(Held::Pipe(p)) if self.pending == 0 => p.give(),
+            Some(Held::Buf(b)) => give_buf(b),
+            _ => {}
+        }
+    }
+
+    /// Reads a burst from `src`. Ok(0): EOF. A short splice is reported to tokio as "would
+    /// block" so that the socket's readiness is cleared without an extra `EAGAIN` syscall.
+    fn read(&mut self, src: &TcpStream, mode: Mode) -> io::Result<usize> {
+        if self.held.is_none() {
+            self.held = Some(match mode {
+                // No pipe to be had (file descriptors exhausted): this burst goes through a
+                // buffer instead, rather than failing an established connection.
+                Mode::Splice => KernelPipe::take()
+                    .map(Held::Pipe)
+                    .unwrap_or_else(|_| Held::Buf(take_buf())),
+                Mode::Copy => Held::Buf(take_buf()),
+            });
+        }
+        let n = match self.held.as_mut().expect("just set") {
+            Held::Pipe(p) => {
+                let mut got = 0;
+                let r = src.try_io(Interest::READABLE, || {
+                    let n = nix::fcntl::splice(src, None, &p.w, None, p.cap, splice_flags())
+                        .map_err(io::Error::from)?;
+                    got = n;
+                    if n > 0 && n < p.cap {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                match r {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
+                    r => r?,
+                }
             }
-            Ok(n)
-        });
-        let eof = match r {
-            Ok(_) => got == 0,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
-            Err(_) => return Err(Failed::Source),
+            Held::Buf(b) => src.try_read(b)?,
         };
-        if got == 0 {
-            pipe.give();
-            if eof {
-                // EOF: pass the half-close on.
-                let _ = SockRef::from(dst).shutdown(Shutdown::Write);
-                return Ok(());
-            }
-            continue;
-        }
-        let mut left = got;
-        while left > 0 {
-            dst.writable().await.map_err(|_| Failed::Dest)?;
-            match dst.try_io(Interest::WRITABLE, || {
-                nix::fcntl::splice(&pipe.r, None, dst, None, left, splice_flags())
+        self.pending = n;
+        self.offset = 0;
+        Ok(n)
+    }
+
+    /// Writes what is pending to `dst`.
+    fn write(&mut self, dst: &TcpStream) -> io::Result<usize> {
+        let n = match self.held.as_mut().expect("bytes are pending") {
+            Held::Pipe(p) => dst.try_io(Interest::WRITABLE, || {
+                nix::fcntl::splice(&p.r, None, dst, None, self.pending, splice_flags())
                     .map_err(io::Error::from)
-            }) {
-                Ok(n) => left -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // The pipe still holds bytes: it is closed, not pooled.
-                Err(_) => return Err(Failed::Dest),
+            })?,
+            Held::Buf(b) => dst.try_write(&b[self.offset..self.offset + self.pending])?,
+        };
+        self.pending -= n;
+        self.offset += n;
+        Ok(n)
+    }
+
+    /// Moves bytes until `src` has nothing more for now (Pending), EOF (Ready(Ok): the
+    /// half-close has been passed on) or an error. `moved(n)` is told of every finished burst.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        mode: Mode,
+        moved: &mut dyn FnMut(u64),
+    ) -> Poll<Result<(), Failed>> {
+        loop {
+            if self.pending == 0 {
+                if ready!(src.poll_read_ready(cx)).is_err() {
+                    return Poll::Ready(Err(Failed::Source));
+                }
+                match self.read(src, mode) {
+                    Ok(0) => {
+                        self.release();
+                        self.done = true;
+                        // EOF: pass the half-close on. A peer already gone shows up in the
+                        // other direction.
+                        let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Ok(n) => self.burst = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.release();
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return Poll::Ready(Err(Failed::Source)),
+                }
+            }
+            while self.pending > 0 {
+                if ready!(dst.poll_write_ready(cx)).is_err() {
+                    return Poll::Ready(Err(Failed::Dest));
+                }
+                match self.write(dst) {
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(_) => return Poll::Ready(Err(Failed::Dest)),
+                }
+            }
+            // The burst is written: give the pipe or buffer back before waiting for more.
+            self.release();
+            moved(self.burst as u64);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Both directions of one connection, its idle timer and its kill switch.
+    pub struct Pipe<'a, K> {
+        client: &'a TcpStream,
+        server: &'a TcpStream,
+        up: Transfer,
+        down: Transfer,
+        first_close: Option<Side>,
+        idle: Duration,
+        last: Instant,
+        mode: Mode,
+        totals: &'a Totals,
+        on_bytes: &'a (dyn Fn(Side, u64) + Sync),
+        #[pin]
+        timer: Sleep,
+        #[pin]
+        kill: K,
+    }
+}
+
+/// Copies until both directions are closed, one side fails, `idle` passes with no byte moved,
+/// or `kill` completes. `on_bytes(side, n)` is told of every burst (for live counters).
+pub fn pipe<'a, K: Future<Output = ()>>(
+    client: &'a TcpStream,
+    server: &'a TcpStream,
+    idle: Duration,
+    kill: K,
+    totals: &'a Totals,
+    on_bytes: &'a (dyn Fn(Side, u64) + Sync),
+    mode: Mode,
+) -> Pipe<'a, K> {
+    let now = Instant::now();
+    Pipe {
+        client,
+        server,
+        up: Transfer::new(),
+        down: Transfer::new(),
+        first_close: None,
+        idle,
+        last: now,
+        mode,
+        totals,
+        on_bytes,
+        timer: sleep_until(now + idle),
+        kill,
+    }
+}
+
+impl<K: Future<Output = ()>> Future for Pipe<'_, K> {
+    type Output = End;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
+        let mut this = self.project();
+        if this.kill.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Killed);
+        }
+        let mut moved = false;
+        let (totals, on_bytes) = (*this.totals, *this.on_bytes);
+        if !this.up.done {
+            let mut count = |n| {
+                totals.up.fetch_add(n, Relaxed);
+                on_bytes(Side::Client, n);
+                moved = true;
+            };
+            match this
+                .up
+                .poll(cx, this.client, this.server, *this.mode, &mut count)
+            {
+                Poll::Ready(Ok(())) => {
+                    this.first_close.get_or_insert(Side::Client);
+                }
+                Poll::Ready(Err(Failed::Source)) => return Poll::Ready(End::Reset(Side::Client)),
+                Poll::Ready(Err(Failed::Dest)) => return Poll::Ready(End::Reset(Side::Server)),
+                Poll::Pending => {}
             }
         }
-        pipe.give();
-        total.fetch_add(got as u64, Relaxed);
-        on_bytes(got as u64);
-        touch();
+        if !this.down.done {
+            let mut count = |n| {
+                totals.down.fetch_add(n, Relaxed);
+                on_bytes(Side::Server, n);
+                moved = true;
+            };
+            match this
+                .down
+                .poll(cx, this.server, this.client, *this.mode, &mut count)
+            {
+                Poll::Ready(Ok(())) => {
+                    this.first_close.get_or_insert(Side::Server);
+                }
+                Poll::Ready(Err(Failed::Source)) => return Poll::Ready(End::Reset(Side::Server)),
+                Poll::Ready(Err(Failed::Dest)) => return Poll::Ready(End::Reset(Side::Client)),
+                Poll::Pending => {}
+            }
+        }
+        if this.up.done && this.down.done {
+            return Poll::Ready(End::Closed(this.first_close.unwrap_or(Side::Client)));
+        }
+        if moved {
+            *this.last = Instant::now();
+        }
+        // The timer is re-armed lazily: when it fires, it is pushed to last activity + idle,
+        // so a busy connection costs no timer update per burst.
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let deadline = *this.last + *this.idle;
+            if Instant::now() >= deadline {
+                return Poll::Ready(End::IdleTimeout);
+            }
+            this.timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
     }
 }

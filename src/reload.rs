@@ -184,8 +184,13 @@ impl Shared {
         let summary = summary(&old_cfg, &config);
         let global_changed = old_cfg.global.admin != config.global.admin
             || old_cfg.global.stats != config.global.stats
-            || old_cfg.global.log != config.global.log;
-        let (new_maxconn, old_maxconn) = (config.global.maxconn, old_cfg.global.maxconn);
+            || old_cfg.global.log != config.global.log
+            || old_cfg.global.threads != config.global.threads
+            || old_cfg.global.splice != config.global.splice;
+        let (new_maxconn, old_maxconn) = (
+            config.global.maxconn.min(self.fd_cap),
+            old_cfg.global.maxconn.min(self.fd_cap),
+        );
         let (old, new) = self.state.apply(config);
         if let Err(e) = self.sync_listeners() {
             let created: Vec<_> = new
@@ -204,7 +209,7 @@ impl Shared {
         crate::discovery::sync_sources(self);
         if global_changed {
             warn!(
-                "changes to global.admin, global.stats and global.log take effect at the next restart"
+                "changes to global.admin, global.stats, global.log, global.threads and global.splice take effect at the next restart"
             );
         }
         Ok(summary)

@@ -376,6 +376,8 @@ impl Snapshot {
                     stats: None,
                     state_file: None,
                     splice: true,
+                    run_as: None,
+                    threads: 0,
                 },
                 frontends: Vec::new(),
                 backends: Vec::new(),

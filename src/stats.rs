@@ -600,7 +600,7 @@ pub fn info(shared: &Shared) -> String {
     );
     kv("Uptime_sec", &uptime);
     kv("Ulimit-n", &nofile);
-    kv("Maxconn", &snap.config.global.maxconn);
+    kv("Maxconn", &snap.config.global.maxconn.min(shared.fd_cap));
     kv("CurrConns", &cur);
     kv("CumConns", &total);
     kv("Stopping", &u8::from(shared.stop_accepting.is_cancelled()));

@@ -163,3 +163,158 @@ servers = [ {servers} ]
         "{log}"
     );
 }
+
+fn proc_status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap()
+}
+
+#[test]
+fn drops_root_after_binding_and_owns_its_admin_socket_as_configured() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("SKIPPED: needs root to switch users");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The socket's directory must let the unprivileged process remove the socket at stop.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let sock = dir.path().join("admin.sock");
+    let cfg = dir.path().join("sclb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[global]
+user = "nobody"
+admin = {{ path = "{}", mode = "0660", user = "nobody" }}
+[[frontend]]
+name = "f"
+bind = ["127.0.0.1:0"]
+backend = "b"
+[[backend]]
+name = "b"
+check = {{ type = "none" }}
+servers = [ {{ name = "s", addr = "127.0.0.1:1" }} ]
+"#,
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(SCLB)
+        .arg("-c")
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let t0 = Instant::now();
+    let want = format!("{0}\t{0}\t{0}\t{0}", nobody.uid);
+    while proc_status_field(pid, "Uid") != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "still {}",
+            proc_status_field(pid, "Uid")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(proc_status_field(pid, "Groups"), nobody.gid.to_string());
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.uid(), nobody.uid.as_raw());
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("dropped root privileges"), "{log}");
+    assert!(!sock.exists(), "removed its socket as nobody");
+}
+
+#[test]
+fn maxconn_is_capped_to_what_the_fd_limit_holds() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: no prlimit (util-linux)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("a.sock");
+    let cfg = dir.path().join("sclb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[global]
+maxconn = 20000
+admin = {{ path = "{}" }}
+[[frontend]]
+name = "f"
+bind = ["127.0.0.1:0"]
+backend = "b"
+[[backend]]
+name = "b"
+check = {{ type = "none" }}
+servers = [ {{ name = "s", addr = "127.0.0.1:1" }} ]
+"#,
+            sock.display()
+        ),
+    )
+    .unwrap();
+    // Soft and hard limit 256: sclb cannot raise it, so it must lower maxconn.
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=256:256", "--"])
+        .arg(SCLB)
+        .arg("-c")
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no admin socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new(SCLB)
+        .args(["ctl", "-s"])
+        .arg(&sock)
+        .arg("show info")
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&out.stdout).to_string();
+    let maxconn: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Maxconn: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        maxconn < 128,
+        "two descriptors per connection fit under 256: {maxconn}"
+    );
+    assert!(maxconn > 16, "{maxconn}");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(
+        log.contains(&format!("global.maxconn 20000 lowered to {maxconn}")),
+        "{log}"
+    );
+}
