@@ -243,7 +243,66 @@ pub struct Backend {
     /// The backend's check settings (defaults merged), for servers that are discovered
     /// rather than listed.
     pub check: CheckConfig,
+    /// Where servers come from besides `servers`: a Kubernetes watch.
+    pub discovery: Option<KubernetesDiscovery>,
 }
+
+/// `[backend.discovery.kubernetes]`: the backend's servers also come from a Kubernetes watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesDiscovery {
+    pub kind: KubernetesKind,
+    /// The namespaces to watch; empty means every namespace.
+    pub namespaces: Vec<String>,
+    /// A label selector on the watched objects (`spark-role=driver,app in (a,b)`).
+    pub selector: Option<String>,
+    /// The Spark Connect port on each discovered address.
+    pub port: PortRef,
+    /// A kubeconfig file; `None`: the in-cluster service account, then `$KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// What a Kubernetes discovery source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubernetesKind {
+    /// Pods that are Running and Ready, each a server named after the pod.
+    Pods,
+    /// `discovery.k8s.io/v1` EndpointSlices: ready endpoints, and serving terminating ones.
+    EndpointSlices,
+    /// spark-operator SparkApplications (v1beta2): each application's driver pod.
+    SparkApplications,
+    /// spark-operator SparkConnects (v1alpha1): `status.server.podIp` once Ready.
+    SparkConnects,
+}
+
+impl fmt::Display for KubernetesKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KubernetesKind::Pods => "pods",
+            KubernetesKind::EndpointSlices => "endpointslices",
+            KubernetesKind::SparkApplications => "sparkapplications",
+            KubernetesKind::SparkConnects => "sparkconnects",
+        })
+    }
+}
+
+/// A port by number, or by the name of a container port (an EndpointSlice port's name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+impl fmt::Display for PortRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortRef::Number(n) => write!(f, "{n}"),
+            PortRef::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Spark Connect's own port, the default for discovered servers.
+pub const SPARK_CONNECT_PORT: u16 = 15002;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
@@ -594,7 +653,6 @@ fn read_global(t: Table<'_, '_>) -> Option<Global> {
             _ => ok = false,
         }
     }
-
     ok.then_some(g)
 }
 
@@ -878,6 +936,7 @@ fn read_backend(t: Table<'_, '_>, d: &Defaults) -> Option<Backend> {
         "check",
         "on_marked_down",
         "all_down",
+        "discovery",
     ]);
     let name = check_name(t);
     let balance = if t.contains("balance") {
@@ -949,6 +1008,19 @@ fn read_backend(t: Table<'_, '_>, d: &Defaults) -> Option<Backend> {
             ],
         )
         .unwrap_or(AllDown::FailOpen);
+    let dpath = join(t.path, "discovery");
+    let discovery = match t.table("discovery", &dpath) {
+        Some(dt) => {
+            dt.allow(&["kubernetes"]);
+            let kpath = join(dt.path, "kubernetes");
+            let read = dt.table("kubernetes", &kpath).map(read_kubernetes);
+            if dt.contains("kubernetes") && !matches!(read, Some(Some(_))) {
+                ok = false;
+            }
+            read.flatten()
+        }
+        None => None,
+    };
     let be = Backend {
         name: name?,
         balance: balance?,
@@ -967,8 +1039,144 @@ fn read_backend(t: Table<'_, '_>, d: &Defaults) -> Option<Backend> {
         on_marked_down,
         all_down,
         check: check.resolve(),
+        discovery,
     };
     ok.then_some(be)
+}
+
+const KUBERNETES_KINDS: &[(&str, KubernetesKind)] = &[
+    ("pods", KubernetesKind::Pods),
+    ("endpointslices", KubernetesKind::EndpointSlices),
+    ("sparkapplications", KubernetesKind::SparkApplications),
+    ("sparkconnects", KubernetesKind::SparkConnects),
+];
+
+/// `[backend.discovery.kubernetes]`.
+fn read_kubernetes(t: Table<'_, '_>) -> Option<KubernetesDiscovery> {
+    t.allow(&[
+        "kind",
+        "namespace",
+        "namespaces",
+        "selector",
+        "port",
+        "kubeconfig",
+    ]);
+    let mut ok = true;
+    let kind = if t.required("kind") {
+        t.choice("kind", KUBERNETES_KINDS)
+    } else {
+        None
+    };
+    let mut namespaces = Vec::new();
+    if t.contains("namespace") && t.contains("namespaces") {
+        t.error(
+            "namespaces",
+            "set either \"namespace\" or \"namespaces\", not both",
+        );
+        ok = false;
+    }
+    if let Some(ns) = t.str("namespace") {
+        namespaces.push((ns, t.pos("namespace"), join(t.path, "namespace")));
+    } else if t.contains("namespace") {
+        ok = false;
+    }
+    if t.contains("namespaces") {
+        let list = t.strings("namespaces");
+        if list.is_empty() {
+            t.error(
+                "namespaces",
+                "needs at least one namespace; leave both \"namespace\" and \"namespaces\" out to watch every namespace",
+            );
+            ok = false;
+        }
+        for (i, (ns, at)) in list.into_iter().enumerate() {
+            namespaces.push((ns, at, format!("{}[{i}]", join(t.path, "namespaces"))));
+        }
+    }
+    let mut names = Vec::new();
+    for (ns, at, field) in namespaces {
+        if !is_dns_label(ns) {
+            t.error_at(
+                at,
+                &field,
+                format!("\"{ns}\" is not a namespace name: 1-63 of a-z 0-9 -, starting and ending with a letter or digit"),
+            );
+            ok = false;
+        } else if names.iter().any(|n| n == ns) {
+            t.error_at(at, &field, format!("namespace \"{ns}\" is listed twice"));
+            ok = false;
+        } else {
+            names.push(ns.to_string());
+        }
+    }
+    let selector = t.str("selector").map(str::to_string);
+    if let Some(sel) = &selector
+        && let Err(e) = crate::discovery::kubernetes::check_selector(sel)
+    {
+        t.error("selector", format!("invalid label selector \"{sel}\": {e}"));
+        ok = false;
+    }
+    let port = if !t.contains("port") {
+        Some(PortRef::Number(SPARK_CONNECT_PORT))
+    } else if t.is_string("port") {
+        {
+            let name = t.str("port").unwrap_or_default();
+            if is_port_name(name) {
+                Some(PortRef::Name(name.to_string()))
+            } else {
+                t.error(
+                    "port",
+                    format!("\"{name}\" is not a port name: 1-15 of a-z 0-9 -, with a letter; or write a number"),
+                );
+                None
+            }
+        }
+    } else {
+        t.int("port", 1, 65535).map(|n| PortRef::Number(n as u16))
+    };
+    if let (Some(KubernetesKind::SparkConnects), Some(PortRef::Name(n))) = (kind, &port) {
+        t.error(
+            "port",
+            format!("a SparkConnect reports only its server's IP, so the port cannot be a container port name (\"{n}\"): write a number"),
+        );
+        ok = false;
+    }
+    let kubeconfig = t.str("kubeconfig").map(PathBuf::from);
+    if t.contains("kubeconfig") && kubeconfig.is_none() {
+        ok = false;
+    }
+    if !ok {
+        return None;
+    }
+    Some(KubernetesDiscovery {
+        kind: kind?,
+        namespaces: names,
+        selector,
+        port: port?,
+        kubeconfig,
+    })
+}
+
+/// A Kubernetes namespace name (an RFC 1123 label).
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A container port name (an IANA service name).
+fn is_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
 }
 
 fn read_server(t: Table<'_, '_>, backend_check: &CheckPartial) -> Option<ServerConfig> {

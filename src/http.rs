@@ -281,6 +281,9 @@ async fn page(AxState(shared): AxState<Arc<Shared>>) -> Html<String> {
                 ))
                 .unwrap_or_else(|| "none".into())
         );
+        if let Some(st) = shared.state.discovered.statuses().get(&be.config.name) {
+            discovery_status(&mut out, st);
+        }
         out.push_str(
             "<table><tr><th>Server</th><th>Address</th><th>Status</th><th>Last change</th><th>Check</th>\
              <th>Spark</th><th>Weight</th><th>Cur</th><th>Max</th><th>Limit</th><th>Total</th>\
@@ -309,6 +312,22 @@ async fn page(AxState(shared): AxState<Arc<Shared>>) -> Html<String> {
     }
     out.push_str("</body></html>");
     Html(out)
+}
+
+/// A backend's discovery source: one line, and its last error in red while it is failing.
+fn discovery_status(out: &mut String, st: &crate::discovery::SourceStatus) {
+    let _ = write!(
+        out,
+        "<div class=\"discovery\">Discovery: {}</div>",
+        esc(&stats::discovery_line(st))
+    );
+    if let Some(e) = st.last_error.as_ref().filter(|_| st.state != "watching") {
+        let _ = write!(
+            out,
+            "<div class=\"err\">Discovery is failing, the last known servers keep serving: {}</div>",
+            esc(e)
+        );
+    }
 }
 
 fn server_or_backend_row(out: &mut String, r: &Row) {
@@ -682,6 +701,8 @@ impl prometheus_client::collector::Collector for Collector {
             &size,
         )?;
 
+        discovery_families(&mut enc, &shared.state.discovered.statuses())?;
+
         let none: Labels = Vec::new();
         family(
             &mut enc,
@@ -711,6 +732,37 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         Ok(())
     }
+}
+
+/// `sclb_discovery_errors_total{proxy}` and `sclb_discovery_servers{proxy}`, for backends with
+/// a discovery source.
+fn discovery_families(
+    enc: &mut DescriptorEncoder,
+    sources: &std::collections::BTreeMap<String, crate::discovery::SourceStatus>,
+) -> Result<(), std::fmt::Error> {
+    if sources.is_empty() {
+        return Ok(());
+    }
+    let series = |f: fn(&crate::discovery::SourceStatus) -> f64| -> Vec<(Labels, f64)> {
+        sources
+            .iter()
+            .map(|(b, st)| (l(&[("proxy", b)]), f(st)))
+            .collect()
+    };
+    family(
+        enc,
+        "discovery_errors",
+        "Faults of a backend's discovery source (watch errors, API server unreachable, RBAC).",
+        MetricType::Counter,
+        &series(|st| st.errors as f64),
+    )?;
+    family(
+        enc,
+        "discovery_servers",
+        "Servers a backend's discovery source currently reports.",
+        MetricType::Gauge,
+        &series(|st| st.servers as f64),
+    )
 }
 
 async fn metrics(AxState(shared): AxState<Arc<Shared>>) -> Response {

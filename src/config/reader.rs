@@ -158,6 +158,11 @@ impl<'a, 'i> Table<'a, 'i> {
         self.get(key).is_some()
     }
 
+    /// Whether `key` holds a string (for keys that take a string or a number).
+    pub fn is_string(&self, key: &str) -> bool {
+        matches!(self.get(key).map(|v| v.get_ref()), Some(DeValue::String(_)))
+    }
+
     /// Byte offset of a key's value, or of the table itself when the key is absent.
     pub fn pos(&self, key: &str) -> usize {
         self.get(key).map(|v| v.span().start).unwrap_or(self.at)

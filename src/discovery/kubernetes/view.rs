@@ -1,0 +1,236 @@
+//! The objects every watch of a source has reported, turned into servers, and what to hand
+//! over: a `Reset` after every complete (re)list, single `Upsert`s and `Remove`s in between,
+//! nothing before every watch has listed once.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use kube::runtime::watcher::Event;
+
+use super::objects::{Object, PodInfo};
+use crate::config::{KubernetesDiscovery, KubernetesKind, PortRef};
+use crate::discovery::{Discovered, Update};
+
+/// One watch's objects: the committed set, and the one being listed.
+#[derive(Default)]
+struct Store {
+    objects: BTreeMap<String, Object>,
+    listing: Option<BTreeMap<String, Object>>,
+    synced: bool,
+}
+
+/// What one event changes.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Change {
+    /// After a complete (re)list: the whole set.
+    pub(super) reset: Option<Update>,
+    pub(super) updates: Vec<Update>,
+    /// One line per server added, drained or removed.
+    pub(super) log: Vec<String>,
+}
+
+/// The objects every watch of a source has reported, and the servers last handed over.
+pub(super) struct View {
+    kind: KubernetesKind,
+    port: PortRef,
+    /// Name servers `namespace/name` when more than one namespace is watched.
+    qualify: bool,
+    stores: Vec<Store>,
+    /// The servers handed over, by uid; `None` before the first complete list.
+    sent: Option<BTreeMap<String, Discovered>>,
+}
+
+impl View {
+    pub(super) fn new(s: &KubernetesDiscovery, watches: usize) -> Self {
+        View {
+            kind: s.kind,
+            port: s.port.clone(),
+            qualify: s.namespaces.len() != 1,
+            stores: (0..watches).map(|_| Store::default()).collect(),
+            sent: None,
+        }
+    }
+
+    /// Whether every watch has listed at least once.
+    pub(super) fn synced(&self) -> bool {
+        self.stores.iter().all(|s| s.synced)
+    }
+
+    /// Applies watch `i`'s event; returns what to hand over, if anything changed.
+    pub(super) fn event(&mut self, i: usize, event: Event<Object>) -> Option<Change> {
+        let store = &mut self.stores[i];
+        let mut listed = false;
+        match event {
+            Event::Init => {
+                store.listing = Some(BTreeMap::new());
+                return None;
+            }
+            Event::InitApply(o) => {
+                store.listing.get_or_insert_default().insert(o.key(), o);
+                return None;
+            }
+            Event::InitDone => {
+                store.objects = store.listing.take().unwrap_or_default();
+                store.synced = true;
+                listed = true;
+            }
+            Event::Apply(o) => {
+                store.objects.insert(o.key(), o);
+            }
+            Event::Delete(o) => {
+                store.objects.remove(&o.key());
+            }
+        }
+        if !self.synced() {
+            return None;
+        }
+        let want = self.desired();
+        let before = self.sent.clone().unwrap_or_default();
+        let mut change = Change::default();
+        for (uid, d) in &want {
+            match before.get(uid) {
+                None if d.draining => change.log.push(format!(
+                    "server {} ({}) discovered, terminating: DRAIN",
+                    d.name, d.addr
+                )),
+                None => change
+                    .log
+                    .push(format!("server {} ({}) discovered", d.name, d.addr)),
+                Some(old) if d.draining && !old.draining => change.log.push(format!(
+                    "server {} ({}) is terminating: DRAIN, its pinned clients may finish",
+                    d.name, d.addr
+                )),
+                _ => {}
+            }
+            if before.get(uid) != Some(d) {
+                change.updates.push(Update::Upsert(d.clone()));
+            }
+        }
+        for (uid, d) in &before {
+            if !want.contains_key(uid) {
+                change
+                    .log
+                    .push(format!("server {} ({}) is gone: removed", d.name, d.addr));
+                change.updates.push(Update::Remove(uid.clone()));
+            }
+        }
+        if listed || self.sent.is_none() {
+            change.updates.clear();
+            change.reset = Some(Update::Reset(want.values().cloned().collect()));
+        } else if change.updates.is_empty() {
+            return None;
+        }
+        self.sent = Some(want);
+        Some(change)
+    }
+
+    fn server_name(&self, namespace: &str, name: &str) -> String {
+        if self.qualify {
+            format!("{namespace}/{name}")
+        } else {
+            name.to_string()
+        }
+    }
+
+    /// The servers the committed objects describe, by uid.
+    fn desired(&self) -> BTreeMap<String, Discovered> {
+        let known = |uid: &str| self.sent.as_ref().is_some_and(|s| s.contains_key(uid));
+        let mut out = BTreeMap::new();
+        let objects = self.stores.iter().flat_map(|s| s.objects.values());
+        match self.kind {
+            KubernetesKind::Pods => {
+                for o in objects {
+                    if let Object::Pod(p) = o
+                        && let Some(d) = p.server(self.server_name(&p.namespace, &p.name), known)
+                    {
+                        out.insert(d.uid.clone(), d);
+                    }
+                }
+            }
+            KubernetesKind::SparkApplications => {
+                let pods: BTreeMap<String, &PodInfo> = self
+                    .stores
+                    .iter()
+                    .flat_map(|s| s.objects.values())
+                    .filter_map(|o| match o {
+                        Object::Pod(p) => Some((format!("{}/{}", p.namespace, p.name), p)),
+                        _ => None,
+                    })
+                    .collect();
+                for o in objects {
+                    let Object::App(app) = o else { continue };
+                    let Some(pod) = pods.get(&format!("{}/{}", app.namespace, app.driver)) else {
+                        continue;
+                    };
+                    let name = self.server_name(&app.namespace, &app.name);
+                    if let Some(mut d) = pod.server(name, known) {
+                        d.draining |= app.terminating;
+                        out.insert(d.uid.clone(), d);
+                    }
+                }
+            }
+            KubernetesKind::SparkConnects => {
+                for o in objects {
+                    let Object::Connect(c) = o else { continue };
+                    let Some(ip) = c.ip else { continue };
+                    // A new server pod (a restart) is a new server: its sessions are gone.
+                    let uid = format!(
+                        "{}/{}",
+                        c.uid,
+                        c.pod.clone().unwrap_or_else(|| ip.to_string())
+                    );
+                    let draining = c.terminating && known(&uid);
+                    if !c.ready && !draining {
+                        continue;
+                    }
+                    // A SparkConnect reports an IP only: the port is the configured number.
+                    let PortRef::Number(port) = self.port else {
+                        continue;
+                    };
+                    out.insert(
+                        uid.clone(),
+                        Discovered {
+                            name: self.server_name(&c.namespace, &c.name),
+                            uid,
+                            addr: SocketAddr::new(ip, port),
+                            draining: c.terminating,
+                        },
+                    );
+                }
+            }
+            KubernetesKind::EndpointSlices => {
+                for o in objects {
+                    let Object::Slice(s) = o else { continue };
+                    let Ok(port) = s.port else { continue };
+                    for e in &s.endpoints {
+                        let (uid, name) = match &e.target {
+                            Some((uid, name)) => (uid.clone(), name.clone()),
+                            None => (format!("{}/{}", s.uid, e.ip), e.ip.to_string()),
+                        };
+                        let draining = e.terminating && e.serving;
+                        let active = e.ready && !e.terminating;
+                        if !active && !draining {
+                            continue;
+                        }
+                        let d = Discovered {
+                            name: self.server_name(&s.namespace, &name),
+                            uid: uid.clone(),
+                            addr: SocketAddr::new(e.ip, port),
+                            draining,
+                        };
+                        // During a reshuffle an endpoint can sit in two slices: ready wins.
+                        match out.get(&uid) {
+                            Some(Discovered {
+                                draining: false, ..
+                            }) => {}
+                            _ => {
+                                out.insert(uid, d);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}

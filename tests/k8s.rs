@@ -1,0 +1,654 @@
+//! Kubernetes discovery, end to end: a real kube-apiserver (v1.20.2 with etcd, started by
+//! `scripts/k8s-apiserver.sh` on ports of its own) and, for what 1.20 cannot serve
+//! (EndpointSlice v1) or to replay recorded traffic byte for byte, a fake API server.
+//!
+//! The tests play the kubelet and the spark-operator by PATCHing `/status`: pods get podIPs
+//! 127.0.0.x where a stand-in server listens, and every check looks at what sclb shows (admin
+//! socket `show stat` / `show info`, `/metrics`, the stats page) and sends real TCP traffic
+//! through sclb to see which server answers.
+//!
+//! Without a built API server these tests fail with what to do, unless `SCLB_SKIP_K8S=1`.
+
+mod common;
+
+#[path = "k8s/apiserver.rs"]
+mod apiserver;
+#[path = "k8s/fake.rs"]
+mod fake;
+#[path = "k8s/lb.rs"]
+mod lb;
+
+use std::path::Path;
+use std::time::Duration;
+
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use apiserver::{
+    ApiServer, Cluster, Partition, built, collection, manifest, service_account_kubeconfig, shared,
+};
+use fake::{FakeApi, wire};
+use lb::{at, discovery, eventually, metric, stand_ins, start_lb};
+
+// ---------------------------------------------------------------------------------------------
+// Against the real API server.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_become_servers_when_ready_drain_when_terminating_and_go_when_deleted() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "pods").await;
+    let (port, _servers) = stand_ins(&[("a", 11), ("b", 12), ("other", 13)]).await;
+    let role = json!({"spark-role": "connect-server"});
+    k.create_pod("a", role.clone(), port).await;
+    k.create_pod("b", role.clone(), port).await;
+    k.create_pod("other", json!({"spark-role": "driver"}), port)
+        .await;
+    k.kubelet("other", "127.0.0.13", true).await;
+    let lb = start_lb(&discovery(
+        "pods",
+        "pods",
+        "spark-role=connect-server",
+        "\"spark-connect\"",
+        &api.kubeconfig(),
+    ))
+    .await;
+    lb.expect_info(&[
+        "Discovery.be: kubernetes pods in namespace pods",
+        "watching, 0 servers",
+    ])
+    .await;
+    lb.expect_pool(&[]).await;
+
+    // add, ready
+    k.kubelet("a", "127.0.0.11", true).await;
+    lb.expect_pool(&[("a", at(11, port), "UP")]).await;
+    assert_eq!(lb.hello(2).await, "a");
+    k.kubelet("b", "127.0.0.12", false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lb.expect_pool(&[("a", at(11, port), "UP")]).await;
+    k.kubelet("b", "127.0.0.12", true).await;
+    lb.expect_pool(&[("a", at(11, port), "UP"), ("b", at(12, port), "UP")])
+        .await;
+    let on_b = lb.client_on("b", 3).await;
+
+    // not ready: gone, and its pinned client moves on
+    k.kubelet("b", "127.0.0.12", false).await;
+    lb.expect_pool(&[("a", at(11, port), "UP")]).await;
+    assert_eq!(lb.hello(on_b).await, "a");
+    assert_eq!(lb.hello(on_b).await, "a", "the client is now pinned to a");
+
+    // ready again, then terminating: DRAIN keeps its pinned clients, new ones go elsewhere
+    k.kubelet("b", "127.0.0.12", true).await;
+    lb.expect_pool(&[("a", at(11, port), "UP"), ("b", at(12, port), "UP")])
+        .await;
+    let on_b = lb.client_on("b", 50).await;
+    k.delete_pod("b", 30).await;
+    lb.expect_pool(&[("a", at(11, port), "UP"), ("b", at(12, port), "DRAIN")])
+        .await;
+    assert_eq!(
+        lb.hello(on_b).await,
+        "b",
+        "a pinned client finishes on its draining server"
+    );
+    assert_eq!(
+        lb.hello(100).await,
+        "a",
+        "a new client goes to a READY server"
+    );
+
+    // the kubelet finishes: b is gone, its pins too
+    k.delete_pod("b", 0).await;
+    lb.expect_pool(&[("a", at(11, port), "UP")]).await;
+    let entries = lb.cmd("show table be").await;
+    assert!(!entries.contains("server_key=b"), "{entries}");
+    assert_eq!(lb.hello(on_b).await, "a");
+
+    // relabel: out of the selector, then back in (a new server: same pod, no pins)
+    k.label("a", json!({"spark-role": "off-duty"})).await;
+    lb.expect_pool(&[]).await;
+    k.label("a", role).await;
+    lb.expect_pool(&[("a", at(11, port), "UP")]).await;
+    assert_eq!(lb.hello(2).await, "a");
+    lb.expect_info(&["Discovery.be:", "watching, 1 servers, 0 errors"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spark_application_is_served_by_its_driver_pod() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "apps").await;
+    let (port, _servers) = stand_ins(&[("etl-driver-1", 21), ("etl-driver-2", 22)]).await;
+    let apps = k.crd("v1beta2", "SparkApplication", "sparkapplications");
+    let app = serde_json::from_value(json!({
+        "apiVersion": "sparkoperator.k8s.io/v1beta2",
+        "kind": "SparkApplication",
+        "metadata": {"name": "etl", "labels": {"team": "data"}},
+        "spec": {"type": "Scala", "mode": "cluster", "sparkVersion": "4.0.4",
+                 "mainApplicationFile": "local:///opt/spark/connect.jar",
+                 "driver": {}, "executor": {}}
+    }))
+    .unwrap();
+    apps.create(&PostParams::default(), &app).await.unwrap();
+    let lb = start_lb(&discovery(
+        "sparkapplications",
+        "apps",
+        "team=data",
+        &port.to_string(),
+        &api.kubeconfig(),
+    ))
+    .await;
+    lb.expect_info(&["Discovery.be: kubernetes sparkapplications", "watching"])
+        .await;
+
+    // The operator submits: status.driverInfo, then the driver pod runs and is ready.
+    let status = json!({"status": {
+        "applicationState": {"state": "RUNNING"},
+        "driverInfo": {"podName": "etl-driver"},
+        "sparkApplicationId": "spark-0001"
+    }});
+    apps.patch_status("etl", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let driver = json!({"spark-role": "driver", "sparkoperator.k8s.io/app-name": "etl"});
+    k.create_pod("etl-driver", driver.clone(), port).await;
+    k.kubelet("etl-driver", "127.0.0.21", true).await;
+    lb.expect_pool(&[("etl", at(21, port), "UP")]).await;
+    assert_eq!(lb.hello(2).await, "etl-driver-1");
+
+    // The driver is replaced (a new pod, a new IP): a new server; the pinned client moves.
+    k.delete_pod("etl-driver", 0).await;
+    lb.expect_pool(&[]).await;
+    k.create_pod("etl-driver", driver, port).await;
+    k.kubelet("etl-driver", "127.0.0.22", true).await;
+    lb.expect_pool(&[("etl", at(22, port), "UP")]).await;
+    assert_eq!(lb.hello(2).await, "etl-driver-2");
+
+    // The application is deleted: its server goes.
+    apps.delete("etl", &DeleteParams::default()).await.unwrap();
+    lb.expect_pool(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spark_connect_is_served_at_its_pod_ip_once_ready() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "connects").await;
+    let (port, _servers) = stand_ins(&[("connect-server", 31)]).await;
+    let connects = k.crd("v1alpha1", "SparkConnect", "sparkconnects");
+    let sc = serde_json::from_value(json!({
+        "apiVersion": "sparkoperator.k8s.io/v1alpha1",
+        "kind": "SparkConnect",
+        "metadata": {"name": "sc", "finalizers": ["sclb.test/hold"]},
+        "spec": {
+            "sparkVersion": "4.0.4",
+            "server": {"template": {"spec": {"containers": [
+                {"name": "spark-kubernetes-driver", "image": "docker.io/apache/spark:4.0.4"}
+            ]}}},
+            "executor": {"instances": 1}
+        }
+    }))
+    .unwrap();
+    connects.create(&PostParams::default(), &sc).await.unwrap();
+    let lb = start_lb(&discovery(
+        "sparkconnects",
+        "connects",
+        "",
+        &port.to_string(),
+        &api.kubeconfig(),
+    ))
+    .await;
+    lb.expect_info(&["Discovery.be: kubernetes sparkconnects", "watching"])
+        .await;
+    let set = |state: &str| {
+        json!({"status": {"state": state, "server": {
+            "podIp": "127.0.0.31", "podName": "sc-server", "serviceName": "sc-svc"}}})
+    };
+    connects
+        .patch_status(
+            "sc",
+            &PatchParams::default(),
+            &Patch::Merge(&set("NotReady")),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lb.expect_pool(&[]).await;
+    connects
+        .patch_status("sc", &PatchParams::default(), &Patch::Merge(&set("Ready")))
+        .await
+        .unwrap();
+    lb.expect_pool(&[("sc", at(31, port), "UP")]).await;
+    assert_eq!(lb.hello(2).await, "connect-server");
+
+    // Deleted (held by a finalizer): DRAIN; the finalizer goes: removed.
+    connects
+        .delete("sc", &DeleteParams::default())
+        .await
+        .unwrap();
+    lb.expect_pool(&[("sc", at(31, port), "DRAIN")]).await;
+    assert_eq!(lb.hello(2).await, "connect-server");
+    let release = json!({"metadata": {"finalizers": null}});
+    connects
+        .patch("sc", &PatchParams::default(), &Patch::Merge(&release))
+        .await
+        .unwrap();
+    lb.expect_pool(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rbac_denial_is_reported_clearly_and_the_shipped_role_is_enough() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "rbac").await;
+    let (port, _servers) = stand_ins(&[("a", 41)]).await;
+    for yaml in manifest("serviceaccount.yaml", "rbac") {
+        k.post_yaml(&collection(&yaml, "rbac"), &yaml)
+            .await
+            .unwrap();
+    }
+    k.create_pod("a", json!({"spark-role": "connect-server"}), port)
+        .await;
+    k.kubelet("a", "127.0.0.41", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("sa.kubeconfig");
+    service_account_kubeconfig(api, &k, "sclb", &kubeconfig).await;
+    let lb = start_lb(&discovery(
+        "pods",
+        "rbac",
+        "spark-role=connect-server",
+        &port.to_string(),
+        &kubeconfig,
+    ))
+    .await;
+
+    // No Role yet: the error says who may not do what, and what to grant.
+    lb.expect_info(&["Discovery.be:", "forbidden"]).await;
+    let err = lb
+        .expect_info(&[
+            "Discovery.be.LastError: RBAC: forbidden to list pods in namespace \"rbac\"",
+        ])
+        .await;
+    assert!(
+        err.contains("grant get, list and watch on pods in namespace \"rbac\"")
+            && err.contains("system:serviceaccount:rbac:sclb"),
+        "{err}"
+    );
+    lb.expect_pool(&[]).await;
+    let metrics = lb.http_get("/metrics").await;
+    assert!(
+        metric(&metrics, "sclb_discovery_errors_total{proxy=\"be\"}").unwrap() >= 1.0,
+        "{metrics}"
+    );
+    let page = lb.http_get("/stats").await;
+    assert!(page.contains("Discovery is failing"), "{page}");
+
+    // The shipped Role and RoleBinding: sclb's retries succeed.
+    for yaml in manifest("rbac.yaml", "rbac") {
+        k.post_yaml(&collection(&yaml, "rbac"), &yaml)
+            .await
+            .unwrap();
+    }
+    lb.expect_pool(&[("a", at(41, port), "UP")]).await;
+    lb.expect_info(&["Discovery.be:", "watching, 1 servers"])
+        .await;
+    assert_eq!(lb.hello(2).await, "a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_servers_keep_serving_while_the_api_server_is_down() {
+    if !built() {
+        return;
+    }
+    let api = ApiServer::start();
+    let k = Cluster::new(&api, "restart").await;
+    let (port, _servers) = stand_ins(&[("a", 71), ("b", 72)]).await;
+    let role = json!({"spark-role": "connect-server"});
+    k.create_pod("a", role.clone(), port).await;
+    k.kubelet("a", "127.0.0.71", true).await;
+    let lb = start_lb(&discovery(
+        "pods",
+        "restart",
+        "spark-role=connect-server",
+        &port.to_string(),
+        &api.kubeconfig(),
+    ))
+    .await;
+    lb.expect_pool(&[("a", at(71, port), "UP")]).await;
+    let on_a = lb.client_on("a", 2).await;
+
+    api.stop_apiserver();
+    lb.expect_info(&["Discovery.be:", "unreachable"]).await;
+    lb.expect_info(&["Discovery.be.LastError:", "API server unreachable"])
+        .await;
+    // Nothing flapped: a is still there, serving new and pinned clients.
+    lb.expect_pool(&[("a", at(71, port), "UP")]).await;
+    assert_eq!(lb.hello(on_a).await, "a");
+    assert_eq!(lb.hello(60).await, "a");
+    let metrics = lb.http_get("/metrics").await;
+    assert!(
+        metric(&metrics, "sclb_discovery_errors_total{proxy=\"be\"}").unwrap() >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "sclb_discovery_servers{proxy=\"be\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    let page = lb.http_get("/stats").await;
+    assert!(
+        page.contains("Discovery is failing, the last known servers keep serving"),
+        "{page}"
+    );
+
+    // Back: the watch resumes (or relists) and changes flow again.
+    api.start_apiserver();
+    k.create_pod("b", role, port).await;
+    k.kubelet("b", "127.0.0.72", true).await;
+    lb.expect_pool(&[("a", at(71, port), "UP"), ("b", at(72, port), "UP")])
+        .await;
+    lb.expect_info(&["Discovery.be:", "watching, 2 servers"])
+        .await;
+    assert_eq!(lb.hello(on_a).await, "a", "the pinned client stayed on a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_from_the_api_server_sclb_keeps_its_servers_then_a_relist_catches_up() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "partition").await;
+    let (port, _servers) = stand_ins(&[("a", 81), ("b", 82), ("c", 83)]).await;
+    let role = json!({"spark-role": "connect-server"});
+    for (name, ip) in [("a", "127.0.0.81"), ("b", "127.0.0.82")] {
+        k.create_pod(name, role.clone(), port).await;
+        k.kubelet(name, ip, true).await;
+    }
+    let relay = Partition::start(api.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    relay.kubeconfig(api, &kubeconfig);
+    let lb = start_lb(&discovery(
+        "pods",
+        "partition",
+        "spark-role=connect-server",
+        &port.to_string(),
+        &kubeconfig,
+    ))
+    .await;
+    lb.expect_pool(&[("a", at(81, port), "UP"), ("b", at(82, port), "UP")])
+        .await;
+    let on_a = lb.client_on("a", 2).await;
+    let on_b = lb.client_on("b", on_a + 1).await;
+    let served = lb.pool().await["a"].2;
+
+    // Cut off, while the cluster changes: b goes, c comes. sclb cannot know, and keeps what it
+    // knew: nothing is flapped away.
+    relay.set(true);
+    lb.expect_info(&["Discovery.be:", "unreachable"]).await;
+    k.delete_pod("b", 0).await;
+    k.create_pod("c", role, port).await;
+    k.kubelet("c", "127.0.0.83", true).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    lb.expect_pool(&[("a", at(81, port), "UP"), ("b", at(82, port), "UP")])
+        .await;
+    assert_eq!(lb.hello(on_b).await, "b");
+
+    // Back: one relist brings sclb up to date.
+    relay.set(false);
+    lb.expect_pool(&[("a", at(81, port), "UP"), ("c", at(83, port), "UP")])
+        .await;
+    lb.expect_info(&["Discovery.be:", "watching, 2 servers"])
+        .await;
+    // a was never dropped: the same server, with its counters and its pinned client.
+    assert!(lb.pool().await["a"].2 >= served);
+    assert_eq!(lb.hello(on_a).await, "a");
+    assert_ne!(
+        lb.hello(on_b).await,
+        "b",
+        "b's client moved to a live server"
+    );
+}
+
+#[test]
+fn the_discovery_config_reads_into_typed_settings() {
+    use sclb::config::{KubernetesKind, PortRef};
+    let c = sclb::config::load(Path::new("tests/fixtures/config/valid/kubernetes.toml")).unwrap();
+    let d = |i: usize| c.backends[i].discovery.clone().unwrap();
+    // `[backend.discovery.kubernetes]` after `[[backend]]` belongs to that backend.
+    let drivers = d(0);
+    assert_eq!(drivers.kind, KubernetesKind::Pods);
+    assert_eq!(drivers.namespaces, ["spark"]);
+    assert_eq!(drivers.port, PortRef::Name("spark-connect".into()));
+    assert_eq!(
+        drivers.kubeconfig.as_deref(),
+        Some(Path::new("/etc/sclb/kubeconfig"))
+    );
+    assert_eq!(
+        c.backends[0].servers.len(),
+        1,
+        "static servers beside discovery"
+    );
+    let connects = d(1);
+    assert_eq!(connects.kind, KubernetesKind::SparkConnects);
+    assert_eq!(connects.namespaces, ["team-a", "team-b"]);
+    assert_eq!(
+        connects.port,
+        PortRef::Number(15002),
+        "Spark Connect's port by default"
+    );
+    assert_eq!(connects.selector, None);
+    let apps = d(2);
+    assert_eq!(apps.kind, KubernetesKind::SparkApplications);
+    assert!(apps.namespaces.is_empty(), "no namespace: all of them");
+    assert_eq!(apps.port, PortRef::Number(15003));
+    assert_eq!(d(3).kind, KubernetesKind::EndpointSlices);
+    assert_eq!(c.backends[3].servers.len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_manifests_are_accepted_by_the_api_server() {
+    // The ConfigMap's sclb.toml is a valid config with the documented discovery.
+    let cm = std::fs::read_to_string("deploy/kubernetes/configmap.yaml").unwrap();
+    let toml: String = cm
+        .split("sclb.toml: |\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let c =
+        sclb::config::parse(Path::new("configmap.yaml"), &toml).unwrap_or_else(|e| panic!("{e:?}"));
+    let d = c.backends[0].discovery.as_ref().unwrap();
+    assert_eq!(d.kind, sclb::config::KubernetesKind::Pods);
+    assert_eq!(d.namespaces, ["spark"]);
+
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "spark").await;
+    for file in [
+        "serviceaccount.yaml",
+        "rbac.yaml",
+        "configmap.yaml",
+        "deployment.yaml",
+        "service.yaml",
+    ] {
+        for yaml in manifest(file, "spark") {
+            let path = format!("{}?dryRun=All", collection(&yaml, "spark"));
+            if let Err(e) = k.post_yaml(&path, &yaml).await {
+                panic!("{file} refused: {e}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_slices_v1_ready_endpoints_serve_and_terminating_ones_drain() {
+    let (port, _servers) = stand_ins(&[("a", 61), ("b", 62), ("c", 63)]).await;
+    let ips = [("10.244.1.5", 61), ("10.244.2.7", 62), ("10.244.3.9", 63)];
+    let list = wire("endpointslices-list.json", &ips, port);
+    let relist = wire("endpointslices-relist.json", &ips, port);
+    let fake = FakeApi::start(vec![list, relist]).await;
+    let lb = start_lb(&discovery(
+        "endpointslices",
+        "spark",
+        "kubernetes.io/service-name=spark-connect",
+        "\"spark-connect\"",
+        &fake.kubeconfig,
+    ))
+    .await;
+    lb.expect_pool(&[
+        ("connect-a", at(61, port), "UP"),
+        ("connect-b", at(62, port), "UP"),
+    ])
+    .await;
+    let watch = &fake.watches(1).await[0];
+    assert!(
+        watch.starts_with("/apis/discovery.k8s.io/v1/namespaces/spark/endpointslices?")
+            && watch.contains("labelSelector=kubernetes.io%2Fservice-name%3Dspark-connect")
+            && watch.contains("allowWatchBookmarks=true")
+            && watch.contains("resourceVersion=219"),
+        "{watch}"
+    );
+    let on_b = lb.client_on("b", 2).await;
+    let served = lb.pool().await["connect-a"].2;
+
+    let events = wire("endpointslices-watch.jsonl", &ips, port);
+    let mut events = events.lines();
+    // b terminating but serving: DRAIN, its pinned client stays; c ready: added.
+    fake.send(events.next().unwrap());
+    lb.expect_pool(&[
+        ("connect-a", at(61, port), "UP"),
+        ("connect-b", at(62, port), "DRAIN"),
+        ("connect-c", at(63, port), "UP"),
+    ])
+    .await;
+    assert_eq!(lb.hello(on_b).await, "b");
+    // b leaves the slice: removed.
+    fake.send(events.next().unwrap());
+    lb.expect_pool(&[
+        ("connect-a", at(61, port), "UP"),
+        ("connect-c", at(63, port), "UP"),
+    ])
+    .await;
+    assert_ne!(lb.hello(on_b).await, "b");
+
+    // The recorded 410: sclb lists again, and nothing it still sees is dropped on the way.
+    fake.send(wire("watch410-error.jsonl", &[], port).trim());
+    fake.end_watch();
+    fake.watches(2).await;
+    assert_eq!(fake.requests(false).len(), 2, "one list, then one relist");
+    lb.expect_info(&[
+        "Discovery.be.LastError:",
+        "410 Gone: too old resource version: 1 (214)",
+    ])
+    .await;
+    lb.expect_pool(&[
+        ("connect-a", at(61, port), "UP"),
+        ("connect-c", at(63, port), "UP"),
+    ])
+    .await;
+    assert!(lb.pool().await["connect-a"].2 >= served);
+    assert!(fake.requests(true)[1].contains("resourceVersion=222"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_pod_watch_is_followed_event_by_event() {
+    let (port, _servers) = stand_ins(&[("spark-pi-driver", 51)]).await;
+    let empty =
+        r#"{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"232"},"items":[]}"#;
+    let fake = FakeApi::start(vec![empty.to_string()]).await;
+    let lb = start_lb(&discovery(
+        "pods",
+        "default",
+        "spark-role=driver",
+        "\"spark-connect\"",
+        &fake.kubeconfig,
+    ))
+    .await;
+    fake.watches(1).await;
+    let recording = wire("pods-watch.jsonl", &[("10.244.0.17", 51)], port);
+    let events: Vec<&str> = recording.lines().collect();
+    let drv = at(51, port);
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
+    // ADDED, Pending: not a server yet.
+    fake.send(events[0]);
+    settle().await;
+    lb.expect_pool(&[]).await;
+    // MODIFIED: Running and Ready with its IP.
+    fake.send(events[1]);
+    lb.expect_pool(&[("spark-pi-driver", drv, "UP")]).await;
+    assert_eq!(lb.hello(2).await, "spark-pi-driver");
+    // DELETED (relabelled out of the selector), ADDED (back in).
+    fake.send(events[2]);
+    lb.expect_pool(&[]).await;
+    fake.send(events[3]);
+    lb.expect_pool(&[("spark-pi-driver", drv, "UP")]).await;
+    // MODIFIED with deletionTimestamp: DRAIN; DELETED: gone; BOOKMARKs change nothing.
+    fake.send(events[4]);
+    lb.expect_pool(&[("spark-pi-driver", drv, "DRAIN")]).await;
+    fake.send(events[5]);
+    lb.expect_pool(&[]).await;
+    fake.send(events[6]);
+    fake.send(events[7]);
+    settle().await;
+    lb.expect_pool(&[]).await;
+    lb.expect_info(&["Discovery.be:", "watching, 0 servers, 0 errors"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_an_unchanged_source_restarts_a_changed_one_and_stops_a_removed_one() {
+    let (port, _servers) = stand_ins(&[("spark-pi-driver", 91)]).await;
+    // The recorded pod, Running and Ready, as a list item.
+    let recording = wire("pods-watch.jsonl", &[("10.244.0.17", 91)], port);
+    let pod: serde_json::Value = serde_json::from_str::<serde_json::Value>(
+        recording.lines().nth(1).unwrap(),
+    )
+    .unwrap()["object"]
+        .clone();
+    let list = json!({"kind": "PodList", "apiVersion": "v1",
+                      "metadata": {"resourceVersion": "234"}, "items": [pod]});
+    let fake = FakeApi::start(vec![list.to_string()]).await;
+    let source = |selector: &str| {
+        discovery(
+            "pods",
+            "default",
+            selector,
+            &port.to_string(),
+            &fake.kubeconfig,
+        )
+    };
+    let lb = start_lb(&source("spark-role=driver")).await;
+    let drv = at(91, port);
+    lb.expect_pool(&[("spark-pi-driver", drv, "UP")]).await;
+    fake.watches(1).await;
+    let on = lb.client_on("spark-pi-driver", 2).await;
+
+    // Another setting changes: the source keeps running (no new list), the server stays.
+    let summary = lb
+        .reload_with(Some(&source("spark-role=driver")), "retries = 2")
+        .await;
+    assert!(summary.contains("backends +0 -0 ~1"), "{summary}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.requests(false).len(), 1, "{:?}", fake.requests(false));
+    lb.expect_pool(&[("spark-pi-driver", drv, "UP")]).await;
+
+    // The selector changes: a new watch lists with it; the server is kept across.
+    lb.reload_with(
+        Some(&source("spark-role=driver,spark-version")),
+        "retries = 2",
+    )
+    .await;
+    eventually("a list with the new selector", || async {
+        let lists = fake.requests(false);
+        match lists.last() {
+            Some(l) if lists.len() == 2 && l.contains("spark-version") => Ok(()),
+            _ => Err(format!("{lists:?}")),
+        }
+    })
+    .await;
+    lb.expect_pool(&[("spark-pi-driver", drv, "UP")]).await;
+    assert_eq!(lb.hello(on).await, "spark-pi-driver", "the pin survived");
+
+    // Discovery is removed: its servers go, and so does its status.
+    lb.reload_with(None, "retries = 2").await;
+    lb.expect_pool(&[]).await;
+    let info = lb.cmd("show info").await;
+    assert!(!info.contains("Discovery."), "{info}");
+}
