@@ -1,0 +1,385 @@
+/*
+ * benchtool: small loopback load helpers for bench/run (compiled by bench/run
+ * with gcc into bench/.build/benchtool). Only ever talks to the host given on
+ * the command line (the harness always passes 127.0.0.1). Every loop is
+ * bounded in time and in count.
+ *
+ *   benchtool echo MAX_SECONDS PORT [PORT...]
+ *       epoll echo server on 127.0.0.1:PORT...; exits after MAX_SECONDS.
+ *   benchtool idle HOST PORT MAX_CONNS
+ *       idle-connection client driven by commands on stdin, one per line:
+ *         open N   -> open connections until N are established   -> "ok N"
+ *         ping M   -> 1-byte round trip on the first M connections -> "ok M"
+ *         quit     -> close everything (RST) and exit; so does EOF
+ *       replies "fail <reason>" on error; every command times out after 60 s.
+ *   benchtool pingpong HOST PORT SECONDS SIZE MAX_COUNT WARMUP
+ *       closed loop on one connection: write SIZE bytes, read SIZE bytes back,
+ *       repeat; prints one JSON line with rps and latency percentiles (us).
+ *   benchtool memcpy
+ *       prints memcpy bandwidth (cache-resident 64 KiB and 256 MiB), a quick
+ *       indicator of how loaded the shared VM is.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CMD_TIMEOUT_S 60.0
+#define MAX_PENDING_CONNECTS 256
+#define FD_LIMIT 65536
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void die(const char *what) {
+    fprintf(stderr, "benchtool: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static void raise_nofile(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+static void set_nonblock(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) die("fcntl");
+}
+
+static void set_nodelay(int fd) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+static struct sockaddr_in make_addr(const char *host, int port) {
+    struct sockaddr_in sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
+        fprintf(stderr, "benchtool: bad IPv4 address %s\n", host);
+        exit(2);
+    }
+    return sa;
+}
+
+/* Write all of buf, waiting (bounded) if the socket is non-blocking. */
+static int write_all(int fd, const char *buf, size_t len) {
+    size_t off = 0;
+    while (off < len) {
+        ssize_t n = write(fd, buf + off, len - off);
+        if (n > 0) {
+            off += (size_t)n;
+        } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+            struct pollfd p = {.fd = fd, .events = POLLOUT};
+            if (poll(&p, 1, 5000) <= 0) return -1;
+        } else {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ echo server */
+
+static int cmd_echo(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: benchtool echo MAX_SECONDS PORT...\n");
+        return 2;
+    }
+    double deadline = now_s() + atof(argv[0]);
+    static unsigned char is_listener[FD_LIMIT];
+    static char buf[65536];
+    raise_nofile();
+    int ep = epoll_create1(0);
+    if (ep < 0) die("epoll_create1");
+    for (int i = 1; i < argc; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        int one = 1;
+        struct sockaddr_in sa = make_addr("127.0.0.1", atoi(argv[i]));
+        if (fd < 0) die("socket");
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
+        if (listen(fd, 4096) < 0) die("listen");
+        set_nonblock(fd);
+        is_listener[fd] = 1;
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
+    }
+    struct epoll_event evs[256];
+    while (now_s() < deadline) {
+        int n = epoll_wait(ep, evs, 256, 1000);
+        if (n < 0 && errno != EINTR) die("epoll_wait");
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (is_listener[fd]) {
+                for (int k = 0; k < 1024; k++) {
+                    int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK);
+                    if (c < 0) break;
+                    if (c >= FD_LIMIT) { close(c); continue; }
+                    set_nodelay(c);
+                    struct epoll_event ev = {.events = EPOLLIN, .data.fd = c};
+                    if (epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev) < 0) close(c);
+                }
+                continue;
+            }
+            ssize_t r = read(fd, buf, sizeof buf);
+            if (r > 0) {
+                if (write_all(fd, buf, (size_t)r) < 0) close(fd);
+            } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+                close(fd); /* also removes it from the epoll set */
+            }
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------- idle-conn client */
+
+struct idle_client {
+    struct sockaddr_in sa;
+    int ep;
+    int *fds;
+    int n_open;     /* established connections: fds[0..n_open) */
+    int max_conns;
+};
+
+static int idle_open(struct idle_client *ic, int target, char *err, size_t errlen) {
+    double deadline = now_s() + CMD_TIMEOUT_S;
+    int pending = 0;
+    struct epoll_event evs[MAX_PENDING_CONNECTS];
+    if (target > ic->max_conns) target = ic->max_conns;
+    while (ic->n_open < target) {
+        while (pending < MAX_PENDING_CONNECTS && ic->n_open + pending < target) {
+            int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+            if (fd < 0) { snprintf(err, errlen, "socket: %s", strerror(errno)); return -1; }
+            if (connect(fd, (struct sockaddr *)&ic->sa, sizeof ic->sa) < 0 && errno != EINPROGRESS) {
+                snprintf(err, errlen, "connect: %s", strerror(errno));
+                close(fd);
+                return -1;
+            }
+            struct epoll_event ev = {.events = EPOLLOUT, .data.fd = fd};
+            if (epoll_ctl(ic->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+                snprintf(err, errlen, "epoll_ctl: %s", strerror(errno));
+                return -1;
+            }
+            pending++;
+        }
+        if (now_s() > deadline) { snprintf(err, errlen, "timeout opening connections"); return -1; }
+        int n = epoll_wait(ic->ep, evs, MAX_PENDING_CONNECTS, 1000);
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd, soerr = 0;
+            socklen_t sl = sizeof soerr;
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl);
+            epoll_ctl(ic->ep, EPOLL_CTL_DEL, fd, NULL);
+            pending--;
+            if (soerr != 0) {
+                snprintf(err, errlen, "connect: %s", strerror(soerr));
+                close(fd);
+                return -1;
+            }
+            ic->fds[ic->n_open++] = fd;
+        }
+    }
+    return 0;
+}
+
+static int idle_ping(struct idle_client *ic, int count, char *err, size_t errlen) {
+    double deadline = now_s() + CMD_TIMEOUT_S;
+    int waiting = 0;
+    struct epoll_event evs[256];
+    if (count > ic->n_open) count = ic->n_open;
+    for (int i = 0; i < count; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = ic->fds[i]};
+        if (write(ic->fds[i], "p", 1) != 1) { snprintf(err, errlen, "write: %s", strerror(errno)); return -1; }
+        if (epoll_ctl(ic->ep, EPOLL_CTL_ADD, ic->fds[i], &ev) < 0) { snprintf(err, errlen, "epoll_ctl: %s", strerror(errno)); return -1; }
+        waiting++;
+    }
+    while (waiting > 0) {
+        if (now_s() > deadline) { snprintf(err, errlen, "timeout waiting for echoes (%d missing)", waiting); return -1; }
+        int n = epoll_wait(ic->ep, evs, 256, 1000);
+        for (int i = 0; i < n; i++) {
+            char c;
+            int fd = evs[i].data.fd;
+            ssize_t r = read(fd, &c, 1);
+            if (r == 1) {
+                epoll_ctl(ic->ep, EPOLL_CTL_DEL, fd, NULL);
+                waiting--;
+            } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+                snprintf(err, errlen, "connection closed by peer during ping");
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static int cmd_idle(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: benchtool idle HOST PORT MAX_CONNS\n");
+        return 2;
+    }
+    struct idle_client ic = {.sa = make_addr(argv[0], atoi(argv[1])), .max_conns = atoi(argv[2])};
+    char line[256], err[256];
+    raise_nofile();
+    if (ic.max_conns <= 0 || ic.max_conns > 60000) { fprintf(stderr, "bad MAX_CONNS\n"); return 2; }
+    ic.fds = calloc((size_t)ic.max_conns, sizeof(int));
+    ic.ep = epoll_create1(0);
+    if (!ic.fds || ic.ep < 0) die("init");
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    while (fgets(line, sizeof line, stdin)) {
+        int arg = 0, rc;
+        err[0] = 0;
+        if (sscanf(line, "open %d", &arg) == 1) {
+            rc = idle_open(&ic, arg, err, sizeof err);
+        } else if (sscanf(line, "ping %d", &arg) == 1) {
+            rc = idle_ping(&ic, arg, err, sizeof err);
+        } else if (strncmp(line, "quit", 4) == 0) {
+            break;
+        } else {
+            rc = -1;
+            snprintf(err, sizeof err, "unknown command");
+        }
+        if (rc == 0) printf("ok %d\n", ic.n_open);
+        else printf("fail %s\n", err);
+    }
+    /* RST instead of FIN: leaves no TIME_WAIT behind for the next variant */
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    for (int i = 0; i < ic.n_open; i++) {
+        setsockopt(ic.fds[i], SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        close(ic.fds[i]);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------- ping-pong */
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static double pct_us(const int64_t *sorted, long n, double p) {
+    long idx = (long)(p / 100.0 * (double)n + 0.5) - 1; /* nearest rank */
+    if (idx < 0) idx = 0;
+    if (idx >= n) idx = n - 1;
+    return sorted[idx] / 1000.0;
+}
+
+static int roundtrip(int fd, char *buf, int size) {
+    if (write_all(fd, buf, (size_t)size) < 0) return -1;
+    int got = 0;
+    while (got < size) {
+        ssize_t r = read(fd, buf + got, (size_t)(size - got));
+        if (r <= 0) {
+            if (r < 0 && errno == EINTR) continue;
+            return -1;
+        }
+        got += (int)r;
+    }
+    return 0;
+}
+
+static int cmd_pingpong(int argc, char **argv) {
+    if (argc < 6) {
+        fprintf(stderr, "usage: benchtool pingpong HOST PORT SECONDS SIZE MAX_COUNT WARMUP\n");
+        return 2;
+    }
+    struct sockaddr_in sa = make_addr(argv[0], atoi(argv[1]));
+    double seconds = atof(argv[2]);
+    int size = atoi(argv[3]);
+    long max_count = atol(argv[4]), warmup = atol(argv[5]);
+    if (size <= 0 || size > 65536 || max_count <= 0) { fprintf(stderr, "bad arguments\n"); return 2; }
+    char *buf = malloc((size_t)size);
+    int64_t *lat = malloc(sizeof(int64_t) * (size_t)max_count);
+    if (!buf || !lat) die("malloc");
+    memset(buf, 'x', (size_t)size);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) die("socket");
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("connect");
+    set_nodelay(fd);
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    for (long i = 0; i < warmup; i++)
+        if (roundtrip(fd, buf, size) < 0) die("warm-up round trip");
+    long n = 0;
+    int64_t start = now_ns(), end_at = start + (int64_t)(seconds * 1e9), t0 = start, t1 = start;
+    while (n < max_count && t0 < end_at) {
+        if (roundtrip(fd, buf, size) < 0) die("round trip");
+        t1 = now_ns();
+        lat[n++] = t1 - t0;
+        t0 = t1;
+    }
+    close(fd);
+    double elapsed = (t1 - start) / 1e9;
+    qsort(lat, (size_t)n, sizeof(int64_t), cmp_i64);
+    printf("{\"count\": %ld, \"seconds\": %.6f, \"rps\": %.1f, \"p50_us\": %.1f, \"p90_us\": %.1f, "
+           "\"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f}\n",
+           n, elapsed, n / elapsed, pct_us(lat, n, 50), pct_us(lat, n, 90), pct_us(lat, n, 99),
+           pct_us(lat, n, 99.9), lat[n - 1] / 1000.0);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- memcpy */
+
+static double memcpy_gbps(size_t size, double min_seconds) {
+    char *src = malloc(size), *dst = malloc(size);
+    volatile char sink = 0;
+    if (!src || !dst) die("malloc");
+    memset(src, 1, size);
+    memset(dst, 2, size);
+    double t0 = now_s(), t;
+    size_t bytes = 0;
+    do {
+        for (int i = 0; i < 8; i++) {
+            memcpy(dst, src, size);
+            src[i] ^= dst[size - 1 - i]; /* keep the copies observable */
+            bytes += size;
+        }
+        t = now_s();
+    } while (t - t0 < min_seconds);
+    sink = dst[size / 2];
+    (void)sink;
+    free(src);
+    free(dst);
+    return bytes / (t - t0) / 1e9;
+}
+
+static int cmd_memcpy(void) {
+    printf("memcpy_64KiB_GBps=%.1f memcpy_256MiB_GBps=%.1f\n",
+           memcpy_gbps(64 << 10, 0.2), memcpy_gbps((size_t)256 << 20, 0.3));
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 2 && strcmp(argv[1], "echo") == 0) return cmd_echo(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "idle") == 0) return cmd_idle(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "pingpong") == 0) return cmd_pingpong(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "memcpy") == 0) return cmd_memcpy();
+    fprintf(stderr, "usage: benchtool echo|idle|pingpong|memcpy ...\n");
+    return 2;
+}
