@@ -68,12 +68,18 @@ fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(c) => {
             let servers: usize = c.backends.iter().map(|b| b.servers.len()).sum();
+            let discovered = c.backends.iter().filter(|b| b.discovery.is_some()).count();
             println!(
-                "{}: OK ({} frontends, {} backends, {} servers)",
+                "{}: OK ({} frontends, {} backends, {} servers{})",
                 path.display(),
                 c.frontends.len(),
                 c.backends.len(),
-                servers
+                servers,
+                if discovered > 0 {
+                    format!(" + {discovered} Kubernetes discovery source(s)")
+                } else {
+                    String::new()
+                }
             );
             ExitCode::SUCCESS
         }
@@ -138,8 +144,14 @@ fn ctl(config_path: &Path, socket: Option<PathBuf>, timeout: u64, line: &str) ->
 /// dropped rather than slowing traffic down (as HAProxy drops logs); the guard flushes at exit.
 fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     // RUST_LOG, when set, wins over the config file (for debugging one module).
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&config.global.log.level));
+    // kube-client logs an ERROR of its own for every failed connect to the API server;
+    // sclb's discovery already logs (and counts) each fault once, in its own words.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{},kube_client::client::builder=off",
+            config.global.log.level
+        ))
+    });
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
