@@ -224,6 +224,7 @@ impl Shared {
         }
         let (old, new) = self.state.refresh();
         self.reconcile(&old, &new);
+        crate::state_file::retry_pending(&self.state);
     }
 
     /// After a new snapshot: start checkers for new servers, retire removed ones (their pins

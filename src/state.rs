@@ -178,6 +178,8 @@ pub struct State {
     apply_lock: Mutex<()>,
     /// Servers reported by discovery sources, merged into each snapshot.
     pub discovered: crate::discovery::Registry,
+    /// State-file entries waiting for their (discovered) servers.
+    pub pending_restore: Mutex<Option<crate::state_file::Pending>>,
     /// Per-frontend maxconn slots, by frontend name: (maxconn, slots).
     frontend_slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
@@ -190,6 +192,7 @@ impl State {
             frontend_counters: Mutex::new(HashMap::new()),
             frontend_slots: Mutex::new(HashMap::new()),
             discovered: Default::default(),
+            pending_restore: Mutex::new(None),
             apply_lock: Mutex::new(()),
         });
         let snap = state.build(config, &Snapshot::empty());

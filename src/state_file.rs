@@ -111,7 +111,18 @@ pub struct Restored {
     pub skipped: usize,
 }
 
+/// Entries whose servers were not there yet (servers that discovery has not listed yet).
+pub struct Pending {
+    file: File,
+    read_at: std::time::Instant,
+}
+
+/// How long unmatched entries wait for their servers to be discovered.
+const PENDING_FOR: Duration = Duration::from_secs(600);
+
 /// Reads the state file into the running state. Never fails the start: problems are logged.
+/// Entries for servers not (yet) in the pool are kept and applied by [`retry_pending`] when
+/// discovery brings their servers.
 pub fn restore(state: &State, path: &Path) -> Restored {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -136,11 +147,65 @@ pub fn restore(state: &State, path: &Path) -> Restored {
         return Restored::default();
     }
     let aged = Duration::from_secs(now_secs().saturating_sub(file.written_at));
+    let (r, left) = apply(state, file);
+    info!(
+        path = %path.display(),
+        pins = r.pins,
+        admin_states = r.admin_states,
+        waiting = r.skipped,
+        "state restored (written {}s ago)",
+        aged.as_secs()
+    );
+    if r.skipped > 0 {
+        *state.pending_restore.lock().unwrap() = Some(Pending {
+            file: left,
+            read_at: std::time::Instant::now(),
+        });
+    }
+    r
+}
+
+/// Applies the entries that wait for discovered servers, once those servers exist.
+pub fn retry_pending(state: &State) -> Restored {
+    let mut slot = state.pending_restore.lock().unwrap();
+    let Some(p) = slot.take() else {
+        return Restored::default();
+    };
+    if p.read_at.elapsed() > PENDING_FOR {
+        info!("state file entries for servers never discovered are dropped");
+        return Restored::default();
+    }
+    let (r, left) = apply(state, p.file);
+    if r.pins + r.admin_states > 0 {
+        info!(
+            pins = r.pins,
+            admin_states = r.admin_states,
+            "state restored for discovered servers"
+        );
+    }
+    if r.skipped > 0 {
+        *slot = Some(Pending {
+            file: left,
+            read_at: p.read_at,
+        });
+    }
+    r
+}
+
+/// Applies what matches the running servers; returns the counts and what did not match.
+fn apply(state: &State, file: File) -> (Restored, File) {
+    let aged = Duration::from_secs(now_secs().saturating_sub(file.written_at));
     let snap = state.snapshot();
     let mut r = Restored::default();
-    for (name, bs) in &file.backends {
-        let Some(b) = snap.backend(name) else {
+    let mut left = File {
+        version: file.version,
+        written_at: file.written_at,
+        backends: BTreeMap::new(),
+    };
+    for (name, bs) in file.backends {
+        let Some(b) = snap.backend(&name) else {
             r.skipped += bs.pins.len() + bs.servers.len();
+            left.backends.insert(name, bs);
             continue;
         };
         let find = |n: &str, a: SocketAddr| {
@@ -148,9 +213,11 @@ pub fn restore(state: &State, path: &Path) -> Restored {
                 .iter()
                 .find(|s| &*s.name == n && s.config_addr() == a)
         };
-        for ss in &bs.servers {
+        let mut keep = BackendState::default();
+        for ss in bs.servers {
             let Some(s) = find(&ss.name, ss.addr) else {
                 r.skipped += 1;
+                keep.servers.push(ss);
                 continue;
             };
             let admin = match ss.admin.as_str() {
@@ -163,25 +230,26 @@ pub fn restore(state: &State, path: &Path) -> Restored {
             r.admin_states += 1;
         }
         if let Some(t) = &b.stick {
-            for p in &bs.pins {
-                let left = Duration::from_millis(p.expires_in_ms).saturating_sub(aged);
+            for p in bs.pins {
+                let left_ms = Duration::from_millis(p.expires_in_ms).saturating_sub(aged);
+                if left_ms.is_zero() {
+                    continue;
+                }
                 match find(&p.server, p.server_addr) {
-                    Some(s) if !left.is_zero() => {
-                        t.restore(p.client, s.id, left);
+                    Some(s) => {
+                        t.restore(p.client, s.id, left_ms);
                         r.pins += 1;
                     }
-                    _ => r.skipped += 1,
+                    None => {
+                        r.skipped += 1;
+                        keep.pins.push(p);
+                    }
                 }
             }
         }
+        if !keep.servers.is_empty() || !keep.pins.is_empty() {
+            left.backends.insert(name, keep);
+        }
     }
-    info!(
-        path = %path.display(),
-        pins = r.pins,
-        admin_states = r.admin_states,
-        skipped = r.skipped,
-        "state restored (written {}s ago)",
-        aged.as_secs()
-    );
-    r
+    (r, left)
 }

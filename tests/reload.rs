@@ -352,3 +352,66 @@ async fn wait_for(cond: impl Fn() -> bool) {
     }
     panic!("condition not met within 5 s");
 }
+
+#[tokio::test]
+async fn pins_and_drains_of_discovered_servers_come_back_once_discovery_lists_them() {
+    use sclb::discovery::{Discovered, Update};
+    use sclb::server::AdminState;
+    let (a, pod) = (Backend::start("s1").await, Backend::start("pod-a").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sclb.toml");
+    let state = dir.path().join("state.json");
+    write(
+        &path,
+        &cfg(
+            "127.0.0.1:0",
+            &[("s1", a.addr.to_string())],
+            &format!("state_file = \"{}\"", state.display()),
+            "1s",
+        ),
+    );
+    let discovered = || {
+        Update::Reset(vec![Discovered {
+            name: "pod-a".into(),
+            uid: "uid-1".into(),
+            addr: pod.addr,
+            draining: false,
+        }])
+    };
+    let first = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    first.shared().discovery_update("be", discovered());
+    let snap = first.state().snapshot();
+    let s1 = snap.backends[0].server_by_name("s1").unwrap().clone();
+    s1.set_admin_state(AdminState::Maint);
+    assert_eq!(which_server(2, first.local_addrs("fe")[0]).await.0, "pod-a");
+    s1.set_admin_state(AdminState::Ready);
+    let snap = first.state().snapshot();
+    snap.backends[0]
+        .server_by_name("pod-a")
+        .unwrap()
+        .set_admin_state(AdminState::Drain);
+    first.shutdown(Duration::from_secs(5)).await;
+
+    // Restart: the state file is read before discovery has listed anything...
+    let second = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        second.state().snapshot().backends[0]
+            .server_by_name("pod-a")
+            .is_none()
+    );
+    // ...and applied when it does.
+    second.shared().discovery_update("be", discovered());
+    let snap = second.state().snapshot();
+    assert_eq!(
+        snap.backends[0].server_by_name("pod-a").unwrap().status(),
+        "DRAIN"
+    );
+    assert_eq!(
+        which_server(2, second.local_addrs("fe")[0]).await.0,
+        "pod-a"
+    );
+}
