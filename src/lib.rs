@@ -22,6 +22,7 @@ pub mod config;
 pub mod discovery;
 pub mod forward;
 pub mod frontend;
+pub mod gateway;
 pub mod health;
 pub mod http;
 pub mod pipe;

@@ -136,8 +136,10 @@ def lb(backends, tmp_path_factory) -> LB:
         harness.wait_port(proc, port, SCLB_START_BUDGET)
         if lb.admin:
             for name in backends:
-                lb.admin.wait_status(name, "UP", HEALTH_UP_BUDGET)
-                _FIGURES[f"{name} UP in sclb, after sclb start"] = \
+                # A server starts UP (init_state "up"); ready means the spark probe has
+                # had its answer from this server.
+                lb.admin.wait_status(name, "L7OK", HEALTH_UP_BUDGET, column="check_status")
+                _FIGURES[f"{name} L7OK in sclb, after sclb start"] = \
                     f"{time.monotonic() - proc.started:.1f} s"
         yield lb
     finally:

@@ -280,20 +280,21 @@ class Admin:
                 out.append(dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv))
         return out
 
-    def wait_status(self, server: str, prefix: str, budget: float) -> float:
-        """Poll `show stat` every 100 ms until server's status starts with `prefix`.
-        Returns the seconds it took; raises TimeoutError with the last rows."""
+    def wait_status(self, server: str, prefix: str, budget: float,
+                    column: str = "status") -> float:
+        """Poll `show stat` every 100 ms until server's `column` starts with `prefix`.
+        Returns the seconds it took; raises TimeoutError with the last value."""
         t0 = time.monotonic()
         last = None
         while time.monotonic() - t0 < budget:
             try:
-                last = self.stat().get(server, {}).get("status")
+                last = self.stat().get(server, {}).get(column)
             except OSError as e:  # admin socket not there (yet)
                 last = f"admin socket {self.path}: {e}"
             if last is not None and last.startswith(prefix):
                 return time.monotonic() - t0
             time.sleep(0.1)
-        raise TimeoutError(f"{server} status {last!r}, wanted {prefix!r} within {budget} s")
+        raise TimeoutError(f"{server} {column} {last!r}, wanted {prefix!r} within {budget} s")
 
 
 def own_tcp_connections(port: int) -> dict[int, int]:
