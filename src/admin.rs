@@ -291,7 +291,11 @@ pub async fn serve(listener: UnixListener, cfg: AdminConfig, shared: Arc<Shared>
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    warn!("admin socket accept: {e}");
+                    if crate::frontend::is_resource_exhaustion(&e) {
+                        crate::frontend::ACCEPT_FAILURES.failed(&e);
+                    } else {
+                        warn!("admin socket accept: {e}");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

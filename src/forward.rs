@@ -158,12 +158,19 @@ async fn connect(backend: &Backend, peer: SocketAddr) -> Result<Connected, Conne
     let mut attempts_left = cfg.retries + 1;
     let mut current: Option<(Arc<Server>, Choice)> = None;
     let mut repinned_from: Option<ServerId> = None;
+    let mut last_err: Option<ConnectError> = None;
+    // Out of file descriptors is sclb's problem, not the server's: such attempts retry the
+    // same server without counting against it. Waiting for a local resource is a queue wait,
+    // bounded by `timeout queue`.
+    let fd_deadline = Instant::now() + cfg.timeout_queue;
     loop {
         let (server, choice) = match current.take() {
             Some(c) => c,
-            None => backend
-                .choose(peer.ip(), &tried)
-                .ok_or(ConnectError::NoServer)?,
+            // No other server to redispatch to: report why the last attempt failed.
+            None => match backend.choose(peer.ip(), &tried) {
+                Some(c) => c,
+                None => return Err(last_err.unwrap_or(ConnectError::NoServer)),
+            },
         };
         if let Choice::Repinned(from) = choice {
             repinned_from.get_or_insert(from);
@@ -175,6 +182,16 @@ async fn connect(backend: &Backend, peer: SocketAddr) -> Result<Connected, Conne
         attempts_left -= 1;
         let t0 = Instant::now();
         let result = timeout(cfg.timeout_connect, connect_to(server.addr())).await;
+        if let Ok(Err(e)) = &result
+            && crate::frontend::is_resource_exhaustion(e)
+            && Instant::now() < fd_deadline
+        {
+            attempts_left += 1;
+            drop(slot);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            current = Some((server, choice));
+            continue;
+        }
         let err = match result {
             Ok(Ok(stream)) => {
                 if let Some(stick) = &backend.stick
@@ -205,6 +222,7 @@ async fn connect(backend: &Backend, peer: SocketAddr) -> Result<Connected, Conne
         if attempts_left == 0 {
             return Err(err);
         }
+        let err_is_refused = matches!(err, ConnectError::Refused { .. });
         drop(slot);
         server.counters.retries.fetch_add(1, Relaxed);
         let last_retry = attempts_left == 1;
@@ -216,11 +234,12 @@ async fn connect(backend: &Backend, peer: SocketAddr) -> Result<Connected, Conne
             }
             tried.push(server.id);
         } else {
-            if matches!(err, ConnectError::Refused { .. }) {
+            if err_is_refused {
                 tokio::time::sleep(cfg.timeout_connect.min(Duration::from_secs(1))).await;
             }
             current = Some((server, choice));
         }
+        last_err = Some(err);
     }
 }
 

@@ -171,8 +171,58 @@ fn bind_all(w: &Wanted, workers: usize) -> std::io::Result<Vec<std::net::TcpList
     Ok(all)
 }
 
+/// Accept failures for want of resources (file descriptors, memory), logged once per burst
+/// for the whole process — every worker's listener and the admin socket — not per attempt.
+/// A burst ends after a second without a failure: under churn, successes and failures
+/// alternate within one burst.
+pub struct Bursts {
+    /// Whether a burst is open: checked without the lock on every accept.
+    open: std::sync::atomic::AtomicBool,
+    /// (started, failures, last failure)
+    state: Mutex<Option<(Instant, u64, Instant)>>,
+}
+
+pub static ACCEPT_FAILURES: Bursts = Bursts {
+    open: std::sync::atomic::AtomicBool::new(false),
+    state: Mutex::new(None),
+};
+
+impl Bursts {
+    pub fn failed(&self, e: &io::Error) {
+        let mut st = self.state.lock().unwrap();
+        match &mut *st {
+            Some((_, n, last)) => {
+                *n += 1;
+                *last = Instant::now();
+            }
+            None => {
+                error!("accept failed: {e}; backing off until it recovers");
+                *st = Some((Instant::now(), 1, Instant::now()));
+                self.open.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn succeeded(&self) {
+        if !self.open.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut st = self.state.lock().unwrap();
+        if let Some((since, n, last)) = *st
+            && last.elapsed() >= Duration::from_secs(1)
+        {
+            info!(
+                "accepting again after {n} failed accepts in {:?}",
+                since.elapsed()
+            );
+            *st = None;
+            self.open.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// Accept errors that mean "out of resources": back off and keep going.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
@@ -186,40 +236,45 @@ async fn accept_loop(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    // Resource errors come in bursts: log the first, count the rest, report when it passes.
-    // (started, failures, last failure)
-    let mut burst: Option<(Instant, u64, Instant)> = None;
     // The frontend's counters, looked up again only when a reload renames the frontend.
     let mut cached: Option<(Arc<FeName>, Arc<crate::state::FrontendCounters>)> = None;
     loop {
-        let global = tokio::select! {
-            p = shared.maxconn.clone().acquire_owned() => p.expect("never closed"),
-            _ = stop.cancelled() => return,
-        };
-        let fe_slot = match fe_slots.load_full().as_ref().clone() {
-            Some(sem) => Some(tokio::select! {
-                p = sem.acquire_owned() => p.expect("never closed"),
-                _ = stop.cancelled() => return,
-            }),
-            None => None,
-        };
+        // At maxconn, do not accept: new clients wait in the kernel's accept queue. A slot is
+        // only waited for here, not held: with one listener per worker, a listener with no
+        // client must not keep a free slot from another that has one.
+        let fe_sem = fe_slots.load_full().as_ref().clone();
+        for sem in std::iter::once(&shared.maxconn).chain(fe_sem.as_ref()) {
+            if sem.available_permits() == 0 {
+                tokio::select! {
+                    p = sem.acquire() => drop(p),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = stop.cancelled() => return,
         };
+        // Usually free at once; if another worker took the last slot meanwhile, this client
+        // waits here, accepted, for the next one.
+        let slots = async {
+            let global = shared.maxconn.clone().acquire_owned().await;
+            let fe = match fe_sem {
+                Some(sem) => Some(sem.acquire_owned().await),
+                None => None,
+            };
+            (
+                global.expect("never closed"),
+                fe.map(|p| p.expect("never closed")),
+            )
+        };
         match accepted {
             Ok((stream, peer)) => {
-                // A burst ends after a second without a failure, not at the first success:
-                // under churn, successes and failures alternate within one burst.
-                if let Some((since, n, last)) = burst
-                    && last.elapsed() >= Duration::from_secs(1)
-                {
-                    info!(
-                        "accepting again after {n} failed accepts in {:?}",
-                        since.elapsed()
-                    );
-                    burst = None;
-                }
+                let (global, fe_slot) = tokio::select! {
+                    s = slots => s,
+                    _ = stop.cancelled() => return,
+                };
+                ACCEPT_FAILURES.succeeded();
                 let fe = frontend.load_full();
                 let counters = match &cached {
                     Some((name, c)) if Arc::ptr_eq(name, &fe) => c.clone(),
@@ -240,16 +295,7 @@ async fn accept_loop(
             Err(e) if is_resource_exhaustion(&e) => {
                 // Give back the file descriptors this thread keeps pooled (idle pipes).
                 crate::pipe::release_pools();
-                match &mut burst {
-                    Some((_, n, last)) => {
-                        *n += 1;
-                        *last = Instant::now();
-                    }
-                    None => {
-                        error!("accept failed: {e}; backing off until it recovers");
-                        burst = Some((Instant::now(), 1, Instant::now()));
-                    }
-                }
+                ACCEPT_FAILURES.failed(&e);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             // A client that reset before we accepted it, and the like: routine.

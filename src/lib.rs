@@ -84,6 +84,15 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the file descriptor limit is {limit}: room for only {room} connections; raise it \
+         (ulimit -n, systemd LimitNOFILE) to at least {needed}"
+    )]
+    Fds {
+        limit: usize,
+        room: usize,
+        needed: usize,
+    },
     #[error("stats listener {addr}: {source}")]
     Stats {
         addr: SocketAddr,
@@ -110,7 +119,7 @@ impl Sclb {
         config: Config,
         workers: Vec<tokio::runtime::Handle>,
     ) -> Result<Sclb, StartError> {
-        let fd_cap = fd_budget(&config, workers.len().max(1));
+        let fd_cap = fd_budget(&config, workers.len().max(1))?;
         let maxconn = config.global.maxconn.min(fd_cap);
         let global = config.global.clone();
         let state = State::new(config);
@@ -283,7 +292,7 @@ const FD_RESERVE: usize = 48;
 /// connection is counted at two descriptors (client and server sockets) after the fixed
 /// reserve, listeners and splice pipes (capped to a small share) are set aside. Asking for
 /// more than fits would let sclb accept clients it then cannot connect anywhere.
-pub fn fd_budget(config: &Config, workers: usize) -> usize {
+pub fn fd_budget(config: &Config, workers: usize) -> Result<usize, StartError> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (mut soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
     if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
@@ -302,7 +311,18 @@ pub fn fd_budget(config: &Config, workers: usize) -> usize {
         0
     };
     pipe::set_max_pipes(pipes);
-    let cap = soft.saturating_sub(FD_RESERVE + listeners + 2 * pipes) / 2;
+    let fixed = FD_RESERVE + listeners + 2 * pipes;
+    let cap = soft.saturating_sub(fixed) / 2;
+    // A proxy that can hold a handful of connections is a broken deployment: say so at start
+    // rather than serve almost nobody.
+    const MIN_CONNECTIONS: usize = 8;
+    if cap < MIN_CONNECTIONS {
+        return Err(StartError::Fds {
+            limit: soft,
+            room: cap,
+            needed: fixed + 2 * MIN_CONNECTIONS.max(config.global.maxconn.min(1024)),
+        });
+    }
     if config.global.maxconn > cap {
         warn!(
             "global.maxconn {} lowered to {cap}: the file descriptor limit is {soft} \
@@ -310,7 +330,7 @@ pub fn fd_budget(config: &Config, workers: usize) -> usize {
             config.global.maxconn
         );
     }
-    cap.max(1)
+    Ok(cap)
 }
 
 /// Writes the state file every 30 s, so that even a crash loses little.
