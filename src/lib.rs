@@ -58,8 +58,6 @@ pub struct Shared {
     pub conns: TaskTracker,
     /// Stops every accept loop (graceful stop).
     pub stop_accepting: CancellationToken,
-    /// Cuts every live connection (hard stop).
-    pub hard_stop: CancellationToken,
     /// Stops background tasks.
     pub stop_background: CancellationToken,
     pub listeners: Listeners,
@@ -131,7 +129,6 @@ impl Sclb {
             maxconn: Arc::new(Semaphore::new(maxconn)),
             conns: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
             stop_background: CancellationToken::new(),
             listeners: Listeners::default(),
             sessions: sessions::Sessions::default(),
@@ -238,7 +235,6 @@ impl Sclb {
         }
         let cut = shared.conns.len();
         warn!("hard_stop_after reached: closing {cut} live connections");
-        shared.hard_stop.cancel();
         for (_, s) in shared.state.snapshot().all_servers() {
             s.shutdown_sessions();
         }
