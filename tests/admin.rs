@@ -506,30 +506,16 @@ fn ctl_speaks_to_the_socket_and_exits_by_the_reply() {
     let cfg = dir.path().join("sclb.toml");
     std::fs::write(
         &cfg,
-        format!(
-            r#"
-[global]
-admin = {{ path = "{}" }}
-[[frontend]]
-name = "f"
-bind = ["127.0.0.1:0"]
-backend = "b"
-[[backend]]
-name = "b"
-check = {{ type = "none" }}
-servers = [ {{ name = "s", addr = "127.0.0.1:1" }} ]
-"#,
-            sock.display()
-        ),
+        binary_config(&format!("admin = {{ path = \"{}\" }}", sock.display()), ""),
     )
     .unwrap();
     let bin = env!("CARGO_BIN_EXE_sclb");
-    let mut child = std::process::Command::new(bin)
-        .arg("-c")
-        .arg(&cfg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop::spawn(
+        std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&cfg)
+            .stderr(std::process::Stdio::null()),
+    );
     let t0 = std::time::Instant::now();
     while !sock.exists() && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));

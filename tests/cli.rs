@@ -1,6 +1,10 @@
 //! The `sclb` binary as an operator runs it.
 
+mod common;
+
 use std::process::{Command, Stdio};
+
+use common::{KillOnDrop, binary_config};
 use std::time::{Duration, Instant};
 
 const SCLB: &str = env!("CARGO_BIN_EXE_sclb");
@@ -54,26 +58,13 @@ fn check_accepts_a_good_config_and_lists_every_error_of_a_bad_one() {
 fn runs_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("sclb.toml");
-    std::fs::write(
-        &cfg,
-        r#"
-[[frontend]]
-name = "f"
-bind = ["127.0.0.1:0"]
-backend = "b"
-[[backend]]
-name = "b"
-check = { type = "none" }
-servers = [ { name = "s", addr = "127.0.0.1:1" } ]
-"#,
-    )
-    .unwrap();
-    let mut child = Command::new(SCLB)
-        .arg("-c")
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    std::fs::write(&cfg, binary_config("", "")).unwrap();
+    let mut child = KillOnDrop::spawn(
+        Command::new(SCLB)
+            .arg("-c")
+            .arg(&cfg)
+            .stderr(Stdio::piped()),
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert!(child.try_wait().unwrap().is_none(), "sclb exited early");
     let pid = child.id() as i32;
@@ -94,7 +85,7 @@ servers = [ { name = "s", addr = "127.0.0.1:1" } ]
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("listening"), "{log}");
     assert!(log.contains("SIGTERM: stopping gracefully"), "{log}");
@@ -109,28 +100,15 @@ fn tells_systemd_ready_reloading_and_stopping_and_reloads_on_sighup() {
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let cfg = dir.path().join("sclb.toml");
-    let text = |servers: &str| {
-        format!(
-            r#"
-[[frontend]]
-name = "f"
-bind = ["127.0.0.1:0"]
-backend = "b"
-[[backend]]
-name = "b"
-check = {{ type = "none" }}
-servers = [ {servers} ]
-"#
-        )
-    };
+    let text = |servers: &str| binary_config("", servers);
     std::fs::write(&cfg, text(r#"{ name = "s", addr = "127.0.0.1:1" }"#)).unwrap();
-    let child = Command::new(SCLB)
-        .arg("-c")
-        .arg(&cfg)
-        .env("NOTIFY_SOCKET", &notify)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = KillOnDrop::spawn(
+        Command::new(SCLB)
+            .arg("-c")
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &notify)
+            .stderr(Stdio::piped()),
+    );
     let recv = || {
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).expect("a notification within 10 s");
@@ -153,7 +131,7 @@ servers = [ {servers} ]
     assert_eq!(recv(), "READY=1");
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert_eq!(recv(), "STOPPING=1");
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("SIGHUP: reloading"), "{log}");
@@ -193,30 +171,18 @@ fn drops_root_after_binding_and_owns_its_admin_socket_as_configured() {
     let cfg = dir.path().join("sclb.toml");
     std::fs::write(
         &cfg,
-        format!(
-            r#"
-[global]
-user = "nobody"
-admin = {{ path = "{}", mode = "0660", user = "nobody" }}
-[[frontend]]
-name = "f"
-bind = ["127.0.0.1:0"]
-backend = "b"
-[[backend]]
-name = "b"
-check = {{ type = "none" }}
-servers = [ {{ name = "s", addr = "127.0.0.1:1" }} ]
-"#,
-            sock.display()
+        binary_config(
+            &format!("user = \"nobody\"\nadmin = {{ path = \"{}\", mode = \"0660\", user = \"nobody\" }}", sock.display()),
+            "",
         ),
     )
     .unwrap();
-    let mut child = Command::new(SCLB)
-        .arg("-c")
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop::spawn(
+        Command::new(SCLB)
+            .arg("-c")
+            .arg(&cfg)
+            .stderr(Stdio::piped()),
+    );
     let pid = child.id();
     let t0 = Instant::now();
     let want = format!("{0}\t{0}\t{0}\t{0}", nobody.uid);
@@ -256,33 +222,24 @@ fn maxconn_is_capped_to_what_the_fd_limit_holds() {
     let cfg = dir.path().join("sclb.toml");
     std::fs::write(
         &cfg,
-        format!(
-            r#"
-[global]
-maxconn = 20000
-admin = {{ path = "{}" }}
-[[frontend]]
-name = "f"
-bind = ["127.0.0.1:0"]
-backend = "b"
-[[backend]]
-name = "b"
-check = {{ type = "none" }}
-servers = [ {{ name = "s", addr = "127.0.0.1:1" }} ]
-"#,
-            sock.display()
+        binary_config(
+            &format!(
+                "maxconn = 20000\nadmin = {{ path = \"{}\" }}",
+                sock.display()
+            ),
+            "",
         ),
     )
     .unwrap();
     // Soft and hard limit 256: sclb cannot raise it, so it must lower maxconn.
-    let mut child = Command::new("prlimit")
-        .args(["--nofile=256:256", "--"])
-        .arg(SCLB)
-        .arg("-c")
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop::spawn(
+        Command::new("prlimit")
+            .args(["--nofile=256:256", "--"])
+            .arg(SCLB)
+            .arg("-c")
+            .arg(&cfg)
+            .stderr(Stdio::piped()),
+    );
     let t0 = Instant::now();
     while !sock.exists() {
         assert!(t0.elapsed() < Duration::from_secs(10), "no admin socket");

@@ -143,3 +143,66 @@ pub async fn read_to_end(s: &mut (impl AsyncReadExt + Unpin), within: Duration) 
         .unwrap();
     out
 }
+
+/// A config for the real binary: frontend "f" on 127.0.0.1:0, backend "b" with `servers`
+/// (default: one server that nothing answers) and no checks; `global` is the `[global]` body.
+pub fn binary_config(global: &str, servers: &str) -> String {
+    let servers = if servers.is_empty() {
+        r#"{ name = "s", addr = "127.0.0.1:1" }"#
+    } else {
+        servers
+    };
+    format!(
+        r#"
+[global]
+{global}
+[[frontend]]
+name = "f"
+bind = ["127.0.0.1:0"]
+backend = "b"
+[[backend]]
+name = "b"
+check = {{ type = "none" }}
+servers = [ {servers} ]
+"#
+    )
+}
+
+/// A child process (the real `sclb` binary) killed when dropped, so that a test failing half
+/// way leaves nothing running. `std`'s `kill` does not signal a child already waited for, so a
+/// reused PID is never hit.
+pub struct KillOnDrop(Option<std::process::Child>);
+
+impl KillOnDrop {
+    pub fn spawn(cmd: &mut std::process::Command) -> Self {
+        KillOnDrop(Some(cmd.spawn().expect("the process starts")))
+    }
+
+    /// Waits for the process to exit and collects its output.
+    pub fn wait_with_output(mut self) -> std::process::Output {
+        let child = self.0.take().expect("not yet waited for");
+        child.wait_with_output().expect("output collected")
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        self.0.as_ref().expect("not yet waited for")
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("not yet waited for")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
