@@ -105,7 +105,7 @@ pub async fn handle(
     let _registered = shared.sessions.register(SessInfo {
         client: peer,
         frontend: frontend.clone(),
-        backend: backend.config.name.clone(),
+        backend: server.backend.clone(),
         server: server.name.clone(),
         started: start,
         totals: totals.clone(),

@@ -14,7 +14,7 @@ use crate::pipe::Totals;
 pub struct SessInfo {
     pub client: SocketAddr,
     pub frontend: Arc<str>,
-    pub backend: String,
+    pub backend: Arc<str>,
     pub server: Arc<str>,
     pub started: Instant,
     pub totals: Arc<Totals>,

@@ -549,28 +549,10 @@ pub fn table(snap: &Snapshot, name: Option<&str>, key: Option<IpAddr>) -> Result
 pub fn info(shared: &Shared) -> String {
     let snap = shared.state.snapshot();
     let uptime = shared.started.elapsed().unwrap_or_default().as_secs();
-    let cur: u64 = snap
-        .frontends
-        .iter()
-        .map(|f| {
-            shared
-                .state
-                .frontend_counters(&f.config.name)
-                .cur
-                .load(Relaxed)
-        })
-        .sum();
-    let total: u64 = snap
-        .frontends
-        .iter()
-        .map(|f| {
-            shared
-                .state
-                .frontend_counters(&f.config.name)
-                .total
-                .load(Relaxed)
-        })
-        .sum();
+    let (cur, total) = snap.frontends.iter().fold((0, 0), |(cur, total), f| {
+        let c = shared.state.frontend_counters(&f.config.name);
+        (cur + c.cur.load(Relaxed), total + c.total.load(Relaxed))
+    });
     let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map(|(soft, _)| soft)
         .unwrap_or(0);
