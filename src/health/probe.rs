@@ -44,16 +44,18 @@ fn result(status: CheckStatus, started: Instant, desc: impl Into<String>) -> Las
     }
 }
 
-/// Connects within the deadline: Err is the L4 result to report.
+/// Starts a check: connects within `timeout`. Ok: the stream, when the check started and its
+/// deadline (the rest of the check must fit in it); Err: the L4 result to report.
 async fn connect(
     addr: SocketAddr,
-    deadline: Instant,
-    started: Instant,
-) -> Result<TcpStream, LastCheck> {
+    timeout: Duration,
+) -> Result<(TcpStream, Instant, Instant), LastCheck> {
+    let started = Instant::now();
+    let deadline = started + timeout;
     match timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
-            Ok(s)
+            Ok((s, started, deadline))
         }
         Ok(Err(e)) => Err(result(CheckStatus::L4Con, started, e.to_string())),
         Err(_) => Err(result(CheckStatus::L4Tout, started, "connect timed out")),
@@ -65,9 +67,8 @@ pub struct TcpProbe;
 impl Probe for TcpProbe {
     fn check(&self, addr: SocketAddr, timeout: Duration) -> ProbeFuture<'_> {
         Box::pin(async move {
-            let started = Instant::now();
-            match connect(addr, started + timeout, started).await {
-                Ok(_) => result(CheckStatus::L4Ok, started, ""),
+            match connect(addr, timeout).await {
+                Ok((_, started, _)) => result(CheckStatus::L4Ok, started, ""),
                 Err(r) => r,
             }
         })
@@ -111,10 +112,8 @@ pub struct H2Probe;
 impl Probe for H2Probe {
     fn check(&self, addr: SocketAddr, timeout: Duration) -> ProbeFuture<'_> {
         Box::pin(async move {
-            let started = Instant::now();
-            let deadline = started + timeout;
-            let tcp = match connect(addr, deadline, started).await {
-                Ok(s) => s,
+            let (tcp, started, deadline) = match connect(addr, timeout).await {
+                Ok(c) => c,
                 Err(r) => return r,
             };
             let attempt = async {
@@ -169,10 +168,8 @@ enum Reply {
 impl Probe for SparkProbe {
     fn check(&self, addr: SocketAddr, timeout: Duration) -> ProbeFuture<'_> {
         Box::pin(async move {
-            let started = Instant::now();
-            let deadline = started + timeout;
-            let tcp = match connect(addr, deadline, started).await {
-                Ok(s) => s,
+            let (tcp, started, deadline) = match connect(addr, timeout).await {
+                Ok(c) => c,
                 Err(r) => return r,
             };
             let body =
