@@ -117,6 +117,16 @@ async fn run(shared: &Arc<Shared>, cmd: Command) -> Result<Reply, String> {
             String::new()
         }
         Command::ShowSess => shared.sessions.show(),
+        Command::ShowSessions => stats::spark_sessions(shared),
+        Command::KillSession(id) => {
+            let killed = shared.gateway.registry.kill(&id);
+            if killed.is_empty() {
+                return Err(format!("No such session '{id}'."));
+            }
+            info!(session = %id, "Spark session killed by the admin socket");
+            crate::gateway::release_sessions(shared, &killed);
+            String::new()
+        }
         Command::SetState { target, state } => {
             let s = find_server(shared, &target)?;
             let before = s.admin_state();

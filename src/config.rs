@@ -111,6 +111,33 @@ pub struct Frontend {
     /// Inactivity allowed on the client side (HAProxy `timeout client`).
     pub timeout_client: Duration,
     pub backlog: u32,
+    /// `mode = "grpc"`: the Spark Connect gateway (HTTP/2, routed by Spark session).
+    /// `None`: `mode = "tcp"`, the L4 splice proxy routed by client IP.
+    pub grpc: Option<GrpcConfig>,
+}
+
+/// A gateway frontend's session settings (`[frontend.sessions]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpcConfig {
+    /// A session with no message either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// A session older than this is closed, busy or not.
+    pub max_ttl: Duration,
+    /// How often idle and over-age sessions are looked for.
+    pub cleanup_interval: Duration,
+    /// Most sessions the registry holds; a new session beyond it gets RESOURCE_EXHAUSTED.
+    pub max_sessions: usize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            idle_timeout: Duration::from_secs(30 * 60),
+            max_ttl: Duration::from_secs(4 * 3600),
+            cleanup_interval: Duration::from_secs(60),
+            max_sessions: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -875,7 +902,9 @@ fn check_name(t: Table<'_, '_>) -> Option<String> {
 }
 
 fn read_frontend(t: Table<'_, '_>, d: &Defaults) -> Option<Frontend> {
-    t.allow(&["name", "bind", "backend", "maxconn", "timeout", "backlog"]);
+    t.allow(&[
+        "name", "bind", "backend", "maxconn", "timeout", "backlog", "mode", "sessions",
+    ]);
     let name = check_name(t);
     let mut binds = Vec::new();
     let mut binds_ok = t.required("bind");
@@ -914,6 +943,38 @@ fn read_frontend(t: Table<'_, '_>, d: &Defaults) -> Option<Frontend> {
         .map(|n| n as usize)
         .or(d.maxconn);
     let backlog = t.int("backlog", 1, 65535).map(|n| n as u32).unwrap_or(4096);
+    let grpc_mode = t.choice("mode", &[("tcp", false), ("grpc", true)]);
+    let spath = join(t.path, "sessions");
+    let grpc = match (grpc_mode, t.table("sessions", &spath)) {
+        (Some(true), Some(st)) => {
+            st.allow(&["idle_timeout", "max_ttl", "cleanup_interval", "max"]);
+            let mut g = GrpcConfig::default();
+            let positive = |key: &str| {
+                let d = st.duration(key)?;
+                if d.is_zero() {
+                    st.error(key, "must be longer than 0s");
+                    return None;
+                }
+                Some(d)
+            };
+            g.idle_timeout = positive("idle_timeout").unwrap_or(g.idle_timeout);
+            g.max_ttl = positive("max_ttl").unwrap_or(g.max_ttl);
+            g.cleanup_interval = positive("cleanup_interval").unwrap_or(g.cleanup_interval);
+            if let Some(n) = st.int("max", 1, 10_000_000) {
+                g.max_sessions = n as usize;
+            }
+            Some(g)
+        }
+        (Some(true), None) => Some(GrpcConfig::default()),
+        (None | Some(false), Some(_)) if !t.contains("mode") || grpc_mode == Some(false) => {
+            t.error(
+                "sessions",
+                "only a gateway frontend has Spark sessions: add mode = \"grpc\"",
+            );
+            None
+        }
+        _ => None,
+    };
     Some(Frontend {
         name: name?,
         binds: if binds_ok { binds } else { return None },
@@ -921,6 +982,7 @@ fn read_frontend(t: Table<'_, '_>, d: &Defaults) -> Option<Frontend> {
         maxconn,
         timeout_client: timeouts.client.unwrap_or(DEFAULT_IDLE),
         backlog,
+        grpc,
     })
 }
 

@@ -60,6 +60,13 @@ pub async fn handle(
     let start = Instant::now();
     fe_counters.connection_started();
     let snap = shared.state.snapshot();
+    if snap
+        .frontend(&frontend)
+        .is_some_and(|fe| fe.config.grpc.is_some())
+    {
+        drop(snap);
+        return crate::gateway::serve(client, peer, frontend, fe_counters, shared).await;
+    }
     let Some((backend, idle)) = snap.frontend(&frontend).and_then(|fe| {
         let backend = snap.backend(&fe.config.backend)?.clone();
         // Once both sides are connected, `timeout tunnel` replaces client and server timeouts.

@@ -1,9 +1,713 @@
-//! Gateway mode (issue 11): an L7 Spark Connect proxy that forwards each RPC as an HTTP/2
-//! stream and routes it by the Spark session it belongs to, not by the client's address.
+//! Gateway mode (`mode = "grpc"`): an L7 Spark Connect proxy. Each client connection is served
+//! as HTTP/2; each RPC is forwarded as a stream on one shared HTTP/2 connection per server,
+//! routed by the Spark session it belongs to (its `session_id` and `user_id`, read from the
+//! first request message by [`decode`]) rather than by the client's address: sessions from one
+//! client IP or NAT spread over the servers, and a client that changes address keeps its
+//! session.
 //!
-//! This module will hold the HTTP/2 frontend and upstream pools, the session registry with its
-//! idle and TTL reaping, and on-demand driver creation. For now it holds only [`decode`]: the
-//! bounded decoder that reads the routing key (session id, user id) from the first bytes of a
-//! request body, which everything else will be built on.
+//! - [`registry`]: session → server, activity, idle/TTL reaping, the `spark_connect_*` metrics.
+//! - [`upstream`]: one HTTP/2 connection per server.
+//! - [`body`]: the two bodies of a forwarded RPC (bytes, activity, cancellation).
+//! - [`status`]: the gRPC statuses sclb raises itself.
 
+pub mod body;
 pub mod decode;
+pub mod registry;
+pub mod status;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request, Response, Uri, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use body::{DownBody, DownStream, ServerStream, Track, UpBody, kill_signal};
+use decode::{DecodeError, Method, RoutingKey};
+use registry::{Admit, EndReason, NewSession, Placement, Registry, Session, SessionKey};
+use status::{Code, Status};
+
+use crate::Shared;
+use crate::server::Server;
+use crate::state::{Backend, Choice, FrontendCounters};
+
+/// Gateway state shared by every gateway frontend; lives across reloads.
+#[derive(Default)]
+pub struct Gateway {
+    pub registry: Registry,
+    pub upstreams: upstream::Upstreams,
+}
+
+/// How much of a request body is buffered to find its routing key. PySpark sends
+/// `session_id` and `user_context` first, in the first ~60 bytes; a client without a user id
+/// sends no `user_context`, and proving its absence would mean buffering a whole plan.
+const PEEK_LIMIT: usize = 16 * 1024;
+
+/// One client connection.
+struct Conn {
+    peer: SocketAddr,
+    frontend: Arc<str>,
+    fe_counters: Arc<FrontendCounters>,
+    shared: Arc<Shared>,
+}
+
+/// Serves one accepted gateway client to the end; logs one line when it closes.
+pub async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    frontend: Arc<str>,
+    fe_counters: Arc<FrontendCounters>,
+    shared: Arc<Shared>,
+) {
+    let start = Instant::now();
+    let stop = shared.stop_accepting.clone();
+    let cx = Arc::new(Conn {
+        peer,
+        frontend: frontend.clone(),
+        fe_counters: fe_counters.clone(),
+        shared,
+    });
+    let rpcs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = rpcs.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let cx = cx.clone();
+        counted.fetch_add(1, Relaxed);
+        async move { Ok::<_, Infallible>(rpc(req, cx).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .max_frame_size(1 << 20)
+        // Spark's own limit; PySpark's headers are a few hundred bytes.
+        .max_header_list_size(16 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .serve_connection(TokioIo::new(client), svc);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            // Graceful stop: GOAWAY, then the RPCs in flight finish.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    fe_counters.cur.fetch_sub(1, Relaxed);
+    let end = match &r {
+        Ok(()) => "closed".to_string(),
+        Err(e) => e.to_string(),
+    };
+    info!(
+        client = %peer,
+        frontend = %frontend,
+        total_ms = start.elapsed().as_millis() as u64,
+        rpcs = rpcs.load(Relaxed),
+        end = %end,
+        "gateway connection closed"
+    );
+}
+
+/// A trailers-only response carrying `st`.
+fn status_response(st: &Status) -> Response<DownBody> {
+    let mut r = Response::new(DownBody::Empty);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.extend(st.headers());
+    r
+}
+
+impl Conn {
+    /// Answers with sclb's own status, counted and logged.
+    fn refuse(&self, method: &str, reason: &str, st: Status) -> Response<DownBody> {
+        let m = &self.shared.gateway.registry.metrics;
+        m.error(reason);
+        m.request(method, st.code.as_str());
+        info!(
+            client = %self.peer,
+            frontend = %self.frontend,
+            method,
+            code = st.code.as_str(),
+            reason,
+            "rpc refused: {}",
+            st.message
+        );
+        status_response(&st)
+    }
+}
+
+/// Reads the request body until the routing key is known (or cannot be), returning what was
+/// read, the key, and whether the body has ended.
+async fn peek_key(
+    method: Method,
+    body: &mut Incoming,
+) -> Result<(Bytes, Option<RoutingKey>, bool), hyper::Error> {
+    let mut buf = BytesMut::new();
+    let mut ended = body.is_end_stream();
+    loop {
+        match decode::routing_key(method, &buf) {
+            Ok(k) => return Ok((buf.freeze(), Some(k), ended)),
+            Err(DecodeError::NeedMore(_)) if !ended && buf.len() < PEEK_LIMIT => {}
+            Err(DecodeError::NeedMore(_)) => {
+                let k = decode::routing_key_best_effort(method, &buf).ok();
+                return Ok((buf.freeze(), k, ended));
+            }
+            // Not a request Spark would accept either: forward it without a session and let
+            // the server answer (INVALID_HANDLE.FORMAT and the like), as a direct client sees.
+            Err(_) => return Ok((buf.freeze(), None, ended)),
+        }
+        match body.frame().await {
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    buf.extend_from_slice(&d);
+                }
+                ended = body.is_end_stream();
+            }
+            Some(Err(e)) => return Err(e),
+            None => ended = true,
+        }
+    }
+}
+
+/// Feeds `balance = "source"` in a gateway: the session, not the client, is hashed.
+fn session_hash_ip(k: &SessionKey) -> IpAddr {
+    let mut h = DefaultHasher::new();
+    k.hash(&mut h);
+    let a = h.finish();
+    k.session_id.hash(&mut h);
+    IpAddr::V6(Ipv6Addr::from(
+        (u128::from(a) << 64) | u128::from(h.finish()),
+    ))
+}
+
+fn placement(s: &Server) -> Placement {
+    Placement {
+        server: s.id,
+        server_name: s.name.clone(),
+    }
+}
+
+/// One RPC, from its request headers to the response handed back to hyper.
+async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
+    let gw = cx.shared.gateway.clone();
+    let path = req.uri().path().to_string();
+    let Some(method) = decode::method(&path) else {
+        return cx.refuse(
+            "unknown",
+            "unimplemented",
+            Status::new(
+                Code::Unimplemented,
+                format!(
+                    "sclb: {path} is not a Spark Connect method (this is a Spark Connect gateway)"
+                ),
+            ),
+        );
+    };
+    let m = method.name();
+    let snap = cx.shared.state.snapshot();
+    let Some((backend, timeout_client, max_sessions)) =
+        snap.frontend(&cx.frontend).and_then(|fe| {
+            let b = snap.backend(&fe.config.backend)?.clone();
+            let max = fe
+                .config
+                .grpc
+                .as_ref()
+                .map_or(usize::MAX, |g| g.max_sessions);
+            Some((b, fe.config.timeout_client, max))
+        })
+    else {
+        return cx.refuse(
+            m,
+            "no_frontend",
+            Status::unavailable(
+                "sclb: this frontend was removed by a reload",
+                Duration::from_secs(1),
+            ),
+        );
+    };
+    drop(snap);
+
+    let (parts, mut body) = req.into_parts();
+    let (head, key, ended) = match tokio::time::timeout(timeout_client, peek_key(method, &mut body))
+        .await
+    {
+        Ok(Ok(x)) => x,
+        // The client reset the stream before its first message: nobody to answer.
+        Ok(Err(_)) => return status_response(&Status::new(Code::Cancelled, "client cancelled")),
+        Err(_) => {
+            return cx.refuse(
+                m,
+                "client_timeout",
+                Status::new(
+                    Code::DeadlineExceeded,
+                    format!("sclb: no request message within {timeout_client:?} (timeout client)"),
+                ),
+            );
+        }
+    };
+
+    let (session, server) = match route(&cx, &backend, method, key.as_ref(), max_sessions) {
+        Ok(r) => r,
+        Err((reason, st)) => return cx.refuse(m, reason, st),
+    };
+
+    // Connect (or reuse the server's connection). A session's first RPC, or one without a
+    // session, may move to another server; a session with a history stays and the client
+    // retries (its state is on that server).
+    let cfg = &backend.config;
+    let mut server = server;
+    let mut tried = Vec::new();
+    let sender = loop {
+        match gw
+            .upstreams
+            .get(server.id, server.addr(), cfg.timeout_connect)
+            .await
+        {
+            Ok(s) => break s,
+            Err(e) => {
+                server.counters.conn_errors.fetch_add(1, Relaxed);
+                tried.push(server.id);
+                let movable = session.as_ref().is_none_or(|s| s.rpcs.load(Relaxed) == 0);
+                let ip = session
+                    .as_ref()
+                    .map_or(cx.peer.ip(), |s| session_hash_ip(&s.key));
+                if movable
+                    && tried.len() <= cfg.retries as usize
+                    && let Some((next, _)) = backend.choose_pinned(None, ip, &tried)
+                {
+                    server.counters.redispatches.fetch_add(1, Relaxed);
+                    debug!(server = %server.name, "gateway connect failed: {e}; trying {}", next.name);
+                    if let Some(s) = &session {
+                        s.move_to(placement(&next));
+                    }
+                    server = next;
+                    continue;
+                }
+                return cx.refuse(
+                    m,
+                    "connect_failed",
+                    Status::unavailable(
+                        format!(
+                            "sclb: cannot reach server {} ({}): {e}",
+                            server.name,
+                            server.addr()
+                        ),
+                        Duration::from_secs(1),
+                    ),
+                );
+            }
+        }
+    };
+
+    server.counters.lbtot.fetch_add(1, Relaxed);
+    let guard = session.as_ref().map(|s| s.rpc_started(cx.peer));
+    let server_stream = ServerStream::start(&server);
+    let track = Arc::new(Track {
+        session: session.clone(),
+        server: server.clone(),
+        frontend: cx.fe_counters.clone(),
+    });
+    let up_body = UpBody::new(
+        head,
+        (!ended).then_some(body),
+        track.clone(),
+        kill_signal(session.as_ref(), &server),
+    );
+    let mut up = Request::from_parts(parts, up_body);
+    let pq = up
+        .uri()
+        .path_and_query()
+        .map_or_else(|| path.clone(), |p| p.as_str().to_string());
+    match Uri::builder()
+        .scheme("http")
+        .authority(server.addr().to_string())
+        .path_and_query(pq)
+        .build()
+    {
+        Ok(u) => *up.uri_mut() = u,
+        Err(e) => {
+            return cx.refuse(
+                m,
+                "bad_path",
+                Status::new(
+                    Code::InvalidArgument,
+                    format!("sclb: bad request path: {e}"),
+                ),
+            );
+        }
+    }
+    for h in [
+        header::CONNECTION,
+        header::HOST,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        up.headers_mut().remove(h);
+    }
+
+    let t0 = Instant::now();
+    let mut kill = kill_signal(session.as_ref(), &server);
+    let mut sender = sender;
+    let resp = tokio::select! {
+        r = sender.send_request(up) => r,
+        st = &mut kill => return cx.refuse(m, "session_closed", st),
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            server.counters.resp_errors.fetch_add(1, Relaxed);
+            return cx.refuse(
+                m,
+                "upstream_failed",
+                Status::unavailable(
+                    format!("sclb: server {} did not answer: {e}", server.name),
+                    Duration::from_millis(100),
+                ),
+            );
+        }
+    };
+    gw.registry
+        .metrics
+        .message_latency
+        .get_or_create(&vec![("method".into(), m.into())])
+        .observe(t0.elapsed().as_secs_f64());
+    let (parts, inner) = resp.into_parts();
+    if inner.is_end_stream() {
+        // Trailers-only: the status is in the headers.
+        let code = parts
+            .headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(2);
+        gw.registry.metrics.request(m, status::code_name(code));
+        if code == 0
+            && method == Method::ReleaseSession
+            && let Some(s) = &session
+        {
+            gw.registry.end(&s.key, EndReason::Released);
+        }
+        return Response::from_parts(parts, DownBody::Empty);
+    }
+    Response::from_parts(
+        parts,
+        DownBody::Stream(Box::new(DownStream {
+            inner,
+            track,
+            kill,
+            method,
+            gateway: gw.clone(),
+            guard,
+            server_stream,
+            done: false,
+        })),
+    )
+}
+
+type Refusal = (&'static str, Status);
+
+/// The session an RPC belongs to and the server it goes to.
+fn route(
+    cx: &Conn,
+    backend: &Arc<Backend>,
+    method: Method,
+    key: Option<&RoutingKey>,
+    max_sessions: usize,
+) -> Result<(Option<Arc<Session>>, Arc<Server>), Refusal> {
+    let no_server = || {
+        (
+            "no_server",
+            Status::unavailable(
+                format!(
+                    "sclb: no server of backend {} is available",
+                    backend.config.name
+                ),
+                Duration::from_secs(1),
+            ),
+        )
+    };
+    let Some(k) = key else {
+        let (s, _) = backend
+            .choose_pinned(None, cx.peer.ip(), &[])
+            .ok_or_else(no_server)?;
+        return Ok((None, s));
+    };
+    let gw = &cx.shared.gateway;
+    let skey = SessionKey {
+        session_id: k.session_id.clone(),
+        user_id: k.user_id.clone().unwrap_or_default(),
+    };
+    let ip = session_hash_ip(&skey);
+    let backend_name: Arc<str> = backend.config.name.as_str().into();
+    let new = NewSession {
+        frontend: &cx.frontend,
+        backend: &backend_name,
+        client: cx.peer,
+        max: max_sessions,
+    };
+    let admitted = gw.registry.admit(&skey, new, || {
+        backend
+            .choose_pinned(None, ip, &[])
+            .map(|(s, _)| placement(&s))
+    });
+    let session = match admitted {
+        None => return Err(no_server()),
+        Some(Admit::Full) => {
+            return Err((
+                "sessions_full",
+                Status::new(
+                    Code::ResourceExhausted,
+                    format!(
+                        "sclb: {max_sessions} Spark sessions are open, the most this gateway holds"
+                    ),
+                ),
+            ));
+        }
+        Some(Admit::Ended(reason)) => {
+            return Err((
+                "session_ended",
+                Status::new(
+                    Code::FailedPrecondition,
+                    format!(
+                        "sclb: Spark session {} {}; stop it and create a new SparkSession",
+                        skey.session_id,
+                        reason.explain()
+                    ),
+                ),
+            ));
+        }
+        Some(Admit::Live { session, .. }) => session,
+    };
+    let was = session.placement();
+    let (server, choice) = backend
+        .choose_pinned(Some(was.server), ip, &[])
+        .ok_or_else(no_server)?;
+    if choice != Choice::Pinned {
+        session.move_to(placement(&server));
+        backend.note_repin(cx.peer.ip(), was.server, server.id);
+        info!(
+            session = %skey.session_id,
+            client = %cx.peer,
+            backend = %backend.config.name,
+            from = %was.server_name,
+            to = %server.name,
+            "re-pin: Spark session moved from {} to {}; its state there is lost",
+            was.server_name,
+            server.name
+        );
+    }
+    // CloneSession creates its new session on the source's server.
+    if method == Method::CloneSession
+        && let Some(new_id) = &k.new_session_id
+    {
+        let clone_key = SessionKey {
+            session_id: new_id.clone(),
+            user_id: skey.user_id.clone(),
+        };
+        let new = NewSession {
+            frontend: &cx.frontend,
+            backend: &backend_name,
+            client: cx.peer,
+            max: max_sessions,
+        };
+        gw.registry
+            .admit(&clone_key, new, || Some(placement(&server)));
+    }
+    Ok((Some(session), server))
+}
+
+/// Ends idle and over-age sessions every `cleanup_interval` (the shortest of the gateway
+/// frontends'), releases them on their servers, and forgets upstream connections to servers
+/// that are gone.
+pub async fn reaper(shared: Arc<Shared>) {
+    loop {
+        let snap = shared.state.snapshot();
+        let interval = snap
+            .frontends
+            .iter()
+            .filter_map(|f| f.config.grpc.as_ref().map(|g| g.cleanup_interval))
+            .min()
+            .unwrap_or(Duration::from_secs(60));
+        drop(snap);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shared.stop_background.cancelled() => return,
+        }
+        reap_once(&shared);
+    }
+}
+
+/// One pass of the reaper.
+pub fn reap_once(shared: &Arc<Shared>) -> usize {
+    let snap = shared.state.snapshot();
+    let defaults = crate::config::GrpcConfig::default();
+    let limits = |fe: &str| {
+        let g = snap
+            .frontend(fe)
+            .and_then(|f| f.config.grpc.clone())
+            .unwrap_or_else(|| defaults.clone());
+        (g.idle_timeout, g.max_ttl)
+    };
+    let gw = &shared.gateway;
+    let reaped: Vec<Arc<Session>> = gw
+        .registry
+        .reap(limits)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    release_sessions(shared, &reaped);
+    gw.upstreams.retain(|id, addr| {
+        snap.all_servers()
+            .any(|(_, s)| s.id == id && s.addr() == addr)
+    });
+    reaped.len()
+}
+
+/// Releases sessions sclb ended on their servers, in the background.
+pub fn release_sessions(shared: &Arc<Shared>, ended: &[Arc<Session>]) {
+    let snap = shared.state.snapshot();
+    for s in ended {
+        let Some(b) = snap.backend(&s.backend) else {
+            continue;
+        };
+        let Some(server) = b.server(s.placement().server).cloned() else {
+            continue;
+        };
+        let (gw, key, timeout) = (
+            shared.gateway.clone(),
+            s.key.clone(),
+            b.config.timeout_connect,
+        );
+        tokio::spawn(async move { release_on_server(&gw, &server, &key, timeout).await });
+    }
+}
+
+/// A session as `show sessions` and `GET /sessions` show it.
+pub fn session_json(s: &Session) -> serde_json::Value {
+    let p = s.placement();
+    serde_json::json!({
+        "session_id": s.key.session_id,
+        "user_id": s.key.user_id,
+        "frontend": &*s.frontend,
+        "backend": &*s.backend,
+        "server": &*p.server_name,
+        "client": s.client().to_string(),
+        "created": humantime::format_rfc3339_seconds(s.created).to_string(),
+        "age_s": s.age().as_secs(),
+        "idle_s": s.idle_for().as_secs(),
+        "rpcs": s.rpcs.load(Relaxed),
+        "streams": s.streams.load(Relaxed),
+    })
+}
+
+/// Sends `ReleaseSession` for a session sclb closed, so the server frees its state (cached
+/// frames, temp views) now rather than at its own idle timeout. Best effort.
+async fn release_on_server(gw: &Gateway, server: &Server, key: &SessionKey, timeout: Duration) {
+    let msg = release_session_request(key);
+    let r = async {
+        let mut send = gw
+            .upstreams
+            .get(server.id, server.addr(), timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = Request::post(format!(
+            "http://{}/spark.connect.SparkConnectService/ReleaseSession",
+            server.addr()
+        ))
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header(header::TE, "trailers")
+        .body(UpBody::full(msg))
+        .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let trailers = body
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .trailers()
+            .cloned()
+            .unwrap_or(parts.headers);
+        Ok::<_, String>(
+            trailers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_string(),
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(10), r).await {
+        Ok(Ok(code)) => {
+            debug!(session = %key.session_id, server = %server.name, "ReleaseSession sent: grpc-status {code}")
+        }
+        Ok(Err(e)) => {
+            debug!(session = %key.session_id, server = %server.name, "ReleaseSession failed: {e}")
+        }
+        Err(_) => {
+            debug!(session = %key.session_id, server = %server.name, "ReleaseSession timed out")
+        }
+    }
+}
+
+/// `ReleaseSessionRequest { session_id = 1, user_context = 2 { user_id = 1 }, client_type = 3 }`
+/// behind its gRPC prefix.
+fn release_session_request(key: &SessionKey) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let field = |tag: u32, v: &[u8], out: &mut Vec<u8>| {
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(v.len() as u64, out);
+        out.extend_from_slice(v);
+    };
+    let mut msg = Vec::new();
+    field(1, key.session_id.as_bytes(), &mut msg);
+    let mut user = Vec::new();
+    if !key.user_id.is_empty() {
+        field(1, key.user_id.as_bytes(), &mut user);
+    }
+    field(2, &user, &mut msg);
+    field(3, b"sclb", &mut msg);
+    let mut out = Vec::with_capacity(5 + msg.len());
+    out.push(0);
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(&msg);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_session_request_decodes_to_its_key() {
+        let key = SessionKey {
+            session_id: "8d2c0a8e-6a3e-4a8f-9f52-3f6b0c3f1f11".into(),
+            user_id: "alice".into(),
+        };
+        let body = release_session_request(&key);
+        let k = decode::routing_key(Method::ReleaseSession, &body).unwrap();
+        assert_eq!(k.session_id, key.session_id);
+        assert_eq!(k.user_id.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn source_balance_hashes_the_session_not_the_client() {
+        let k = |id: &str| SessionKey {
+            session_id: id.into(),
+            user_id: String::new(),
+        };
+        assert_eq!(session_hash_ip(&k("a")), session_hash_ip(&k("a")));
+        assert_ne!(session_hash_ip(&k("a")), session_hash_ip(&k("b")));
+    }
+}

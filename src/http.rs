@@ -33,6 +33,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/admin", post(admin))
+        .route("/sessions", get(sessions))
+        .route("/sessions/{id}", axum::routing::delete(kill_session))
         .with_state(shared)
 }
 
@@ -83,11 +85,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn admin(
-    AxState(shared): AxState<Arc<Shared>>,
-    headers: HeaderMap,
-    body: String,
-) -> Response {
+/// Admin actions need `Authorization: Bearer <global.stats.admin_token>`: the refusal, if
+/// this request does not carry it.
+fn denied(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
     let token = shared
         .state
         .snapshot()
@@ -97,11 +97,11 @@ async fn admin(
         .as_ref()
         .and_then(|s| s.admin_token.clone());
     let Some(token) = token else {
-        return (
+        return Some((
             StatusCode::FORBIDDEN,
             "HTTP admin actions are disabled: set global.stats.admin_token to enable them\n",
         )
-            .into_response();
+            .into_response());
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -109,7 +109,18 @@ async fn admin(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        return (StatusCode::UNAUTHORIZED, "Permission denied\n").into_response();
+        return Some((StatusCode::UNAUTHORIZED, "Permission denied\n").into_response());
+    }
+    None
+}
+
+async fn admin(
+    AxState(shared): AxState<Arc<Shared>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    if let Some(r) = denied(&shared, &headers) {
+        return r;
     }
     let mut interactive = false;
     let line = body.lines().next().unwrap_or("");
@@ -122,6 +133,44 @@ async fn admin(
         StatusCode::OK
     };
     (status, out).into_response()
+}
+
+/// `GET /sessions`: the gateway's live Spark sessions as JSON. Behind the admin token: a
+/// session id is all a client needs to use a session.
+async fn sessions(AxState(shared): AxState<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(r) = denied(&shared, &headers) {
+        return r;
+    }
+    let list: Vec<serde_json::Value> = shared
+        .gateway
+        .registry
+        .list()
+        .iter()
+        .map(|s| crate::gateway::session_json(s))
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{}\n", serde_json::json!({ "sessions": list })),
+    )
+        .into_response()
+}
+
+/// `DELETE /sessions/{id}`: what `kill session <id>` does.
+async fn kill_session(
+    AxState(shared): AxState<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = denied(&shared, &headers) {
+        return r;
+    }
+    let killed = shared.gateway.registry.kill(&id);
+    if killed.is_empty() {
+        return (StatusCode::NOT_FOUND, format!("No such session '{id}'.\n")).into_response();
+    }
+    info!(session = %id, "Spark session killed over HTTP");
+    crate::gateway::release_sessions(&shared, &killed);
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// Escapes text for HTML: names come from the config and must never become markup.
@@ -767,9 +816,18 @@ fn discovery_families(
 
 async fn metrics(AxState(shared): AxState<Arc<Shared>>) -> Response {
     let mut registry = Registry::with_prefix("sclb");
+    let shared_gateway = shared.gateway.clone();
     registry.register_collector(Box::new(Collector(shared)));
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+    let encoded = prometheus_client::encoding::text::encode_registry(&mut body, &registry)
+        .and_then(|()| {
+            prometheus_client::encoding::text::encode_registry(
+                &mut body,
+                &shared_gateway.registry.metrics.registry,
+            )
+        })
+        .and_then(|()| prometheus_client::encoding::text::encode_eof(&mut body));
+    match encoded {
         Ok(()) => (
             [(
                 header::CONTENT_TYPE,

@@ -71,6 +71,8 @@ pub struct Shared {
     /// Data-plane runtimes, one per worker thread: each has its own listening sockets and
     /// keeps the connections it accepts. Empty: everything runs on the current runtime.
     pub workers: Vec<tokio::runtime::Handle>,
+    /// Spark sessions and upstream HTTP/2 connections of gateway (`mode = "grpc"`) frontends.
+    pub gateway: Arc<gateway::Gateway>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +143,7 @@ impl Sclb {
             },
             workers,
             fd_cap,
+            gateway: Arc::default(),
         });
         shared.sync_listeners()?;
         for (_, server) in shared.state.snapshot().all_servers() {
@@ -178,6 +181,7 @@ impl Sclb {
             tokio::spawn(http::serve(listener, shared.clone()));
         }
         tokio::spawn(purge_loop(shared.clone()));
+        tokio::spawn(gateway::reaper(shared.clone()));
         discovery::sync_sources(&shared);
         if let Some(p) = global.state_file.clone() {
             tokio::spawn(save_loop(shared.clone(), p));

@@ -81,10 +81,20 @@ impl Backend {
     /// a live pin wins while its server takes pinned clients; otherwise the balancer picks
     /// among servers that take new clients, backups only when no active server does.
     pub fn choose(&self, client: IpAddr, tried: &[ServerId]) -> Option<(Arc<Server>, Choice)> {
+        let pin = self.stick.as_ref().and_then(|stick| stick.lookup(client));
+        self.choose_pinned(pin, client, tried)
+    }
+
+    /// [`Backend::choose`] with the pin given by the caller (the gateway's session registry)
+    /// instead of the stick table. `client` feeds `balance = "source"`.
+    pub fn choose_pinned(
+        &self,
+        pin: Option<ServerId>,
+        client: IpAddr,
+        tried: &[ServerId],
+    ) -> Option<(Arc<Server>, Choice)> {
         let mut choice = Choice::Balanced;
-        if let Some(stick) = &self.stick
-            && let Some(id) = stick.lookup(client)
-        {
+        if let Some(id) = pin {
             if let Some(s) = self.server(id)
                 && !tried.contains(&id)
                 && s.takes_pinned_clients()

@@ -497,6 +497,35 @@ pub fn servers_state(snap: &Snapshot, only: Option<&str>) -> String {
 }
 
 /// `show table`: a summary line per table, or one table's entries (optionally one key).
+/// `show sessions`: the gateway's live Spark sessions, oldest first.
+pub fn spark_sessions(shared: &Shared) -> String {
+    use std::fmt::Write;
+    let list = shared.gateway.registry.list();
+    let mut out = format!("# sessions: {}\n", list.len());
+    for s in &list {
+        let p = s.placement();
+        let _ = writeln!(
+            out,
+            "{}: user={} fe={} be={} srv={} src={} age={}s idle={}s rpcs={} streams={}",
+            s.key.session_id,
+            if s.key.user_id.is_empty() {
+                "-"
+            } else {
+                &s.key.user_id
+            },
+            s.frontend,
+            s.backend,
+            p.server_name,
+            s.client(),
+            s.age().as_secs(),
+            s.idle_for().as_secs(),
+            s.rpcs.load(std::sync::atomic::Ordering::Relaxed),
+            s.streams.load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
+    out
+}
+
 pub fn table(snap: &Snapshot, name: Option<&str>, key: Option<IpAddr>) -> Result<String, String> {
     let mut out = String::new();
     let header = |out: &mut String, be: &Backend| {

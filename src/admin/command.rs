@@ -55,6 +55,10 @@ pub enum Command {
         key: Option<IpAddr>,
     },
     ShowSess,
+    /// Gateway: live Spark sessions.
+    ShowSessions,
+    /// Gateway: end a Spark session (its streams close, sclb releases it on its server).
+    KillSession(String),
     SetState {
         target: Target,
         state: AdminState,
@@ -97,8 +101,9 @@ impl Command {
             | Command::ShowServersState(_)
             | Command::ShowTable { .. }
             | Command::ShowSess
+            | Command::ShowSessions
             | Command::WaitRemovable { .. } => AdminLevel::User,
-            Command::ClearTable { .. } => AdminLevel::Operator,
+            Command::ClearTable { .. } | Command::KillSession(_) => AdminLevel::Operator,
             _ => AdminLevel::Admin,
         }
     }
@@ -135,6 +140,8 @@ The following commands are valid at this level:
   show servers state [<backend>]          : dump volatile server information
   show table [<table>] [key <ip>]         : report table usage or dump a table's entries
   show sess                               : list live client connections
+  show sessions                           : list live Spark sessions (gateway frontends)
+  kill session <session_id>               : end a Spark session and close its streams
   clear table <table> [key <ip>]          : remove all pins of a table, or one
   disable server <bk>/<srv>               : put a server in maintenance (MAINT)
   enable server <bk>/<srv>                : take a server out of maintenance (READY)
@@ -241,7 +248,12 @@ pub fn parse(cmd: &str) -> Result<Command, String> {
         ["clear", "table"] => {
             return Err("Missing table name: 'clear table <table> [key <ip>]'.".into());
         }
+        ["show", "sessions"] => Command::ShowSessions,
         ["show", "sess", ..] => Command::ShowSess,
+        ["kill", "session", id] => Command::KillSession(id.to_string()),
+        ["kill", "session", ..] => {
+            return Err("Require 'session_id': 'kill session <session_id>'.".into());
+        }
         ["disable", "server", rest @ ..] => Command::SetState {
             target: target(rest.first())?,
             state: AdminState::Maint,

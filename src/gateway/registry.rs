@@ -1,0 +1,546 @@
+//! The gateway's session registry: every live Spark session, the server that holds it, and
+//! when it was last active. It is the gateway's stick table — a session's RPCs go where its
+//! first one went — and the record the reaper, `show sessions` and `/sessions` read.
+//!
+//! A session ends when its client releases it (`ReleaseSession`), when it has been idle for
+//! `idle_timeout` or alive for `max_ttl`, or when an operator kills it. Its streams are then
+//! closed (CANCELLED), one audit line is logged, and the key is remembered for a while, so
+//! that a client still using it is told what happened instead of being silently given a new,
+//! empty session somewhere else.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry as PromRegistry;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::server::ServerId;
+
+/// What a Spark server keys a session by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey {
+    pub session_id: String,
+    /// Empty when the client sent no user id.
+    pub user_id: String,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The client sent ReleaseSession (`spark.stop()`).
+    Released,
+    /// No message either way for `idle_timeout`.
+    Idle,
+    /// Older than `max_ttl`.
+    Ttl,
+    /// `kill session` or `DELETE /sessions/{id}`.
+    Killed,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Released => "released",
+            EndReason::Idle => "idle",
+            EndReason::Ttl => "ttl",
+            EndReason::Killed => "killed",
+        }
+    }
+
+    /// What a client still using the session is told.
+    pub fn explain(self) -> &'static str {
+        match self {
+            EndReason::Released => "was released by its client",
+            EndReason::Idle => "was closed by sclb after its idle timeout",
+            EndReason::Ttl => "was closed by sclb at its maximum lifetime",
+            EndReason::Killed => "was killed by an operator",
+        }
+    }
+}
+
+/// Where a session's RPCs go.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub server: ServerId,
+    pub server_name: Arc<str>,
+}
+
+pub struct Session {
+    pub key: SessionKey,
+    pub frontend: Arc<str>,
+    pub backend: Arc<str>,
+    placement: Mutex<Placement>,
+    client: Mutex<SocketAddr>,
+    pub created: SystemTime,
+    born: Instant,
+    /// Milliseconds since the registry's epoch.
+    last_activity: AtomicU64,
+    /// RPCs in flight.
+    pub streams: AtomicU64,
+    /// RPCs so far.
+    pub rpcs: AtomicU64,
+    kill: CancellationToken,
+    ended: Mutex<Option<EndReason>>,
+    epoch: Instant,
+}
+
+impl Session {
+    pub fn placement(&self) -> Placement {
+        self.placement.lock().unwrap().clone()
+    }
+
+    pub fn move_to(&self, p: Placement) {
+        *self.placement.lock().unwrap() = p;
+    }
+
+    pub fn client(&self) -> SocketAddr {
+        *self.client.lock().unwrap()
+    }
+
+    /// Records a message (either way) now.
+    pub fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_activity.fetch_max(ms, Relaxed);
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_activity.load(Relaxed)))
+    }
+
+    pub fn age(&self) -> Duration {
+        self.born.elapsed()
+    }
+
+    /// Resolves when the session ends; its streams then close.
+    pub fn killed(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.kill.clone().cancelled_owned()
+    }
+
+    pub fn end_reason(&self) -> Option<EndReason> {
+        *self.ended.lock().unwrap()
+    }
+
+    /// Counts one RPC in flight until the guard drops.
+    pub fn rpc_started(self: &Arc<Self>, client: SocketAddr) -> RpcGuard {
+        self.rpcs.fetch_add(1, Relaxed);
+        self.streams.fetch_add(1, Relaxed);
+        *self.client.lock().unwrap() = client;
+        self.touch();
+        RpcGuard(self.clone())
+    }
+}
+
+pub struct RpcGuard(Arc<Session>);
+
+impl Drop for RpcGuard {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Relaxed);
+        self.0.touch();
+    }
+}
+
+/// The `spark_connect_*` metrics, named as the gateway design names them.
+pub struct Metrics {
+    pub registry: PromRegistry,
+    pub sessions_active: Gauge,
+    pub sessions_created: Counter,
+    pub sessions_expired: Family<Vec<(String, String)>, Counter>,
+    pub requests: Family<Vec<(String, String)>, Counter>,
+    pub errors: Family<Vec<(String, String)>, Counter>,
+    pub session_duration: Histogram,
+    pub message_latency: Family<Vec<(String, String)>, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = PromRegistry::with_prefix("spark_connect");
+        let sessions_active = Gauge::default();
+        let sessions_created = Counter::default();
+        let sessions_expired = Family::<Vec<(String, String)>, Counter>::default();
+        let requests = Family::<Vec<(String, String)>, Counter>::default();
+        let errors = Family::<Vec<(String, String)>, Counter>::default();
+        // 1 s .. ~9 h
+        let session_duration = Histogram::new(exponential_buckets(1.0, 3.0, 11));
+        let message_latency =
+            Family::<Vec<(String, String)>, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            });
+        registry.register(
+            "sessions_active",
+            "Spark sessions the gateway routes now.",
+            sessions_active.clone(),
+        );
+        registry.register(
+            "sessions_created",
+            "Spark sessions seen for the first time.",
+            sessions_created.clone(),
+        );
+        registry.register(
+            "sessions_expired",
+            "Spark sessions ended, by reason (released, idle, ttl, killed).",
+            sessions_expired.clone(),
+        );
+        registry.register(
+            "proxy_requests",
+            "RPCs forwarded, by method and gRPC status.",
+            requests.clone(),
+        );
+        registry.register(
+            "proxy_errors",
+            "RPCs sclb answered with an error itself, by reason.",
+            errors.clone(),
+        );
+        registry.register(
+            "session_duration_seconds",
+            "Lifetime of ended Spark sessions.",
+            session_duration.clone(),
+        );
+        registry.register(
+            "message_latency_seconds",
+            "Time from an RPC's request to its response headers from the server, by method.",
+            message_latency.clone(),
+        );
+        Metrics {
+            registry,
+            sessions_active,
+            sessions_created,
+            sessions_expired,
+            requests,
+            errors,
+            session_duration,
+            message_latency,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn error(&self, reason: &str) {
+        self.errors
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    pub fn request(&self, method: &str, code: &str) {
+        self.requests
+            .get_or_create(&vec![
+                ("method".into(), method.into()),
+                ("code".into(), code.into()),
+            ])
+            .inc();
+    }
+}
+
+/// How many ended sessions are remembered, and for how long.
+const TOMBSTONES: usize = 100_000;
+const TOMBSTONE_TTL: Duration = Duration::from_secs(4 * 3600);
+
+#[derive(Default)]
+struct Inner {
+    live: HashMap<SessionKey, Arc<Session>>,
+    ended: HashMap<SessionKey, (EndReason, Instant)>,
+    ended_order: VecDeque<(SessionKey, Instant)>,
+}
+
+pub struct Registry {
+    inner: Mutex<Inner>,
+    epoch: Instant,
+    pub metrics: Metrics,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            inner: Mutex::default(),
+            epoch: Instant::now(),
+            metrics: Metrics::default(),
+        }
+    }
+}
+
+/// What [`Registry::admit`] found.
+pub enum Admit {
+    /// A live session (maybe just created by this RPC).
+    Live { session: Arc<Session>, new: bool },
+    /// The session ended; the client must start a new one.
+    Ended(EndReason),
+    /// `max` sessions are live.
+    Full,
+}
+
+/// Identity of a new session.
+pub struct NewSession<'a> {
+    pub frontend: &'a Arc<str>,
+    pub backend: &'a Arc<str>,
+    pub client: SocketAddr,
+    pub max: usize,
+}
+
+impl Registry {
+    pub fn lookup(&self, key: &SessionKey) -> Option<Arc<Session>> {
+        self.inner.lock().unwrap().live.get(key).cloned()
+    }
+
+    /// The live session for `key`, created on `place` (called only for a new session) if there
+    /// is none. Two first RPCs racing for one new session agree on one server.
+    pub fn admit(
+        &self,
+        key: &SessionKey,
+        new: NewSession<'_>,
+        place: impl FnOnce() -> Option<Placement>,
+    ) -> Option<Admit> {
+        {
+            let inner = self.inner.lock().unwrap();
+            if let Some(s) = inner.live.get(key) {
+                return Some(Admit::Live {
+                    session: s.clone(),
+                    new: false,
+                });
+            }
+            if let Some((reason, _)) = inner.ended.get(key) {
+                return Some(Admit::Ended(*reason));
+            }
+            if inner.live.len() >= new.max {
+                return Some(Admit::Full);
+            }
+        }
+        let placement = place()?;
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(s) = inner.live.get(key) {
+            return Some(Admit::Live {
+                session: s.clone(),
+                new: false,
+            });
+        }
+        let s = Arc::new(Session {
+            key: key.clone(),
+            frontend: new.frontend.clone(),
+            backend: new.backend.clone(),
+            placement: Mutex::new(placement),
+            client: Mutex::new(new.client),
+            created: SystemTime::now(),
+            born: Instant::now(),
+            last_activity: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            streams: AtomicU64::new(0),
+            rpcs: AtomicU64::new(0),
+            kill: CancellationToken::new(),
+            ended: Mutex::new(None),
+            epoch: self.epoch,
+        });
+        inner.live.insert(key.clone(), s.clone());
+        self.metrics.sessions_created.inc();
+        self.metrics.sessions_active.set(inner.live.len() as i64);
+        drop(inner);
+        let p = s.placement();
+        info!(
+            session = %key.session_id,
+            user = %key.user_id,
+            client = %new.client,
+            backend = %new.backend,
+            server = %p.server_name,
+            "session created"
+        );
+        Some(Admit::Live {
+            session: s,
+            new: true,
+        })
+    }
+
+    /// Ends a session: closes its streams, remembers why, logs the audit line. `None` if it
+    /// had already ended.
+    pub fn end(&self, key: &SessionKey, reason: EndReason) -> Option<Arc<Session>> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap();
+        let s = inner.live.remove(key)?;
+        inner.ended.insert(key.clone(), (reason, now));
+        inner.ended_order.push_back((key.clone(), now));
+        while inner.ended_order.len() > TOMBSTONES
+            || inner
+                .ended_order
+                .front()
+                .is_some_and(|(_, at)| at.elapsed() > TOMBSTONE_TTL)
+        {
+            let Some((k, at)) = inner.ended_order.pop_front() else {
+                break;
+            };
+            if inner.ended.get(&k).is_some_and(|(_, t)| *t == at) {
+                inner.ended.remove(&k);
+            }
+        }
+        self.metrics.sessions_active.set(inner.live.len() as i64);
+        drop(inner);
+        *s.ended.lock().unwrap() = Some(reason);
+        s.kill.cancel();
+        self.metrics
+            .sessions_expired
+            .get_or_create(&vec![("reason".into(), reason.as_str().into())])
+            .inc();
+        self.metrics.session_duration.observe(s.age().as_secs_f64());
+        let p = s.placement();
+        info!(
+            target: "sclb::audit",
+            session = %key.session_id,
+            user = %key.user_id,
+            client = %s.client(),
+            backend = %s.backend,
+            server = %p.server_name,
+            age_s = s.age().as_secs(),
+            idle_s = s.idle_for().as_secs(),
+            rpcs = s.rpcs.load(Relaxed),
+            reason = reason.as_str(),
+            "session ended: {}",
+            reason.explain()
+        );
+        Some(s)
+    }
+
+    /// Ends every live session whose id is `session_id` (any user); returns how many.
+    pub fn kill(&self, session_id: &str) -> Vec<Arc<Session>> {
+        let keys: Vec<SessionKey> = self
+            .inner
+            .lock()
+            .unwrap()
+            .live
+            .keys()
+            .filter(|k| k.session_id == session_id)
+            .cloned()
+            .collect();
+        keys.iter()
+            .filter_map(|k| self.end(k, EndReason::Killed))
+            .collect()
+    }
+
+    /// Live sessions, oldest first.
+    pub fn list(&self) -> Vec<Arc<Session>> {
+        let mut v: Vec<Arc<Session>> = self.inner.lock().unwrap().live.values().cloned().collect();
+        v.sort_by_key(|s| (s.created, s.key.clone()));
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ends the sessions past their limits; `limits` gives (idle_timeout, max_ttl) for a
+    /// session's frontend. Returns the ended sessions.
+    pub fn reap(
+        &self,
+        limits: impl Fn(&str) -> (Duration, Duration),
+    ) -> Vec<(Arc<Session>, EndReason)> {
+        let due: Vec<(SessionKey, EndReason)> = self
+            .inner
+            .lock()
+            .unwrap()
+            .live
+            .values()
+            .filter_map(|s| {
+                let (idle, ttl) = limits(&s.frontend);
+                if s.age() >= ttl {
+                    Some((s.key.clone(), EndReason::Ttl))
+                } else if s.idle_for() >= idle && s.streams.load(Relaxed) == 0 {
+                    Some((s.key.clone(), EndReason::Idle))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        due.into_iter()
+            .filter_map(|(k, r)| self.end(&k, r).map(|s| (s, r)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str) -> SessionKey {
+        SessionKey {
+            session_id: id.into(),
+            user_id: "alice".into(),
+        }
+    }
+
+    fn place(n: u64) -> Option<Placement> {
+        Some(Placement {
+            server: ServerId(n),
+            server_name: format!("sc{n}").into(),
+        })
+    }
+
+    fn admit(r: &Registry, id: &str, n: u64) -> Admit {
+        let (fe, be): (Arc<str>, Arc<str>) = ("gw".into(), "spark".into());
+        let new = NewSession {
+            frontend: &fe,
+            backend: &be,
+            client: "127.0.0.1:1".parse().unwrap(),
+            max: 2,
+        };
+        r.admit(&key(id), new, || place(n)).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_stays_where_it_started_until_it_ends() {
+        let r = Registry::default();
+        let Admit::Live { session, new: true } = admit(&r, "a", 1) else {
+            panic!("first RPC creates the session");
+        };
+        let Admit::Live {
+            session: again,
+            new: false,
+        } = admit(&r, "a", 2)
+        else {
+            panic!("second RPC finds it");
+        };
+        assert!(Arc::ptr_eq(&session, &again));
+        assert_eq!(again.placement().server, ServerId(1));
+        assert!(matches!(admit(&r, "b", 2), Admit::Live { new: true, .. }));
+        assert!(matches!(admit(&r, "c", 2), Admit::Full));
+
+        let killed = session.killed();
+        assert_eq!(r.kill("a").len(), 1);
+        killed.await;
+        assert!(matches!(admit(&r, "a", 1), Admit::Ended(EndReason::Killed)));
+        assert_eq!(r.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_sessions_and_old_ones_are_reaped_busy_ones_only_at_ttl() {
+        let r = Registry::default();
+        let limits = |_: &str| (Duration::from_secs(60), Duration::from_secs(300));
+        let Admit::Live { session: idle, .. } = admit(&r, "idle", 1) else {
+            panic!()
+        };
+        let Admit::Live { session: busy, .. } = admit(&r, "busy", 1) else {
+            panic!()
+        };
+        let _rpc = busy.rpc_started("127.0.0.1:2".parse().unwrap());
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(r.reap(limits).is_empty());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let reaped = r.reap(limits);
+        assert_eq!(reaped.len(), 1);
+        assert_eq!(reaped[0].0.key, idle.key);
+        assert_eq!(reaped[0].1, EndReason::Idle);
+        // A long RPC keeps its session past the idle timeout, not past the TTL.
+        tokio::time::advance(Duration::from_secs(240)).await;
+        let reaped = r.reap(limits);
+        assert_eq!(reaped.len(), 1);
+        assert_eq!(reaped[0].1, EndReason::Ttl);
+        assert_eq!(busy.end_reason(), Some(EndReason::Ttl));
+        assert!(r.is_empty());
+    }
+}

@@ -1,0 +1,199 @@
+//! gRPC statuses the gateway raises itself, sent the way a gRPC server sends them: a
+//! "trailers-only" response (HTTP 200, `content-type: application/grpc`, `grpc-status`,
+//! `grpc-message`) and, where a retry will help, `grpc-status-details-bin` holding a
+//! `google.rpc.Status` with a `google.rpc.RetryInfo` (Spark 4.2 clients wait that long).
+
+use std::time::Duration;
+
+use base64::Engine;
+use http::{HeaderMap, HeaderValue};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+
+/// The gRPC status codes sclb uses (grpc/doc/statuscodes.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Ok = 0,
+    Cancelled = 1,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Ok => "OK",
+            Code::Cancelled => "CANCELLED",
+            Code::InvalidArgument => "INVALID_ARGUMENT",
+            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Code::NotFound => "NOT_FOUND",
+            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Code::FailedPrecondition => "FAILED_PRECONDITION",
+            Code::Unimplemented => "UNIMPLEMENTED",
+            Code::Internal => "INTERNAL",
+            Code::Unavailable => "UNAVAILABLE",
+        }
+    }
+}
+
+/// The name of a numeric `grpc-status`, for logs and metric labels.
+pub fn code_name(code: u32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// An error status raised by sclb.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub code: Code,
+    pub message: String,
+    /// Sent as `google.rpc.RetryInfo.retry_delay`: the client may retry after this long.
+    pub retry_after: Option<Duration>,
+}
+
+impl Status {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Status {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// UNAVAILABLE with a RetryInfo: what a client should retry (Spark clients retry
+    /// UNAVAILABLE; 4.2 waits `after`).
+    pub fn unavailable(message: impl Into<String>, after: Duration) -> Self {
+        Status {
+            code: Code::Unavailable,
+            message: message.into(),
+            retry_after: Some(after),
+        }
+    }
+
+    /// The status as gRPC headers (or trailers).
+    pub fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-status", HeaderValue::from(self.code as u32));
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&self.message)) {
+            h.insert("grpc-message", v);
+        }
+        let details = base64::engine::general_purpose::STANDARD_NO_PAD.encode(self.details());
+        if let Ok(v) = HeaderValue::from_str(&details) {
+            h.insert("grpc-status-details-bin", v);
+        }
+        h
+    }
+
+    /// `google.rpc.Status { code, message, details: [Any(RetryInfo)] }`, protobuf-encoded.
+    pub fn details(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.code != Code::Ok {
+            encode_key(1, WireType::Varint, &mut out);
+            encode_varint(self.code as u64, &mut out);
+        }
+        if !self.message.is_empty() {
+            bytes_field(2, self.message.as_bytes(), &mut out);
+        }
+        if let Some(d) = self.retry_after {
+            // google.protobuf.Duration { seconds = 1, nanos = 2 }
+            let mut dur = Vec::new();
+            if d.as_secs() > 0 {
+                encode_key(1, WireType::Varint, &mut dur);
+                encode_varint(d.as_secs(), &mut dur);
+            }
+            if d.subsec_nanos() > 0 {
+                encode_key(2, WireType::Varint, &mut dur);
+                encode_varint(u64::from(d.subsec_nanos()), &mut dur);
+            }
+            // google.rpc.RetryInfo { retry_delay = 1 }
+            let mut retry = Vec::new();
+            bytes_field(1, &dur, &mut retry);
+            // google.protobuf.Any { type_url = 1, value = 2 }
+            let mut any = Vec::new();
+            bytes_field(1, b"type.googleapis.com/google.rpc.RetryInfo", &mut any);
+            bytes_field(2, &retry, &mut any);
+            bytes_field(3, &any, &mut out);
+        }
+        out
+    }
+}
+
+fn bytes_field(tag: u32, value: &[u8], out: &mut Vec<u8>) {
+    encode_key(tag, WireType::LengthDelimited, out);
+    out.reserve(encoded_len_varint(value.len() as u64) + value.len());
+    encode_varint(value.len() as u64, out);
+    out.extend_from_slice(value);
+}
+
+/// `grpc-message` encoding: printable ASCII except `%` as is, every other byte as `%XX`.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_carries_a_retry_info_google_can_read() {
+        let s = Status::unavailable("no server", Duration::from_millis(1500));
+        let h = s.headers();
+        assert_eq!(h["grpc-status"], "14");
+        assert_eq!(h["grpc-message"], "no server");
+        let bin = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(h["grpc-status-details-bin"].as_bytes())
+            .unwrap();
+        // Status{code=14, message="no server", details=[Any{type_url, value=RetryInfo{
+        // retry_delay=Duration{seconds=1, nanos=500000000}}}]}, as protoc encodes it.
+        let mut want = vec![0x08, 14, 0x12, 9];
+        want.extend_from_slice(b"no server");
+        let url = b"type.googleapis.com/google.rpc.RetryInfo";
+        let dur = [0x08, 1, 0x10, 0x80, 0xca, 0xb5, 0xee, 0x01];
+        let retry_len = 2 + dur.len();
+        let any_len = 2 + url.len() + 2 + retry_len;
+        want.extend_from_slice(&[0x1a, any_len as u8, 0x0a, url.len() as u8]);
+        want.extend_from_slice(url);
+        want.extend_from_slice(&[0x12, retry_len as u8, 0x0a, dur.len() as u8]);
+        want.extend_from_slice(&dur);
+        assert_eq!(bin, want);
+    }
+
+    #[test]
+    fn messages_are_percent_encoded() {
+        assert_eq!(percent_encode("50% über"), "50%25 %C3%BCber");
+        let h = Status::new(Code::NotFound, "spark app \"x\"\n").headers();
+        assert_eq!(h["grpc-message"], "spark app \"x\"%0A");
+        assert_eq!(h["grpc-status"], "5");
+    }
+}
