@@ -211,7 +211,15 @@ pub fn rows(shared: &Shared) -> Vec<Row> {
         r.set("iid", iid);
         r.set("sid", 0);
         r.set("type", 0);
-        r.set("mode", "tcp");
+        // HAProxy's word for an HTTP/2 proxy; sclb's gateway is one.
+        r.set(
+            "mode",
+            if fe.config.grpc.is_some() {
+                "http"
+            } else {
+                "tcp"
+            },
+        );
         r.set("conn_tot", c.total.load(Relaxed));
         out.push(r);
     }

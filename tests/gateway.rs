@@ -251,6 +251,18 @@ async fn unknown_methods_get_unimplemented_and_the_metrics_count_rpcs() {
         "sclb's own metrics are still there"
     );
     assert!(m.trim_end().ends_with("# EOF"));
+
+    // show stat: the gateway is an HTTP proxy to HAProxy's eyes; a server counts RPC streams.
+    let stat = gw.admin("show stat").await;
+    let header: Vec<&str> = stat.lines().next().unwrap()[2..].split(',').collect();
+    let col = |row: &str, name: &str| {
+        let pos = header.iter().position(|h| *h == name).unwrap();
+        let line = stat.lines().find(|l| l.starts_with(row)).unwrap();
+        line.split(',').nth(pos).unwrap().to_string()
+    };
+    assert_eq!(col("gw,FRONTEND,", "mode"), "http");
+    assert_eq!(col("spark,sc1,", "stot"), "3");
+    assert_eq!(col("spark,sc1,", "scur"), "0");
 }
 
 #[tokio::test]
