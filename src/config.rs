@@ -127,6 +127,49 @@ pub struct GrpcConfig {
     pub cleanup_interval: Duration,
     /// Most sessions the registry holds; a new session beyond it gets RESOURCE_EXHAUSTED.
     pub max_sessions: usize,
+    /// Request headers that route a session (`[frontend.route]`).
+    pub route: RouteHeaders,
+    /// Create a driver per new session (`[frontend.on_demand]`).
+    pub on_demand: Option<OnDemand>,
+}
+
+/// Header names (lowercase) the gateway routes by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteHeaders {
+    /// Names the SparkConnect/SparkApplication (or server) to route to.
+    pub session: String,
+    pub namespace: String,
+    pub team: String,
+    pub environment: String,
+}
+
+impl Default for RouteHeaders {
+    fn default() -> Self {
+        RouteHeaders {
+            session: "x-spark-session-id".into(),
+            namespace: "x-spark-namespace".into(),
+            team: "x-spark-team".into(),
+            environment: "x-spark-environment".into(),
+        }
+    }
+}
+
+/// On-demand drivers: a new Spark session without a routing header gets its own SparkConnect
+/// (or SparkApplication), created from `template` in the backend's Kubernetes cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnDemand {
+    /// A YAML manifest; `{name}`, `{namespace}`, `{team}`, `{environment}` are filled in.
+    pub template: PathBuf,
+    /// Pattern of the object's name; `{random}` is 8 random characters.
+    pub name: String,
+    /// Pattern of its namespace.
+    pub namespace: String,
+    /// How long the session's first RPC waits for the driver to be ready.
+    pub ready_timeout: Duration,
+    pub max_sessions_per_team: Option<usize>,
+    /// Team and environment when the client sends none.
+    pub default_team: Option<String>,
+    pub default_environment: Option<String>,
 }
 
 impl Default for GrpcConfig {
@@ -136,6 +179,8 @@ impl Default for GrpcConfig {
             max_ttl: Duration::from_secs(4 * 3600),
             cleanup_interval: Duration::from_secs(60),
             max_sessions: 100_000,
+            route: RouteHeaders::default(),
+            on_demand: None,
         }
     }
 }
@@ -445,6 +490,29 @@ fn read_config(path: &Path, root: Table<'_, '_>) -> Option<Config> {
             && !be_names.contains(&be)
         {
             t.error("backend", format!("backend \"{be}\" is not defined"));
+        }
+    }
+    for (fe, t) in frontends.iter().zip(&fe_tables) {
+        let Some(fe) = fe else { continue };
+        if fe.grpc.as_ref().is_some_and(|g| g.on_demand.is_some()) {
+            let kind = backends
+                .iter()
+                .flatten()
+                .find(|b| b.name == fe.backend)
+                .and_then(|b| b.discovery.as_ref())
+                .map(|d| d.kind);
+            if !matches!(
+                kind,
+                Some(KubernetesKind::SparkConnects | KubernetesKind::SparkApplications)
+            ) {
+                t.error(
+                    "on_demand",
+                    format!(
+                        "backend \"{}\" must discover sparkconnects or sparkapplications ([backend.discovery.kubernetes] kind) for on-demand drivers to join it",
+                        fe.backend
+                    ),
+                );
+            }
         }
     }
     let mut binds = HashSet::new();
@@ -903,7 +971,16 @@ fn check_name(t: Table<'_, '_>) -> Option<String> {
 
 fn read_frontend(t: Table<'_, '_>, d: &Defaults) -> Option<Frontend> {
     t.allow(&[
-        "name", "bind", "backend", "maxconn", "timeout", "backlog", "mode", "sessions",
+        "name",
+        "bind",
+        "backend",
+        "maxconn",
+        "timeout",
+        "backlog",
+        "mode",
+        "sessions",
+        "route",
+        "on_demand",
     ]);
     let name = check_name(t);
     let mut binds = Vec::new();
@@ -945,7 +1022,7 @@ fn read_frontend(t: Table<'_, '_>, d: &Defaults) -> Option<Frontend> {
     let backlog = t.int("backlog", 1, 65535).map(|n| n as u32).unwrap_or(4096);
     let grpc_mode = t.choice("mode", &[("tcp", false), ("grpc", true)]);
     let spath = join(t.path, "sessions");
-    let grpc = match (grpc_mode, t.table("sessions", &spath)) {
+    let mut grpc = match (grpc_mode, t.table("sessions", &spath)) {
         (Some(true), Some(st)) => {
             st.allow(&["idle_timeout", "max_ttl", "cleanup_interval", "max"]);
             let mut g = GrpcConfig::default();
@@ -975,6 +1052,22 @@ fn read_frontend(t: Table<'_, '_>, d: &Defaults) -> Option<Frontend> {
         }
         _ => None,
     };
+    let rpath = join(t.path, "route");
+    let opath = join(t.path, "on_demand");
+    for (key, table) in [
+        ("route", t.table("route", &rpath)),
+        ("on_demand", t.table("on_demand", &opath)),
+    ] {
+        match (&mut grpc, table) {
+            (Some(g), Some(tt)) if key == "route" => read_route(tt, &mut g.route),
+            (Some(g), Some(tt)) => g.on_demand = read_on_demand(tt),
+            (None, Some(_)) if grpc_mode != Some(true) => t.error(
+                key,
+                "only a gateway frontend routes Spark sessions: add mode = \"grpc\"",
+            ),
+            _ => {}
+        }
+    }
     Some(Frontend {
         name: name?,
         binds: if binds_ok { binds } else { return None },
@@ -983,6 +1076,110 @@ fn read_frontend(t: Table<'_, '_>, d: &Defaults) -> Option<Frontend> {
         timeout_client: timeouts.client.unwrap_or(DEFAULT_IDLE),
         backlog,
         grpc,
+    })
+}
+
+fn read_route(t: Table<'_, '_>, r: &mut RouteHeaders) {
+    t.allow(&[
+        "session_header",
+        "namespace_header",
+        "team_header",
+        "environment_header",
+    ]);
+    for (key, slot) in [
+        ("session_header", &mut r.session),
+        ("namespace_header", &mut r.namespace),
+        ("team_header", &mut r.team),
+        ("environment_header", &mut r.environment),
+    ] {
+        if let Some(v) = t.str(key) {
+            let ok = !v.is_empty()
+                && v.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !v.starts_with("grpc-");
+            if ok {
+                *slot = v.to_string();
+            } else {
+                t.error(
+                    key,
+                    format!("\"{v}\" is not a usable header name: lowercase letters, digits and '-', not grpc-*"),
+                );
+            }
+        }
+    }
+}
+
+fn read_on_demand(t: Table<'_, '_>) -> Option<OnDemand> {
+    t.allow(&[
+        "template",
+        "name",
+        "namespace",
+        "ready_timeout",
+        "max_sessions_per_team",
+        "default_team",
+        "default_environment",
+    ]);
+    let template = if t.required("template") {
+        t.str("template").map(PathBuf::from)
+    } else {
+        None
+    };
+    if let Some(p) = &template
+        && let Err(e) = std::fs::metadata(p)
+    {
+        t.error("template", format!("cannot read {}: {e}", p.display()));
+    }
+    let pattern = |key: &str, default: &str| {
+        let v = t.str(key).unwrap_or(default).to_string();
+        let mut rest = v.as_str();
+        while let Some(i) = rest.find('{') {
+            let Some(j) = rest[i..].find('}') else {
+                t.error(key, format!("unclosed '{{' in \"{v}\""));
+                return None;
+            };
+            let word = &rest[i + 1..i + j];
+            if !matches!(word, "team" | "environment" | "random") {
+                t.error(
+                    key,
+                    format!("unknown placeholder {{{word}}} in \"{v}\": use {{team}}, {{environment}} or {{random}}"),
+                );
+                return None;
+            }
+            rest = &rest[i + j + 1..];
+        }
+        Some(v)
+    };
+    let name = pattern("name", "spark-connect-{team}-{random}");
+    let namespace = pattern("namespace", "sjns-{team}-{environment}");
+    let label = |key: &str| {
+        let v = t.str(key)?;
+        if crate::gateway::ondemand::is_dns_label(v) {
+            Some(v.to_string())
+        } else {
+            t.error(
+                key,
+                format!("\"{v}\" is not a DNS label (a-z, 0-9, '-', at most 63)"),
+            );
+            None
+        }
+    };
+    // Every field is read (and its errors reported) before a missing one ends the table.
+    let ready_timeout = t
+        .duration("ready_timeout")
+        .unwrap_or(Duration::from_secs(300));
+    let max_sessions_per_team = t
+        .int("max_sessions_per_team", 1, 1_000_000)
+        .map(|n| n as usize);
+    let default_team = label("default_team");
+    let default_environment = label("default_environment");
+    Some(OnDemand {
+        template: template?,
+        name: name?,
+        namespace: namespace?,
+        ready_timeout,
+        max_sessions_per_team,
+        default_team,
+        default_environment,
     })
 }
 

@@ -12,6 +12,7 @@
 
 pub mod body;
 pub mod decode;
+pub mod ondemand;
 pub mod registry;
 pub mod status;
 pub mod upstream;
@@ -35,7 +36,9 @@ use tracing::{debug, info};
 
 use body::{DownBody, DownStream, ServerStream, Track, UpBody, kill_signal};
 use decode::{DecodeError, Method, RoutingKey};
-use registry::{Admit, EndReason, NewSession, Placement, Registry, Session, SessionKey};
+use registry::{
+    Admit, EndReason, NewSession, Placement, Registry, Session, SessionKey, SessionMeta,
+};
 use status::{Code, Status};
 
 use crate::Shared;
@@ -47,6 +50,7 @@ use crate::state::{Backend, Choice, FrontendCounters};
 pub struct Gateway {
     pub registry: Registry,
     pub upstreams: upstream::Upstreams,
+    pub ondemand: ondemand::OnDemandState,
 }
 
 /// How much of a request body is buffered to find its routing key. PySpark sends
@@ -218,17 +222,11 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
     };
     let m = method.name();
     let snap = cx.shared.state.snapshot();
-    let Some((backend, timeout_client, max_sessions)) =
-        snap.frontend(&cx.frontend).and_then(|fe| {
-            let b = snap.backend(&fe.config.backend)?.clone();
-            let max = fe
-                .config
-                .grpc
-                .as_ref()
-                .map_or(usize::MAX, |g| g.max_sessions);
-            Some((b, fe.config.timeout_client, max))
-        })
-    else {
+    let Some((backend, timeout_client, grpc_cfg)) = snap.frontend(&cx.frontend).and_then(|fe| {
+        let b = snap.backend(&fe.config.backend)?.clone();
+        let g = fe.config.grpc.clone().unwrap_or_default();
+        Some((b, fe.config.timeout_client, g))
+    }) else {
         return cx.refuse(
             m,
             "no_frontend",
@@ -259,10 +257,25 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
         }
     };
 
-    let (session, server) = match route(&cx, &backend, method, key.as_ref(), max_sessions) {
+    let (session, server) = match route(
+        &cx,
+        &backend,
+        &grpc_cfg,
+        &parts.headers,
+        method,
+        key.as_ref(),
+    )
+    .await
+    {
         Ok(r) => r,
         Err((reason, st)) => return cx.refuse(m, reason, st),
     };
+    // Tell an on-demand (or header-routed) session's client the name of its driver.
+    let app_header = session
+        .as_ref()
+        .and_then(|s| s.meta.app.as_deref())
+        .and_then(|a| HeaderValue::from_str(a).ok())
+        .map(|v| (grpc_cfg.route.session.clone(), v));
 
     // Connect (or reuse the server's connection). A session's first RPC, or one without a
     // session, may move to another server; a session with a history stays and the client
@@ -400,9 +413,9 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
         {
             gw.registry.end(&s.key, EndReason::Released);
         }
-        return Response::from_parts(parts, DownBody::Empty);
+        return with_app(Response::from_parts(parts, DownBody::Empty), app_header);
     }
-    Response::from_parts(
+    let resp = Response::from_parts(
         parts,
         DownBody::Stream(Box::new(DownStream {
             inner,
@@ -414,18 +427,61 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
             server_stream,
             done: false,
         })),
-    )
+    );
+    with_app(resp, app_header)
+}
+
+fn with_app(mut r: Response<DownBody>, app: Option<(String, HeaderValue)>) -> Response<DownBody> {
+    if let Some((name, v)) = app
+        && let Ok(name) = http::HeaderName::from_bytes(name.as_bytes())
+    {
+        r.headers_mut().insert(name, v);
+    }
+    r
 }
 
 type Refusal = (&'static str, Status);
 
-/// The session an RPC belongs to and the server it goes to.
-fn route(
+fn header<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// The server named `name` (a discovered SparkConnect/SparkApplication, or a server of the
+/// config) in `namespace`: discovery names servers `namespace/name` when it watches several
+/// namespaces, `name` when it watches one.
+fn named_server(backend: &Backend, namespace: Option<&str>, name: &str) -> Option<Arc<Server>> {
+    let qualified = namespace.map(|ns| format!("{ns}/{name}"));
+    let watched_one = backend
+        .config
+        .discovery
+        .as_ref()
+        .map(|d| d.namespaces.as_slice());
+    let plain_ok = match (namespace, watched_one) {
+        (None, _) | (_, None) => true,
+        (Some(ns), Some([only])) => only == ns,
+        (Some(_), Some(_)) => false,
+    };
+    backend
+        .servers
+        .iter()
+        .find(|s| qualified.as_deref() == Some(&*s.name) || (plain_ok && &*s.name == name))
+        .cloned()
+}
+
+/// The session an RPC belongs to and the server it goes to, by the gateway's three routes:
+/// a header naming the driver, an on-demand driver for a new session, or the session's pin
+/// (balanced when new).
+async fn route(
     cx: &Conn,
     backend: &Arc<Backend>,
+    g: &crate::config::GrpcConfig,
+    headers: &http::HeaderMap,
     method: Method,
     key: Option<&RoutingKey>,
-    max_sessions: usize,
 ) -> Result<(Option<Arc<Session>>, Arc<Server>), Refusal> {
     let no_server = || {
         (
@@ -439,29 +495,94 @@ fn route(
             ),
         )
     };
+    let gw = &cx.shared.gateway;
+    let namespace = header(headers, &g.route.namespace);
+    // 1. A header names the driver.
+    let named = match header(headers, &g.route.session) {
+        Some(name) => {
+            let Some(s) = named_server(backend, namespace, name) else {
+                return Err((
+                    "not_found",
+                    Status::new(
+                        Code::NotFound,
+                        format!(
+                            "sclb: no SparkConnect or SparkApplication named {name}{} serves in backend {}",
+                            namespace.map_or(String::new(), |ns| format!(" in namespace {ns}")),
+                            backend.config.name
+                        ),
+                    ),
+                ));
+            };
+            if !s.takes_pinned_clients() {
+                return Err((
+                    "not_ready",
+                    Status::unavailable(
+                        format!("sclb: {name} is {}", s.status()),
+                        Duration::from_secs(2),
+                    ),
+                ));
+            }
+            Some((s, name.to_string()))
+        }
+        None => None,
+    };
     let Some(k) = key else {
+        if let Some((s, _)) = named {
+            return Ok((None, s));
+        }
         let (s, _) = backend
             .choose_pinned(None, cx.peer.ip(), &[])
             .ok_or_else(no_server)?;
         return Ok((None, s));
     };
-    let gw = &cx.shared.gateway;
     let skey = SessionKey {
         session_id: k.session_id.clone(),
         user_id: k.user_id.clone().unwrap_or_default(),
     };
     let ip = session_hash_ip(&skey);
     let backend_name: Arc<str> = backend.config.name.as_str().into();
+    let mut meta = SessionMeta::default();
+    let mut fixed: Option<Arc<Server>> = None;
+    match (&named, gw.registry.find(&skey)) {
+        (_, Some(Err(reason))) => {
+            return Err((
+                "session_ended",
+                Status::new(
+                    Code::FailedPrecondition,
+                    format!(
+                        "sclb: Spark session {} {}; stop it and create a new SparkSession",
+                        skey.session_id,
+                        reason.explain()
+                    ),
+                ),
+            ));
+        }
+        (Some((s, name)), _) => {
+            meta.app = Some(name.clone());
+            meta.namespace = namespace.map(str::to_string);
+            fixed = Some(s.clone());
+        }
+        // 2. A new session, no header: its own driver.
+        (None, None) if g.on_demand.is_some() => {
+            let (s, m) = on_demand(cx, backend, g, headers, &skey).await?;
+            meta = m;
+            fixed = Some(s);
+        }
+        _ => {}
+    }
+    // 3. The session's pin (balanced for a new session).
     let new = NewSession {
+        meta,
         frontend: &cx.frontend,
         backend: &backend_name,
         client: cx.peer,
-        max: max_sessions,
+        max: g.max_sessions,
     };
-    let admitted = gw.registry.admit(&skey, new, || {
-        backend
+    let admitted = gw.registry.admit(&skey, new, || match &fixed {
+        Some(s) => Some(placement(s)),
+        None => backend
             .choose_pinned(None, ip, &[])
-            .map(|(s, _)| placement(&s))
+            .map(|(s, _)| placement(&s)),
     });
     let session = match admitted {
         None => return Err(no_server()),
@@ -471,7 +592,8 @@ fn route(
                 Status::new(
                     Code::ResourceExhausted,
                     format!(
-                        "sclb: {max_sessions} Spark sessions are open, the most this gateway holds"
+                        "sclb: {} Spark sessions are open, the most this gateway holds",
+                        g.max_sessions
                     ),
                 ),
             ));
@@ -492,9 +614,13 @@ fn route(
         Some(Admit::Live { session, .. }) => session,
     };
     let was = session.placement();
-    let (server, choice) = backend
-        .choose_pinned(Some(was.server), ip, &[])
-        .ok_or_else(no_server)?;
+    let (server, choice) = match fixed {
+        Some(s) if s.id == was.server => (s, Choice::Pinned),
+        Some(s) => (s, Choice::Balanced),
+        None => backend
+            .choose_pinned(Some(was.server), ip, &[])
+            .ok_or_else(no_server)?,
+    };
     if choice != Choice::Pinned {
         session.move_to(placement(&server));
         backend.note_repin(cx.peer.ip(), was.server, server.id);
@@ -518,15 +644,140 @@ fn route(
             user_id: skey.user_id.clone(),
         };
         let new = NewSession {
+            meta: SessionMeta {
+                created: false,
+                ..session.meta.clone()
+            },
             frontend: &cx.frontend,
             backend: &backend_name,
             client: cx.peer,
-            max: max_sessions,
+            max: g.max_sessions,
         };
         gw.registry
             .admit(&clone_key, new, || Some(placement(&server)));
     }
     Ok((Some(session), server))
+}
+
+/// Route 2: creates (or keeps waiting for) the driver of a new session and returns it once
+/// discovery reports it ready, within `ready_timeout`.
+async fn on_demand(
+    cx: &Conn,
+    backend: &Arc<Backend>,
+    g: &crate::config::GrpcConfig,
+    headers: &http::HeaderMap,
+    skey: &SessionKey,
+) -> Result<(Arc<Server>, SessionMeta), Refusal> {
+    let od = g.on_demand.as_ref().expect("checked by the caller");
+    let Some(settings) = backend.config.discovery.clone() else {
+        return Err((
+            "on_demand",
+            Status::new(
+                Code::Internal,
+                "sclb: on-demand drivers need a discovery source",
+            ),
+        ));
+    };
+    let label = |h: &str, default: &Option<String>| -> Result<String, Refusal> {
+        let v = header(headers, h)
+            .map(str::to_string)
+            .or_else(|| default.clone());
+        match v {
+            Some(v) if ondemand::is_dns_label(&v) => Ok(v),
+            Some(v) => Err((
+                "bad_header",
+                Status::new(
+                    Code::InvalidArgument,
+                    format!(
+                        "sclb: header {h} {v:?} is not a DNS label (a-z, 0-9, '-', at most 63)"
+                    ),
+                ),
+            )),
+            None => Err((
+                "bad_header",
+                Status::new(
+                    Code::InvalidArgument,
+                    format!(
+                        "sclb: a new Spark session needs header {h} to get its own driver (or {} to name one)",
+                        g.route.session
+                    ),
+                ),
+            )),
+        }
+    };
+    let team = label(&g.route.team, &od.default_team)?;
+    let environment = label(&g.route.environment, &od.default_environment)?;
+    let gw = &cx.shared.gateway;
+    let (pending, is_new) = gw.ondemand.pending_or(skey, || ondemand::Pending {
+        namespace: ondemand::fill(&od.namespace, &team, &environment),
+        name: ondemand::fill(&od.name, &team, &environment),
+        team: team.clone(),
+        environment: environment.clone(),
+        since: Instant::now(),
+    });
+    if is_new {
+        if let Some(max) = od.max_sessions_per_team {
+            let used =
+                gw.registry.created_for_team(&team) + gw.ondemand.pending_for_team(&team) - 1;
+            if used >= max {
+                gw.ondemand.done(skey);
+                return Err((
+                    "team_full",
+                    Status::new(
+                        Code::ResourceExhausted,
+                        format!(
+                            "sclb: team {team} has {used} Spark sessions with their own driver, its limit (max_sessions_per_team)"
+                        ),
+                    ),
+                ));
+            }
+        }
+        if let Err(e) = gw.ondemand.create(&settings, od, &pending, skey).await {
+            gw.ondemand.done(skey);
+            return Err((
+                "create_failed",
+                Status::unavailable(
+                    format!(
+                        "sclb: cannot create {} {}/{}: {e}",
+                        settings.kind, pending.namespace, pending.name
+                    ),
+                    Duration::from_secs(5),
+                ),
+            ));
+        }
+    }
+    let deadline = pending.since + od.ready_timeout;
+    loop {
+        let snap = cx.shared.state.snapshot();
+        if let Some(b) = snap.backend(&backend.config.name)
+            && let Some(s) = named_server(b, Some(&pending.namespace), &pending.name)
+            && s.takes_new_clients()
+        {
+            gw.ondemand.done(skey);
+            let meta = SessionMeta {
+                namespace: Some(pending.namespace.clone()),
+                app: Some(pending.name.clone()),
+                team: Some(pending.team.clone()),
+                environment: Some(pending.environment.clone()),
+                created: true,
+            };
+            return Ok((s, meta));
+        }
+        drop(snap);
+        if Instant::now() >= deadline {
+            return Err((
+                "not_ready",
+                Status::unavailable(
+                    format!(
+                        "sclb: driver {}/{} is not ready after {:?}; retry to keep waiting for it",
+                        pending.namespace, pending.name, od.ready_timeout
+                    ),
+                    Duration::from_secs(5),
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Ends idle and over-age sessions every `cleanup_interval` (the shortest of the gateway
@@ -569,6 +820,21 @@ pub fn reap_once(shared: &Arc<Shared>) -> usize {
         .map(|(s, _)| s)
         .collect();
     release_sessions(shared, &reaped);
+    // Drivers created for sessions whose first RPC was given up on long ago.
+    for fe in &snap.frontends {
+        let Some(g) = &fe.config.grpc else { continue };
+        let (Some(od), Some(b)) = (&g.on_demand, snap.backend(&fe.config.backend)) else {
+            continue;
+        };
+        let Some(settings) = b.config.discovery.clone() else {
+            continue;
+        };
+        for p in gw.ondemand.abandoned(od.ready_timeout + g.idle_timeout) {
+            let gw = shared.gateway.clone();
+            let settings = settings.clone();
+            tokio::spawn(async move { gw.ondemand.delete(&settings, &p.namespace, &p.name).await });
+        }
+    }
     gw.upstreams.retain(|id, addr| {
         snap.all_servers()
             .any(|(_, s)| s.id == id && s.addr() == addr)
@@ -576,22 +842,32 @@ pub fn reap_once(shared: &Arc<Shared>) -> usize {
     reaped.len()
 }
 
-/// Releases sessions sclb ended on their servers, in the background.
+/// Releases sessions sclb ended on their servers, and deletes the drivers it created for
+/// them, in the background.
 pub fn release_sessions(shared: &Arc<Shared>, ended: &[Arc<Session>]) {
     let snap = shared.state.snapshot();
     for s in ended {
         let Some(b) = snap.backend(&s.backend) else {
             continue;
         };
-        let Some(server) = b.server(s.placement().server).cloned() else {
-            continue;
-        };
-        let (gw, key, timeout) = (
-            shared.gateway.clone(),
-            s.key.clone(),
-            b.config.timeout_connect,
-        );
-        tokio::spawn(async move { release_on_server(&gw, &server, &key, timeout).await });
+        if let Some(server) = b.server(s.placement().server).cloned() {
+            let (gw, key, timeout) = (
+                shared.gateway.clone(),
+                s.key.clone(),
+                b.config.timeout_connect,
+            );
+            tokio::spawn(async move { release_on_server(&gw, &server, &key, timeout).await });
+        }
+        if s.meta.created
+            && let (Some(settings), Some(ns), Some(app)) = (
+                b.config.discovery.clone(),
+                s.meta.namespace.clone(),
+                s.meta.app.clone(),
+            )
+        {
+            let gw = shared.gateway.clone();
+            tokio::spawn(async move { gw.ondemand.delete(&settings, &ns, &app).await });
+        }
     }
 }
 
@@ -610,6 +886,11 @@ pub fn session_json(s: &Session) -> serde_json::Value {
         "idle_s": s.idle_for().as_secs(),
         "rpcs": s.rpcs.load(Relaxed),
         "streams": s.streams.load(Relaxed),
+        "namespace": s.meta.namespace,
+        "app": s.meta.app,
+        "team": s.meta.team,
+        "environment": s.meta.environment,
+        "created_driver": s.meta.created,
     })
 }
 

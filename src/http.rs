@@ -97,11 +97,13 @@ fn denied(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
         .as_ref()
         .and_then(|s| s.admin_token.clone());
     let Some(token) = token else {
-        return Some((
-            StatusCode::FORBIDDEN,
-            "HTTP admin actions are disabled: set global.stats.admin_token to enable them\n",
-        )
-            .into_response());
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                "HTTP admin actions are disabled: set global.stats.admin_token to enable them\n",
+            )
+                .into_response(),
+        );
     };
     let given = headers
         .get(header::AUTHORIZATION)

@@ -530,6 +530,17 @@ pub fn spark_sessions(shared: &Shared) -> String {
             s.rpcs.load(std::sync::atomic::Ordering::Relaxed),
             s.streams.load(std::sync::atomic::Ordering::Relaxed),
         );
+        if let Some(app) = &s.meta.app {
+            // Before the newline: the driver it runs on, when that is a Kubernetes object.
+            out.pop();
+            let _ = writeln!(
+                out,
+                " app={}/{}{}",
+                s.meta.namespace.as_deref().unwrap_or("-"),
+                app,
+                if s.meta.created { " created" } else { "" }
+            );
+        }
     }
     out
 }

@@ -21,6 +21,7 @@ mod lb;
 use std::path::Path;
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -651,4 +652,240 @@ async fn a_reload_keeps_an_unchanged_source_restarts_a_changed_one_and_stops_a_r
     lb.expect_pool(&[]).await;
     let info = lb.cmd("show info").await;
     assert!(!info.contains("Discovery."), "{info}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway: drivers by header and on demand, against the real API server.
+
+#[path = "common/grpc.rs"]
+mod grpc;
+
+/// The gateway config for on-demand SparkConnects in `sjns-{team}-{environment}`, and the
+/// template an operator would write.
+fn on_demand_config(dir: &Path, api: &ApiServer, port: u16, ns: &str) -> std::path::PathBuf {
+    let template = dir.join("sparkconnect.yaml");
+    std::fs::write(
+        &template,
+        r#"apiVersion: sparkoperator.k8s.io/v1alpha1
+kind: SparkConnect
+metadata:
+  name: "{name}"
+  labels:
+    team: "{team}"
+spec:
+  sparkVersion: 4.0.5
+  server:
+    template:
+      spec:
+        containers:
+          - name: spark-kubernetes-driver
+            image: docker.io/apache/spark:4.0.5
+  executor:
+    instances: 1
+"#,
+    )
+    .unwrap();
+    let cfg = dir.join("sclb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[global]
+admin = {{ path = "{sock}", mode = "0600", level = "admin" }}
+[defaults]
+timeout = {{ connect = "1s" }}
+check = {{ type = "none" }}
+
+[[frontend]]
+name = "gw"
+mode = "grpc"
+bind = ["127.0.0.1:0"]
+backend = "drivers"
+sessions = {{ idle_timeout = "2s", cleanup_interval = "200ms" }}
+on_demand = {{ template = "{template}", name = "spark-connect-{{team}}-{{random}}", namespace = "sjns-{{team}}-{{environment}}", ready_timeout = "30s", max_sessions_per_team = 1 }}
+
+[[backend]]
+name = "drivers"
+[backend.discovery.kubernetes]
+kind = "sparkconnects"
+namespace = "{ns}"
+port = {port}
+kubeconfig = "{kc}"
+"#,
+            sock = dir.join("admin.sock").display(),
+            template = template.display(),
+            kc = api.kubeconfig().display(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_creates_a_driver_per_new_session_and_deletes_it_when_the_session_ends() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "sjns-data-dev").await;
+    let connects = k.crd("v1alpha1", "SparkConnect", "sparkconnects");
+    let driver =
+        grpc::FakeGrpc::start_on("driver", "127.0.0.41".parse().unwrap(), Default::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = on_demand_config(dir.path(), api, driver.addr.port(), &k.ns);
+    let lb = sclb::Sclb::start(sclb::config::load(&cfg).unwrap_or_else(|e| panic!("{e}")))
+        .await
+        .unwrap();
+    let gw = lb.local_addrs("gw")[0];
+    let admin_sock = dir.path().join("admin.sock");
+    let admin = |line: &'static str| {
+        let sock = admin_sock.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut u = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            u.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+            let mut out = String::new();
+            u.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    };
+    let team = [("x-spark-team", "data"), ("x-spark-environment", "dev")];
+
+    // A new session, no driver named: its first RPC is held while sclb creates one...
+    let s = grpc::session(41);
+    let mut c = grpc::Client::connect(gw).await;
+    let first = {
+        let body = grpc::request("01_Config_set.bin", &s);
+        let mut c2 = grpc::Client::connect(gw).await;
+        tokio::spawn(async move { grpc::finish(c2.start_with("Config", body, &team).await).await })
+    };
+    let name = eventually("sclb creates a SparkConnect", || {
+        let connects = connects.clone();
+        async move {
+            let list = connects.list(&Default::default()).await.unwrap();
+            list.items
+                .first()
+                .map(|o| o.metadata.name.clone().unwrap())
+                .ok_or_else(|| "no SparkConnect yet".to_string())
+        }
+    })
+    .await;
+    assert!(name.starts_with("spark-connect-data-"), "{name}");
+    let obj = connects.get(&name).await.unwrap();
+    assert_eq!(obj.labels()["app.kubernetes.io/managed-by"], "sclb");
+    assert_eq!(obj.labels()["team"], "data", "the template was filled in");
+    assert_eq!(obj.annotations()["sclb.io/spark-session"], s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!first.is_finished(), "held until the driver is ready");
+
+    // ... until the operator (this test) reports the driver ready at its pod IP.
+    let ready = json!({"status": {"state": "Ready", "server": {
+        "podIp": "127.0.0.41", "podName": format!("{name}-server")}}});
+    connects
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&ready))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("the held RPC completes")
+        .unwrap();
+    assert_eq!(r.status, 0, "{r:?}");
+    assert_eq!(r.server(), "driver");
+    assert_eq!(
+        r.headers["x-spark-session-id"],
+        name.as_str(),
+        "the client learns its driver"
+    );
+
+    // Later RPCs of the session follow it without headers; no second driver.
+    let r = c
+        .call(
+            "ExecutePlan",
+            grpc::request("04_ExecutePlan_root_aggregate.bin", &s),
+        )
+        .await;
+    assert_eq!((r.status, r.server()), (0, "driver"));
+    assert_eq!(
+        connects
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    assert_eq!(driver.methods(&s), ["Config", "ExecutePlan"]);
+    let shown = admin("show sessions").await;
+    assert!(
+        shown.contains(&format!("{s}: user=sclb-test fe=gw be=drivers srv={name} ")),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!(" app=sjns-data-dev/{name} created\n")),
+        "{shown}"
+    );
+
+    // The team is at max_sessions_per_team.
+    let other = grpc::session(42);
+    let r = grpc::finish(
+        c.start_with("Config", grpc::request("01_Config_set.bin", &other), &team)
+            .await,
+    )
+    .await;
+    assert_eq!(r.status, 8, "RESOURCE_EXHAUSTED: {r:?}");
+
+    // Route 1: a header names the driver (another session joins it); an unknown name is
+    // NOT_FOUND naming it.
+    let by_name = [
+        ("x-spark-session-id", name.as_str()),
+        ("x-spark-namespace", "sjns-data-dev"),
+    ];
+    let r = grpc::finish(
+        c.start_with(
+            "Config",
+            grpc::request("01_Config_set.bin", &grpc::session(43)),
+            &by_name,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((r.status, r.server()), (0, "driver"), "{r:?}");
+    let r = grpc::finish(
+        c.start_with(
+            "Config",
+            grpc::request("01_Config_set.bin", &grpc::session(44)),
+            &[("x-spark-session-id", "no-such-app")],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(r.status, 5, "NOT_FOUND: {r:?}");
+    assert!(r.message.contains("no-such-app"), "{}", r.message);
+
+    // Idle: the session ends, its driver is deleted, the server asked to release it.
+    eventually("the idle session's driver is deleted", || {
+        let connects = connects.clone();
+        async move {
+            let list = connects.list(&Default::default()).await.unwrap();
+            let names: Vec<String> = list
+                .items
+                .iter()
+                .filter_map(|o| o.metadata.name.clone())
+                .collect();
+            if names.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("still there: {names:?}"))
+            }
+        }
+    })
+    .await;
+    assert!(driver.methods(&s).contains(&"ReleaseSession".to_string()));
+    eventually("every session reaped", || async {
+        let shown = admin("show sessions").await;
+        if shown == "# sessions: 0\n\n" {
+            Ok(())
+        } else {
+            Err(shown)
+        }
+    })
+    .await;
+    lb.shutdown(Duration::from_secs(1)).await;
 }

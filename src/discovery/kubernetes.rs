@@ -194,7 +194,7 @@ async fn run(source: Source, settings: KubernetesDiscovery) {
 
 /// A kube client from `kubeconfig`, else the in-cluster service account, else `$KUBECONFIG`
 /// (or `~/.kube/config`).
-async fn client(s: &KubernetesDiscovery) -> Result<Client, String> {
+pub(crate) async fn client(s: &KubernetesDiscovery) -> Result<Client, String> {
     use kube::config::{KubeConfigOptions, Kubeconfig};
     let mut config = match &s.kubeconfig {
         Some(path) => {
@@ -320,7 +320,7 @@ impl Watch {
     }
 }
 
-fn crd(version: &str, kind: &str, plural: &str) -> ApiResource {
+pub(crate) fn crd(version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("sparkoperator.k8s.io", version, kind),
         plural,
@@ -546,7 +546,7 @@ fn forbidden(verb: &str, w: &Watch, message: &str) -> String {
 }
 
 /// An error and its sources, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {

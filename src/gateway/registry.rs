@@ -74,8 +74,21 @@ pub struct Placement {
     pub server_name: Arc<str>,
 }
 
+/// Where a session's driver came from, when it is a Kubernetes object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionMeta {
+    pub namespace: Option<String>,
+    /// The SparkConnect or SparkApplication.
+    pub app: Option<String>,
+    pub team: Option<String>,
+    pub environment: Option<String>,
+    /// sclb created the driver for this session, and deletes it when the session ends.
+    pub created: bool,
+}
+
 pub struct Session {
     pub key: SessionKey,
+    pub meta: SessionMeta,
     pub frontend: Arc<str>,
     pub backend: Arc<str>,
     placement: Mutex<Placement>,
@@ -279,6 +292,7 @@ pub enum Admit {
 
 /// Identity of a new session.
 pub struct NewSession<'a> {
+    pub meta: SessionMeta,
     pub frontend: &'a Arc<str>,
     pub backend: &'a Arc<str>,
     pub client: SocketAddr,
@@ -288,6 +302,26 @@ pub struct NewSession<'a> {
 impl Registry {
     pub fn lookup(&self, key: &SessionKey) -> Option<Arc<Session>> {
         self.inner.lock().unwrap().live.get(key).cloned()
+    }
+
+    /// A live session, or why it ended; `None` if never seen (or long forgotten).
+    pub fn find(&self, key: &SessionKey) -> Option<Result<Arc<Session>, EndReason>> {
+        let inner = self.inner.lock().unwrap();
+        if let Some(s) = inner.live.get(key) {
+            return Some(Ok(s.clone()));
+        }
+        inner.ended.get(key).map(|(r, _)| Err(*r))
+    }
+
+    /// Live sessions whose driver sclb created for `team`.
+    pub fn created_for_team(&self, team: &str) -> usize {
+        self.inner
+            .lock()
+            .unwrap()
+            .live
+            .values()
+            .filter(|s| s.meta.created && s.meta.team.as_deref() == Some(team))
+            .count()
     }
 
     /// The live session for `key`, created on `place` (called only for a new session) if there
@@ -323,6 +357,7 @@ impl Registry {
         }
         let s = Arc::new(Session {
             key: key.clone(),
+            meta: new.meta,
             frontend: new.frontend.clone(),
             backend: new.backend.clone(),
             placement: Mutex::new(placement),
@@ -484,6 +519,7 @@ mod tests {
     fn admit(r: &Registry, id: &str, n: u64) -> Admit {
         let (fe, be): (Arc<str>, Arc<str>) = ("gw".into(), "spark".into());
         let new = NewSession {
+            meta: SessionMeta::default(),
             frontend: &fe,
             backend: &be,
             client: "127.0.0.1:1".parse().unwrap(),

@@ -80,6 +80,12 @@ impl FakeGrpc {
         Self::serve(name, listener, behaviour)
     }
 
+    /// On a loopback address of its own (a pod IP).
+    pub async fn start_on(name: &str, ip: std::net::Ipv4Addr, behaviour: Behaviour) -> FakeGrpc {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        Self::serve(name, listener, behaviour)
+    }
+
     pub fn serve(name: &str, listener: TcpListener, behaviour: Behaviour) -> FakeGrpc {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Seen::default()));
@@ -286,14 +292,26 @@ impl Client {
 
     /// Sends `body` to `method` and starts the response.
     pub async fn start(&mut self, method: &str, body: Bytes) -> Response<Incoming> {
-        let req = Request::post(format!(
+        self.start_with(method, body, &[]).await
+    }
+
+    /// [`Client::start`] with extra request headers (connection-string parameters).
+    pub async fn start_with(
+        &mut self,
+        method: &str,
+        body: Bytes,
+        headers: &[(&str, &str)],
+    ) -> Response<Incoming> {
+        let mut req = Request::post(format!(
             "http://{}/spark.connect.SparkConnectService/{method}",
             self.addr
         ))
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(body).boxed())
-        .unwrap();
+        .header("te", "trailers");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body).boxed()).unwrap();
         self.send.ready().await.unwrap();
         self.send.send_request(req).await.unwrap()
     }

@@ -1,0 +1,240 @@
+//! On-demand drivers: a new Spark session that names no driver gets its own SparkConnect (or
+//! SparkApplication), created from the operator's template in the backend's cluster. Its first
+//! RPC is held until the backend's Kubernetes discovery reports the driver ready; then the
+//! session is placed there like any other. The object is deleted when the session ends.
+//!
+//! A session whose driver is being created is *pending*: a retried first RPC (the client gave
+//! up waiting, or got UNAVAILABLE at `ready_timeout`) waits for the same driver instead of
+//! creating another.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::registry::SessionKey;
+use crate::config::{KubernetesDiscovery, KubernetesKind, OnDemand};
+
+/// A DNS-1123 label: what Kubernetes accepts as a namespace and in a name.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A driver being created for a session.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub namespace: String,
+    pub name: String,
+    pub team: String,
+    pub environment: String,
+    pub since: Instant,
+}
+
+#[derive(Default)]
+pub struct OnDemandState {
+    pending: Mutex<HashMap<SessionKey, Pending>>,
+    clients: tokio::sync::Mutex<HashMap<Option<PathBuf>, kube::Client>>,
+}
+
+/// Fills `{team}`, `{environment}` and `{random}` (8 characters from a-z0-9).
+pub fn fill(pattern: &str, team: &str, environment: &str) -> String {
+    let random: String = uuid::Uuid::new_v4()
+        .simple()
+        .to_string()
+        .chars()
+        .take(8)
+        .collect();
+    pattern
+        .replace("{team}", team)
+        .replace("{environment}", environment)
+        .replace("{random}", &random)
+}
+
+impl OnDemandState {
+    /// The pending driver of `key`, or a new one (not yet created) from `make`.
+    pub fn pending_or(&self, key: &SessionKey, make: impl FnOnce() -> Pending) -> (Pending, bool) {
+        let mut p = self.pending.lock().unwrap();
+        if let Some(existing) = p.get(key) {
+            return (existing.clone(), false);
+        }
+        let new = make();
+        p.insert(key.clone(), new.clone());
+        (new, true)
+    }
+
+    pub fn done(&self, key: &SessionKey) {
+        self.pending.lock().unwrap().remove(key);
+    }
+
+    /// Drivers being created for `team`.
+    pub fn pending_for_team(&self, team: &str) -> usize {
+        self.pending
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|p| p.team == team)
+            .count()
+    }
+
+    /// Pending drivers older than `age` (their client gave up): forgotten and returned, for
+    /// deletion.
+    pub fn abandoned(&self, age: Duration) -> Vec<Pending> {
+        let mut out = Vec::new();
+        self.pending.lock().unwrap().retain(|_, p| {
+            let keep = p.since.elapsed() < age;
+            if !keep {
+                out.push(p.clone());
+            }
+            keep
+        });
+        out
+    }
+
+    async fn client(&self, settings: &KubernetesDiscovery) -> Result<kube::Client, String> {
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(&settings.kubeconfig) {
+            return Ok(c.clone());
+        }
+        let c = crate::discovery::kubernetes::client(settings).await?;
+        clients.insert(settings.kubeconfig.clone(), c.clone());
+        Ok(c)
+    }
+
+    fn api(
+        client: kube::Client,
+        kind: KubernetesKind,
+        namespace: &str,
+    ) -> Result<Api<DynamicObject>, String> {
+        let ar = match kind {
+            KubernetesKind::SparkConnects => {
+                crate::discovery::kubernetes::crd("v1alpha1", "SparkConnect", "sparkconnects")
+            }
+            KubernetesKind::SparkApplications => crate::discovery::kubernetes::crd(
+                "v1beta2",
+                "SparkApplication",
+                "sparkapplications",
+            ),
+            other => {
+                return Err(format!(
+                    "cannot create {other}: only sparkconnects or sparkapplications"
+                ));
+            }
+        };
+        Ok(Api::namespaced_with(client, namespace, &ar))
+    }
+
+    /// Creates the driver object of `p` from the template.
+    pub async fn create(
+        &self,
+        settings: &KubernetesDiscovery,
+        od: &OnDemand,
+        p: &Pending,
+        key: &SessionKey,
+    ) -> Result<(), String> {
+        let text = std::fs::read_to_string(&od.template)
+            .map_err(|e| format!("template {}: {e}", od.template.display()))?;
+        let text = text
+            .replace("{name}", &p.name)
+            .replace("{namespace}", &p.namespace)
+            .replace("{team}", &p.team)
+            .replace("{environment}", &p.environment);
+        let mut value: serde_json::Value = serde_saphyr::from_str(&text)
+            .map_err(|e| format!("template {}: {e}", od.template.display()))?;
+        let meta = value
+            .as_object_mut()
+            .ok_or_else(|| format!("template {}: not a mapping", od.template.display()))?
+            .entry("metadata")
+            .or_insert_with(|| serde_json::json!({}));
+        meta["name"] = p.name.clone().into();
+        meta["namespace"] = p.namespace.clone().into();
+        let labels = meta
+            .as_object_mut()
+            .ok_or("template: metadata is not a mapping")?
+            .entry("labels")
+            .or_insert_with(|| serde_json::json!({}));
+        labels["app.kubernetes.io/managed-by"] = "sclb".into();
+        labels["sclb.io/team"] = p.team.clone().into();
+        labels["sclb.io/environment"] = p.environment.clone().into();
+        meta["annotations"]["sclb.io/spark-session"] = key.session_id.clone().into();
+        let obj: DynamicObject = serde_json::from_value(value)
+            .map_err(|e| format!("template {}: {e}", od.template.display()))?;
+        let api = Self::api(self.client(settings).await?, settings.kind, &p.namespace)?;
+        api.create(&PostParams::default(), &obj)
+            .await
+            .map_err(|e| crate::discovery::kubernetes::chain(&e))?;
+        info!(
+            target: "sclb::audit",
+            session = %key.session_id,
+            user = %key.user_id,
+            namespace = %p.namespace,
+            name = %p.name,
+            team = %p.team,
+            environment = %p.environment,
+            "driver created on demand: {} {}/{}",
+            settings.kind,
+            p.namespace,
+            p.name
+        );
+        Ok(())
+    }
+
+    /// Deletes a driver sclb created. Best effort: logged, never retried.
+    pub async fn delete(&self, settings: &KubernetesDiscovery, namespace: &str, name: &str) {
+        let r = async {
+            let api = Self::api(self.client(settings).await?, settings.kind, namespace)?;
+            api.delete(name, &DeleteParams::default())
+                .await
+                .map_err(|e| crate::discovery::kubernetes::chain(&e))?;
+            Ok::<_, String>(())
+        };
+        match r.await {
+            Ok(()) => info!(
+                target: "sclb::audit",
+                namespace, name, "driver deleted: {} {namespace}/{name}", settings.kind
+            ),
+            Err(e) => warn!(
+                namespace,
+                name, "cannot delete driver {namespace}/{name}: {e}"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_filled_and_labels_checked() {
+        let n = fill("spark-connect-{team}-{random}", "data", "dev");
+        assert!(n.starts_with("spark-connect-data-"), "{n}");
+        assert_eq!(n.len(), "spark-connect-data-".len() + 8);
+        assert!(is_dns_label(&n));
+        assert_ne!(n, fill("spark-connect-{team}-{random}", "data", "dev"));
+        assert_eq!(
+            fill("sjns-{team}-{environment}", "data", "dev"),
+            "sjns-data-dev"
+        );
+        for bad in [
+            "",
+            "Data",
+            "a_b",
+            "-a",
+            "a-",
+            "a.b",
+            &"a".repeat(64),
+            "a\nb",
+        ] {
+            assert!(!is_dns_label(bad), "{bad:?}");
+        }
+    }
+}
