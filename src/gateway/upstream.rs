@@ -90,8 +90,10 @@ async fn connect(addr: SocketAddr) -> Result<SendRequest<UpBody>, UpstreamError>
         // bandwidth-delay product instead of HTTP/2's 64 KiB default.
         .adaptive_window(true)
         .max_frame_size(1 << 20)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20))
+        // No HTTP/2 keep-alive pings: Spark's gRPC (Netty) server answers pings more frequent
+        // than its permitKeepAliveTime (5 min) with GOAWAY too_many_pings, which would end
+        // every session's streams on this connection. TCP keepalive (set on the socket)
+        // watches the connection instead.
         .handshake(TokioIo::new(stream))
         .await
         .map_err(UpstreamError::Handshake)?;
