@@ -1153,7 +1153,7 @@ fn read_on_demand(t: Table<'_, '_>) -> Option<OnDemand> {
     let namespace = pattern("namespace", "sjns-{team}-{environment}");
     let label = |key: &str| {
         let v = t.str(key)?;
-        if crate::gateway::ondemand::is_dns_label(v) {
+        if is_dns_label(v) {
             Some(v.to_string())
         } else {
             t.error(
@@ -1417,7 +1417,7 @@ fn read_kubernetes(t: Table<'_, '_>) -> Option<KubernetesDiscovery> {
 }
 
 /// A Kubernetes namespace name (an RFC 1123 label).
-fn is_dns_label(s: &str) -> bool {
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

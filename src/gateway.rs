@@ -442,6 +442,21 @@ fn with_app(mut r: Response<DownBody>, app: Option<(String, HeaderValue)>) -> Re
 
 type Refusal = (&'static str, Status);
 
+/// What a client still using an ended session is told.
+fn session_ended(k: &SessionKey, reason: EndReason) -> Refusal {
+    (
+        "session_ended",
+        Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "sclb: Spark session {} {}; stop it and create a new SparkSession",
+                k.session_id,
+                reason.explain()
+            ),
+        ),
+    )
+}
+
 fn header<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get(name)
@@ -545,17 +560,7 @@ async fn route(
     let mut fixed: Option<Arc<Server>> = None;
     match (&named, gw.registry.find(&skey)) {
         (_, Some(Err(reason))) => {
-            return Err((
-                "session_ended",
-                Status::new(
-                    Code::FailedPrecondition,
-                    format!(
-                        "sclb: Spark session {} {}; stop it and create a new SparkSession",
-                        skey.session_id,
-                        reason.explain()
-                    ),
-                ),
-            ));
+            return Err(session_ended(&skey, reason));
         }
         (Some((s, name)), _) => {
             meta.app = Some(name.clone());
@@ -599,17 +604,7 @@ async fn route(
             ));
         }
         Some(Admit::Ended(reason)) => {
-            return Err((
-                "session_ended",
-                Status::new(
-                    Code::FailedPrecondition,
-                    format!(
-                        "sclb: Spark session {} {}; stop it and create a new SparkSession",
-                        skey.session_id,
-                        reason.explain()
-                    ),
-                ),
-            ));
+            return Err(session_ended(&skey, reason));
         }
         Some(Admit::Live { session, .. }) => session,
     };
@@ -683,7 +678,7 @@ async fn on_demand(
             .map(str::to_string)
             .or_else(|| default.clone());
         match v {
-            Some(v) if ondemand::is_dns_label(&v) => Ok(v),
+            Some(v) if crate::config::is_dns_label(&v) => Ok(v),
             Some(v) => Err((
                 "bad_header",
                 Status::new(

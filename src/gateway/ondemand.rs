@@ -19,16 +19,6 @@ use tracing::{info, warn};
 use super::registry::SessionKey;
 use crate::config::{KubernetesDiscovery, KubernetesKind, OnDemand};
 
-/// A DNS-1123 label: what Kubernetes accepts as a namespace and in a name.
-pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// A driver being created for a session.
 #[derive(Debug, Clone)]
 pub struct Pending {
@@ -218,7 +208,7 @@ mod tests {
         let n = fill("spark-connect-{team}-{random}", "data", "dev");
         assert!(n.starts_with("spark-connect-data-"), "{n}");
         assert_eq!(n.len(), "spark-connect-data-".len() + 8);
-        assert!(is_dns_label(&n));
+        assert!(crate::config::is_dns_label(&n));
         assert_ne!(n, fill("spark-connect-{team}-{random}", "data", "dev"));
         assert_eq!(
             fill("sjns-{team}-{environment}", "data", "dev"),
@@ -234,7 +224,7 @@ mod tests {
             &"a".repeat(64),
             "a\nb",
         ] {
-            assert!(!is_dns_label(bad), "{bad:?}");
+            assert!(!crate::config::is_dns_label(bad), "{bad:?}");
         }
     }
 }
