@@ -121,6 +121,15 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `ExecutePlan` streams `n` messages, one every 20 ms.
+fn slow(n: usize) -> Behaviour {
+    Behaviour {
+        stream_messages: n,
+        stream_every: Duration::from_millis(20),
+        message_size: 0,
+    }
+}
+
 async fn wait_until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
     while !f().await {
@@ -267,11 +276,7 @@ async fn unknown_methods_get_unimplemented_and_the_metrics_count_rpcs() {
 
 #[tokio::test]
 async fn killing_a_session_closes_its_streams_and_its_client_is_told() {
-    let slow = Behaviour {
-        stream_messages: 1000,
-        stream_every: Duration::from_millis(20),
-    };
-    let a = FakeGrpc::start("sc1", slow).await;
+    let a = FakeGrpc::start("sc1", slow(1000)).await;
     let gw = gateway(&[&a], "", "").await;
     let mut c = Client::connect(gw.addr()).await;
     let s = session(7);
@@ -319,11 +324,7 @@ async fn killing_a_session_closes_its_streams_and_its_client_is_told() {
 
 #[tokio::test]
 async fn idle_sessions_are_reaped_busy_ones_are_not() {
-    let slow = Behaviour {
-        stream_messages: 100,
-        stream_every: Duration::from_millis(20),
-    };
-    let a = FakeGrpc::start("sc1", slow).await;
+    let a = FakeGrpc::start("sc1", slow(100)).await;
     let gw = gateway(
         &[&a],
         r#"sessions = { idle_timeout = "500ms", max_ttl = "1h", cleanup_interval = "100ms" }"#,
@@ -381,11 +382,7 @@ async fn idle_sessions_are_reaped_busy_ones_are_not() {
 
 #[tokio::test]
 async fn sessions_end_at_their_ttl_even_when_busy() {
-    let slow = Behaviour {
-        stream_messages: 1000,
-        stream_every: Duration::from_millis(20),
-    };
-    let a = FakeGrpc::start("sc1", slow).await;
+    let a = FakeGrpc::start("sc1", slow(1000)).await;
     let gw = gateway(
         &[&a],
         r#"sessions = { idle_timeout = "1h", max_ttl = "700ms", cleanup_interval = "100ms" }"#,
@@ -603,4 +600,62 @@ servers = [ {{ name = "dead", addr = "{dead}" }}, {{ name = "sc1", addr = "{}" }
         .get("grpc-status-details-bin")
         .expect("RetryInfo attached");
     assert!(!details.is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_cancels_resets_the_servers_stream_and_a_slow_reader_slows_the_server() {
+    let big = Behaviour {
+        stream_messages: 2000,
+        stream_every: Duration::ZERO,
+        message_size: 64 * 1024,
+    };
+    let a = FakeGrpc::start("sc1", big).await;
+    let gw = gateway(&[&a], "", "").await;
+    let mut c = Client::connect(gw.addr()).await;
+
+    // Flow control end to end: the client reads nothing; the server soon cannot send more.
+    // 2000 × 64 KiB = 125 MiB would be sent at once if sclb buffered.
+    let resp = c
+        .start(
+            "ExecutePlan",
+            request("04_ExecutePlan_root_aggregate.bin", &session(1)),
+        )
+        .await;
+    let sent = || a.seen.lock().unwrap().sent;
+    let mut last = usize::MAX;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if sent() == last {
+            break;
+        }
+        last = sent();
+    }
+    let stalled = sent();
+    assert!(
+        stalled < 200,
+        "the server stalls once the HTTP/2 windows are full (~3 MiB here), not after all 2000 messages: {stalled}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sent(), stalled, "nothing more until the client reads");
+
+    // Cancellation: the client drops the stream (RST_STREAM); the server's stream is reset.
+    drop(resp);
+    wait_until(
+        "the server sees the cancel",
+        Duration::from_secs(5),
+        async || a.seen.lock().unwrap().cancelled == 1,
+    )
+    .await;
+    assert!(gw.admin("show sessions").await.contains("streams=0"));
+
+    // Reading the whole stream: every byte arrives, trailers last.
+    let r = c
+        .call(
+            "ExecutePlan",
+            request("04_ExecutePlan_root_aggregate.bin", &session(2)),
+        )
+        .await;
+    assert_eq!(r.status, 0);
+    assert_eq!(r.messages.len(), 2000);
+    assert!(r.messages.iter().all(|m| m.len() > 64 * 1024));
 }

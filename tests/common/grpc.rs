@@ -33,6 +33,10 @@ pub struct Seen {
     /// RPCs by session id: (method, user id).
     pub by_session: BTreeMap<String, Vec<(String, Option<String>)>>,
     pub rpcs: usize,
+    /// Streamed messages handed to the connection (accepted by HTTP/2 flow control).
+    pub sent: usize,
+    /// Streams the client (through the gateway) reset before their end.
+    pub cancelled: usize,
 }
 
 pub struct FakeGrpc {
@@ -46,6 +50,8 @@ pub struct FakeGrpc {
 pub struct Behaviour {
     pub stream_messages: usize,
     pub stream_every: Duration,
+    /// Padding added to each streamed message.
+    pub message_size: usize,
 }
 
 impl Default for Behaviour {
@@ -53,6 +59,7 @@ impl Default for Behaviour {
         Behaviour {
             stream_messages: 3,
             stream_every: Duration::from_millis(10),
+            message_size: 0,
         }
     }
 }
@@ -153,7 +160,7 @@ impl Drop for FakeGrpc {
 async fn answer(
     req: Request<Incoming>,
     name: &str,
-    seen: &Mutex<Seen>,
+    seen: &Arc<Mutex<Seen>>,
     b: &Behaviour,
 ) -> Response<BoxBody> {
     let path = req.uri().path().to_string();
@@ -187,15 +194,21 @@ async fn answer(
     let reply = format!("{name} {} bytes={}", method.name(), data.len());
     headers = headers.header("x-request-bytes", data.len());
     if method == decode::Method::ExecutePlan {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
-        let (n, every) = (b.stream_messages, b.stream_every);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        let (n, every, pad) = (b.stream_messages, b.stream_every, b.message_size);
+        let seen = seen.clone();
         tokio::spawn(async move {
             for i in 0..n {
-                let msg = frame(format!("{reply} #{i}").as_bytes());
-                if tx.send(Ok(Frame::data(msg))).await.is_err() {
+                let mut text = format!("{reply} #{i} ").into_bytes();
+                text.resize(text.len() + pad, b'.');
+                if tx.send(Ok(Frame::data(frame(&text)))).await.is_err() {
+                    seen.lock().unwrap().cancelled += 1;
                     return;
                 }
-                tokio::time::sleep(every).await;
+                seen.lock().unwrap().sent += 1;
+                if !every.is_zero() {
+                    tokio::time::sleep(every).await;
+                }
             }
             let _ = tx.send(Ok(Frame::trailers(trailers(0, "")))).await;
         });
