@@ -136,7 +136,7 @@ fn status_response(st: &Status) -> Response<DownBody> {
 
 impl Conn {
     /// Answers with sclb's own status, counted and logged.
-    fn refuse(&self, method: &str, reason: &str, st: Status) -> Response<DownBody> {
+    fn refuse(&self, method: &'static str, reason: &'static str, st: Status) -> Response<DownBody> {
         let m = &self.shared.gateway.registry.metrics;
         m.error(reason);
         m.request(method, st.code.as_str());
@@ -392,11 +392,7 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
             );
         }
     };
-    gw.registry
-        .metrics
-        .message_latency
-        .get_or_create(&vec![("method".into(), m.into())])
-        .observe(t0.elapsed().as_secs_f64());
+    gw.registry.metrics.latency(m, t0.elapsed().as_secs_f64());
     let (parts, inner) = resp.into_parts();
     if inner.is_end_stream() {
         // Trailers-only: the status is in the headers.

@@ -229,7 +229,11 @@ impl DownStream {
     }
 
     /// Ends the client's stream with sclb's own status.
-    fn cut(&mut self, st: Status, metric: &str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn cut(
+        &mut self,
+        st: Status,
+        metric: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.done = true;
         self.gateway.registry.metrics.error(metric);
         self.gateway

@@ -1,4 +1,10 @@
-//! Upstream HTTP/2 connections: one per server, shared by every client stream routed there.
+//! Upstream HTTP/2 connections: one per server and worker thread, shared by every client
+//! stream that thread routes there.
+//!
+//! Per thread, because a client connection lives on one worker thread: its streams then go
+//! out on a connection driven by the same thread, and no stream is handed between threads on
+//! the hot path (a cross-thread wake-up costs more than the whole forwarding). With the
+//! default one worker per CPU, a server sees a handful of connections.
 //!
 //! A connection is opened on first use and reopened when it has closed (server restart,
 //! GOAWAY, network error). Two RPCs that find no connection at once open only one: the second
@@ -8,6 +14,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use hyper::client::conn::http2::{self, SendRequest};
@@ -22,7 +29,7 @@ type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<UpBody>>>>;
 
 #[derive(Default)]
 pub struct Upstreams {
-    conns: Mutex<HashMap<(ServerId, SocketAddr), Slot>>,
+    conns: Mutex<HashMap<(ServerId, SocketAddr, ThreadId), Slot>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +54,7 @@ impl Upstreams {
             .conns
             .lock()
             .unwrap()
-            .entry((server, addr))
+            .entry((server, addr, std::thread::current().id()))
             .or_default()
             .clone();
         let mut held = slot.lock().await;
@@ -70,7 +77,7 @@ impl Upstreams {
         self.conns
             .lock()
             .unwrap()
-            .retain(|(id, addr), _| keep(*id, *addr));
+            .retain(|(id, addr, _), _| keep(*id, *addr));
     }
 
     pub fn len(&self) -> usize {
