@@ -65,6 +65,7 @@ class Settings:
     rps_s: float
     rps_warmup_s: float
     pingpong_s: float
+    grpc_s: float
     idle_conns: int
     spark: bool
     build: bool
@@ -85,9 +86,10 @@ def parse_args(argv: list[str]) -> Settings:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run for CI: 1 rep, ~1 s per measurement, 500 idle conns, no verdicts")
     ap.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
-    ap.add_argument("--scenarios", default="bulk,connrate,latency,idle",
-                    help="comma list out of bulk,connrate,latency,idle (default: all)")
-    ap.add_argument("--variants", default="direct,haproxy,haproxy-splice-auto,haproxy-splice-force,sclb",
+    ap.add_argument("--scenarios", default="bulk,connrate,latency,idle,gateway",
+                    help="comma list out of bulk,connrate,latency,idle,gateway (default: all)")
+    ap.add_argument("--variants", default="direct,haproxy,haproxy-splice-auto,haproxy-splice-force,sclb,"
+                                          "haproxy-http,sclb-gateway",
                     help="comma list of variants to run (direct is always run when a ratio needs it)")
     ap.add_argument("--seconds", type=float, help="override the length of every timed measurement")
     ap.add_argument("--idle-conns", type=int, help="idle connections (default 9500, --quick 500)")
@@ -100,7 +102,7 @@ def parse_args(argv: list[str]) -> Settings:
 
     secs = (lambda full, quick: a.seconds or (quick if a.quick else full))
     scenarios = [x for x in a.scenarios.split(",") if x]
-    unknown = set(scenarios) - {"bulk", "connrate", "latency", "idle"}
+    unknown = set(scenarios) - {"bulk", "connrate", "latency", "idle", "gateway"}
     if unknown:
         ap.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     if a.spark:
@@ -126,7 +128,7 @@ def parse_args(argv: list[str]) -> Settings:
         scenarios=scenarios,
         variants=variants,
         bulk_s=secs(5, 1), connrate_s=secs(5, 1), rps_s=secs(5, 1),
-        rps_warmup_s=0.5 if a.quick else 1.0, pingpong_s=secs(5, 1),
+        rps_warmup_s=0.5 if a.quick else 1.0, pingpong_s=secs(5, 1), grpc_s=secs(5, 1),
         idle_conns=a.idle_conns or (500 if a.quick else 9500),
         spark=a.spark,
         build=not a.no_build,
@@ -358,7 +360,7 @@ def loadavg() -> str:
 
 @dataclass
 class Backend:
-    kind: str                 # iperf3 | http1 | h2c | echo | spark
+    kind: str                 # iperf3 | http1 | h2c | echo | grpc | spark
     addrs: list[str]          # the three server addresses (host:port)
     procs: list[Proc] = field(default_factory=list)
 
@@ -373,6 +375,8 @@ def start_backend(s: Settings, kind: str) -> Backend:
         procs = [PROCS.start(f"backend-iperf3-{p}", ["iperf3", "-s", "-B", HOST, "-p", p]) for p in ports]
     elif kind == "echo":
         procs = [PROCS.start("backend-echo", [TOOL, "echo", 3600, *ports])]
+    elif kind == "grpc":
+        procs = [PROCS.start("backend-grpc", [TOOL, "grpc", 3600, *ports])]
     elif kind in ("http1", "h2c"):
         procs = [start_nginx(s, ports, h2=(kind == "h2c"))]
     else:
@@ -411,7 +415,16 @@ VARIANT_KINDS = {
     "haproxy-splice-auto": ("haproxy", "auto"),
     "haproxy-splice-force": ("haproxy", "force"),
     "sclb": ("sclb", ""),
+    "haproxy-http": ("haproxy-http", ""),   # L7: mode http, h2 on both sides (bench/haproxy-http.cfg)
+    "sclb-gateway": ("sclb-gateway", ""),   # L7: mode = "grpc" (bench/sclb-gateway.toml)
 }
+PROXY_CONFIGS = {  # kind -> (config template, reference frontend port)
+    "haproxy": ("haproxy.cfg", REF_HAPROXY_PORT),
+    "haproxy-http": ("haproxy-http.cfg", REF_HAPROXY_PORT),
+    "sclb": ("sclb.toml", REF_SCLB_PORT),
+    "sclb-gateway": ("sclb-gateway.toml", REF_SCLB_PORT),
+}
+SCLB_VARIANTS = ("sclb", "sclb-gateway")
 
 
 def render(template: Path, frontend_port: int, frontend_ref: int, be: Backend) -> str:
@@ -438,15 +451,16 @@ def start_proxy(s: Settings, variant: str, be: Backend) -> tuple[Proc | None, in
     if kind == "direct":
         host, port = be.addrs[0].rsplit(":", 1)
         return None, int(port), host
-    if kind == "haproxy":
-        cfg = s.workdir / f"haproxy-{be.kind}.cfg"
-        cfg.write_text(render(BENCH / "haproxy.cfg", s.haproxy_port, REF_HAPROXY_PORT, be))
+    template, ref_port = PROXY_CONFIGS[kind]
+    if kind.startswith("haproxy"):
+        cfg = s.workdir / f"{kind}-{be.kind}.cfg"
+        cfg.write_text(render(BENCH / template, s.haproxy_port, ref_port, be))
         proc = PROCS.start(variant, ["haproxy", "-db", "-f", cfg], env=proxy_env(splice))
         port = s.haproxy_port
     else:
-        cfg = s.workdir / f"sclb-{be.kind}.toml"
-        cfg.write_text(render(BENCH / "sclb.toml", s.sclb_port, REF_SCLB_PORT, be))
-        proc = PROCS.start("sclb", [s.sclb_bin, "-c", cfg], env=proxy_env(""))
+        cfg = s.workdir / f"{kind}-{be.kind}.toml"
+        cfg.write_text(render(BENCH / template, s.sclb_port, ref_port, be))
+        proc = PROCS.start(kind, [s.sclb_bin, "-c", cfg], env=proxy_env(""))
         port = s.sclb_port
     try:
         wait_listening([port], [proc])
@@ -458,13 +472,14 @@ def start_proxy(s: Settings, variant: str, be: Backend) -> tuple[Proc | None, in
 
 def check_haproxy_config(s: Settings) -> None:
     be = Backend("check", [f"{HOST}:{p}" for p in s.backend_ports])
-    cfg = s.workdir / "haproxy-check.cfg"
-    cfg.write_text(render(BENCH / "haproxy.cfg", s.haproxy_port, REF_HAPROXY_PORT, be))
-    for splice in ("", "auto", "force"):
-        r = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], env=proxy_env(splice),
-                           capture_output=True, text=True, timeout=30)
-        if r.returncode != 0:
-            raise BenchError(f"haproxy -c failed (LB_SPLICE={splice!r}): {r.stdout}{r.stderr}")
+    for template, splices in (("haproxy.cfg", ("", "auto", "force")), ("haproxy-http.cfg", ("",))):
+        cfg = s.workdir / f"check-{template}"
+        cfg.write_text(render(BENCH / template, s.haproxy_port, REF_HAPROXY_PORT, be))
+        for splice in splices:
+            r = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], env=proxy_env(splice),
+                               capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                raise BenchError(f"haproxy -c {template} failed (LB_SPLICE={splice!r}): {r.stdout}{r.stderr}")
 
 
 def prepare_sclb(s: Settings) -> tuple[bool, str]:
@@ -522,9 +537,27 @@ def probe_once(kind: str, host: str, port: int) -> bool:
     if kind == "http1":
         req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
         return _exchange(host, port, req, lambda d: d.startswith(b"HTTP/1.1 200") and d.endswith(b"\r\n\r\nok\n"))
+    if kind == "grpc":  # one real unary RPC, answered with grpc-status 0 in the trailers
+        return grpc_call(host, port, GRPC_METHOD, GRPC_BODY) == "0"
     if kind in ("h2c", "spark"):  # an HTTP/2 (gRPC) server answers the preface with SETTINGS
         return _exchange(host, port, H2_PREFACE, lambda d: len(d) >= 9 and d[3] == 4)
     raise ValueError(kind)
+
+
+SPARK_SERVICE = "/spark.connect.SparkConnectService/"
+# A real PySpark 4.0.5 request (gRPC-framed), captured by tests/fixtures/spark/rpcs/capture.py:
+# spark.conf.get("spark.sql.shuffle.partitions") of session 5c1b0000-...-000000000011.
+GRPC_METHOD, GRPC_BODY = "Config", REPO / "tests" / "fixtures" / "spark" / "rpcs" / "02_Config_get.bin"
+GRPC_HEADERS = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+
+
+def grpc_call(host: str, port: int, method: str, body: Path, path: str | None = None) -> str | None:
+    """One unary gRPC call with nghttp; returns the grpc-status trailer (None if there is none)."""
+    url = f"http://{host}:{port}{path or SPARK_SERVICE + method}"
+    r = subprocess.run(["nghttp", "-v", "-n", "-t", "5", "-d", str(body), *GRPC_HEADERS, url],
+                       capture_output=True, text=True, timeout=10)
+    m = re.findall(r"recv \(stream_id=\d+\) grpc-status: (\d+)", r.stdout)
+    return m[-1] if m else None
 
 
 def probe(kind: str, host: str, port: int, what: str, timeout: float = 15.0) -> None:
@@ -658,6 +691,35 @@ def measure_pingpong(ctx: Ctx) -> dict:
     return m
 
 
+def measure_grpc(ctx: Ctx, mode: str, secs: float | None = None) -> dict:
+    """Unary gRPC calls (a captured PySpark Config request to /spark.connect.SparkConnectService/Config)
+    with h2load and its per-request log. mode "pingpong": one h2c connection, one call in flight
+    (closed loop); "rps1000": 4 connections x 250 calls/s, open loop. The first warm-up
+    seconds are dropped. h2load counts HTTP statuses only; the probe checked grpc-status 0."""
+    s = ctx.s
+    secs = secs or s.grpc_s
+    log = PROCS.logdir / f"{ctx.name('h2load-grpc-' + mode)}.requests.tsv"
+    load = ["-c", 1, "-m", 1] if mode == "pingpong" else ["-c", 4, "-m", 1, "--rps", 250]
+    argv = ["h2load", *load, "-D", f"{round((secs + s.rps_warmup_s) * 1000)}ms", "-d", GRPC_BODY,
+            *GRPC_HEADERS, f"--log-file={log}", f"http://{ctx.host}:{ctx.port}{SPARK_SERVICE}{GRPC_METHOD}"]
+    out, wall, cpu = timed(ctx, lambda: PROCS.run(ctx.name(f"h2load-grpc-{mode}"), argv, timeout=secs + 30))
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    failed = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if not rows or not failed or sum(map(int, failed.groups())) > 0.01 * len(rows):
+        raise BenchError(f"h2load (gRPC {mode}) failed through {ctx.variant}: {out[-300:]}")
+    t0 = min(int(r[0]) for r in rows) + s.rps_warmup_s * 1e6
+    kept = [r for r in rows if int(r[0]) >= t0 and r[1] == "200"]
+    if len(kept) < 0.95 * len([r for r in rows if int(r[0]) >= t0]) or len(kept) < 10:
+        raise BenchError(f"h2load (gRPC {mode}) through {ctx.variant}: too few 200 responses "
+                         f"({len(kept)} of {len(rows)})")
+    span = max(1e-3, (max(int(r[0]) for r in kept) - t0) / 1e6)
+    m = {"rps": len(kept) / span, **percentiles([float(r[2]) for r in kept])}
+    if ctx.proxy:
+        m.update(proxy_cpu_pct=100 * cpu / wall, proxy_rss_kb=rss_kb(ctx.proxy.pid),
+                 proxy_cpu_us_per_req=cpu * 1e6 / len(rows))
+    return m
+
+
 def slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
@@ -734,19 +796,25 @@ class Part:
     measure: Callable[[Ctx], dict]
 
 
-ALL = ("direct", "haproxy", "haproxy-splice-auto", "haproxy-splice-force", "sclb")
+BULK = ("direct", "haproxy", "haproxy-splice-auto", "haproxy-splice-force", "sclb")
+ALL = BULK + ("haproxy-http", "sclb-gateway")  # column order of the tables
 STD = ("direct", "haproxy", "sclb")
+L7 = ("direct", "haproxy-http", "sclb-gateway")
+SPARK = ("direct", "haproxy", "sclb", "haproxy-http", "sclb-gateway")
 
 
 def scenario_parts(s: Settings) -> dict[str, list[Part]]:
     return {
-        "bulk": [Part("bulk", "P1", "iperf3", ALL, lambda c: measure_bulk(c, 1)),
-                 Part("bulk", "P4", "iperf3", ALL, lambda c: measure_bulk(c, 4))],
+        "bulk": [Part("bulk", "P1", "iperf3", BULK, lambda c: measure_bulk(c, 1)),
+                 Part("bulk", "P4", "iperf3", BULK, lambda c: measure_bulk(c, 4))],
         "connrate": [Part("connrate", "c32", "http1", STD, measure_connrate)],
         "latency": [Part("latency", "rps2000", "h2c", STD, measure_rps),
                     Part("latency", "pingpong", "echo", STD, measure_pingpong)],
         "idle": [Part("idle", f"n{s.idle_conns}", "echo", ("haproxy", "sclb"), measure_idle)],
-        "spark": [Part("spark", "toPandas2M", "spark", STD, measure_spark)],
+        "gateway": [Part("gateway", "pingpong", "grpc", L7, lambda c: measure_grpc(c, "pingpong")),
+                    Part("gateway", "rps1000", "grpc", L7, lambda c: measure_grpc(c, "rps1000"))],
+        "spark": [Part("spark", "toPandas2M", "spark", SPARK, measure_spark),
+                  Part("spark", "unary-Config", "spark", L7, lambda c: measure_grpc(c, "pingpong"))],
     }
 
 
@@ -814,8 +882,10 @@ class Target:
     figure: str
     haproxy_ref: str
     text: str
-    kind: str        # ratio_ge | ratio_le | value_le | delta_le | delta_le_haproxy
+    kind: str        # ratio_ge | ratio_le | value_le | delta_le | delta_le_haproxy | delta_lt_haproxy
     limit: float = 0.0
+    variant: str = "sclb"      # the variant judged
+    ref: str = "haproxy"       # the HAProxy variant it is compared with
 
 
 TARGETS = [
@@ -830,6 +900,14 @@ TARGETS = [
     Target(("latency", "rps2000", "p99_us"), "h2c 2000 req/s, added p99", "+2.1 ms", "≤ HAProxy", "delta_le_haproxy"),
     Target(("idle", "*", "bytes_per_conn_idle"), "RSS per idle connection (B)", "3,380", "≤ 3,000", "value_le", 3000),
     Target(("spark", "toPandas2M", "seconds"), "Spark range(2M).toPandas() time", "—", "≤ 1.02×", "ratio_le", 1.02),
+    Target(("gateway", "pingpong", "p50_us"), "L7 gRPC unary, 1 in flight, added p50", "—",
+           "< HAProxy http", "delta_lt_haproxy", variant="sclb-gateway", ref="haproxy-http"),
+    Target(("gateway", "rps1000", "p50_us"), "L7 gRPC unary, 1000 calls/s, added p50", "—",
+           "< HAProxy http", "delta_lt_haproxy", variant="sclb-gateway", ref="haproxy-http"),
+    Target(("spark", "toPandas2M", "seconds"), "Spark range(2M).toPandas() time, gateway", "—",
+           "≤ 1.05×", "ratio_le", 1.05, variant="sclb-gateway", ref="haproxy-http"),
+    Target(("spark", "unary-Config", "p50_us"), "Spark Config RPC, 1 in flight, added p50, gateway", "—",
+           "< HAProxy http", "delta_lt_haproxy", variant="sclb-gateway", ref="haproxy-http"),
 ]
 
 
@@ -839,15 +917,12 @@ TARGETS_NOTE = ("The absolute CPU targets (s/GB, µs/conn) were set against HAPr
                 "0.65× µs/conn, 0.89× RSS/conn).")
 
 
-def target_for(key: tuple[str, str, str]) -> Target | None:
-    for t in TARGETS:
-        if t.key[0] == key[0] and t.key[2] == key[2] and t.key[1] in ("*", key[1]):
-            return t
-    return None
+def targets_for(key: tuple[str, str, str]) -> list[Target]:
+    return [t for t in TARGETS if t.key[0] == key[0] and t.key[2] == key[2] and t.key[1] in ("*", key[1])]
 
 
 def verdict(t: Target, res: Results, key: tuple[str, str, str], quick: bool, sclb_note: str) -> str:
-    sc, hp = res.stat(key, "sclb"), res.stat(key, "haproxy")
+    sc, hp = res.stat(key, t.variant), res.stat(key, t.ref)
     if sc is None:
         return "– (sclb " + ("not built)" if sclb_note.startswith("not built") else "no data)")
     if quick:
@@ -860,6 +935,8 @@ def verdict(t: Target, res: Results, key: tuple[str, str, str], quick: bool, scl
         ok = sc.med <= t.limit
     elif t.kind == "delta_le":
         ok = sc.delta is not None and sc.delta <= t.limit
+    elif t.kind == "delta_lt_haproxy":
+        ok = sc.delta is not None and hp is not None and hp.delta is not None and sc.delta < hp.delta
     else:  # delta_le_haproxy
         ok = sc.delta is not None and hp is not None and hp.delta is not None and sc.delta <= hp.delta
     return "**pass**" if ok else "**MISS**"
@@ -890,21 +967,24 @@ def cell(st: Stat | None) -> str:
 
 
 def table(res: Results, s: Settings, sclb_note: str) -> str:
-    variants = [v for v in ALL if v in s.variants]
+    variants = [v for v in ALL if v in s.variants and any(v in scenario_variants(sc) for sc in s.scenarios)]
     head = ["scenario", "variant", "metric"] + [v if v == "direct" else f"{v} (×direct)" for v in variants] \
         + ["target (sclb)", "pass/miss"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in res.rows():
-        not_built = sclb_note.startswith("not built") and "sclb" in scenario_variants(key[0])
-        cells = ["not built" if v == "sclb" and not_built else cell(res.stat(key, v)) for v in variants]
-        t = target_for(key)
-        tail = [t.text, verdict(t, res, key, s.quick, sclb_note)] if t else ["", ""]
+        not_built = sclb_note.startswith("not built")
+        cells = ["not built" if v in SCLB_VARIANTS and v in scenario_variants(key[0]) and not_built
+                 else cell(res.stat(key, v)) for v in variants]
+        ts = targets_for(key)
+        label = (lambda t: f"{t.variant}: " if len(ts) > 1 or t.variant != "sclb" else "")
+        tail = ["; ".join(label(t) + t.text for t in ts),
+                "; ".join(label(t) + verdict(t, res, key, s.quick, sclb_note) for t in ts)]
         lines.append("| " + " | ".join(list(key) + cells + tail) + " |")
     return "\n".join(lines)
 
 
 def scenario_variants(scenario: str) -> tuple[str, ...]:
-    return {"bulk": ALL, "idle": ("haproxy", "sclb")}.get(scenario, STD)
+    return {"bulk": BULK, "idle": ("haproxy", "sclb"), "gateway": L7, "spark": SPARK}.get(scenario, STD)
 
 
 def summary_figure(res: Results, key: tuple[str, str, str], variant: str) -> str:
@@ -918,9 +998,9 @@ def summary_figure(res: Results, key: tuple[str, str, str], variant: str) -> str
     return fmt(st.med)
 
 
-def sclb_vs_haproxy(res: Results, key: tuple[str, str, str]) -> str:
+def sclb_vs_haproxy(res: Results, key: tuple[str, str, str], variant: str = "sclb", ref: str = "haproxy") -> str:
     """sclb's figure divided by HAProxy's of the same run (added latency for latencies)."""
-    sc, hp = res.stat(key, "sclb"), res.stat(key, "haproxy")
+    sc, hp = res.stat(key, variant), res.stat(key, ref)
     if sc is None or hp is None:
         return "–"
     if key[2] in LATENCY:
@@ -936,23 +1016,29 @@ def targets_table(res: Results, s: Settings, sclb_note: str) -> str:
     lines = ["| figure | HAProxy ref | HAProxy this run | sclb this run | sclb ÷ HAProxy | target | verdict |",
              "|---|---|---|---|---|---|---|"]
     for t in TARGETS:
-        keys = [k for k in res.rows() if target_for(k) is t]
+        keys = [k for k in res.rows() if t in targets_for(k)]
         if not keys:
             continue
         key = keys[0]
-        hp = summary_figure(res, key, "haproxy")
+        hp = summary_figure(res, key, t.ref)
         if key[0] == "bulk":
             hp += f" (splice-force {summary_figure(res, key, 'haproxy-splice-force')})"
-        sc = summary_figure(res, key, "sclb")
+        elif t.ref != "haproxy":
+            hp += f" ({t.ref})"
+        sc = summary_figure(res, key, t.variant)
         if sc == "–" and sclb_note.startswith("not built"):
             sc = "not built"
-        lines.append(f"| {t.figure} | {t.haproxy_ref} | {hp} | {sc} | {sclb_vs_haproxy(res, key)} | {t.text} | "
+        elif t.variant != "sclb" and sc != "–":
+            sc += f" ({t.variant})"
+        lines.append(f"| {t.figure} | {t.haproxy_ref} | {hp} | {sc} | {sclb_vs_haproxy(res, key, t.variant, t.ref)} | "
+                     f"{t.text} | "
                      f"{verdict(t, res, key, s.quick, sclb_note)} |")
     return "\n".join(lines)
 
 
 CHART_COLORS = {"haproxy": "#8c8c8c", "haproxy-splice-auto": "#b7c9e2",
-                "haproxy-splice-force": "#5b84b1", "sclb": "#e4572e"}
+                "haproxy-splice-force": "#5b84b1", "sclb": "#e4572e",
+                "haproxy-http": "#4d4d4d", "sclb-gateway": "#f2a541"}
 CHART_PANELS = [  # (title, log scale?, [(scenario, part, metric, label)])
     ("Throughput, ratio to direct (higher is better)", False,
      [("bulk", "P1", "gbps", "bulk 1 stream"), ("bulk", "P4", "gbps", "bulk 4 streams"),
@@ -960,7 +1046,9 @@ CHART_PANELS = [  # (title, log scale?, [(scenario, part, metric, label)])
     ("Latency and time, ratio to direct (lower is better; log scale)", True,
      [("latency", "pingpong", "p50_us", "ping-pong p50"), ("latency", "pingpong", "p99_us", "ping-pong p99"),
       ("latency", "rps2000", "p50_us", "h2c 2000/s p50"), ("latency", "rps2000", "p99_us", "h2c 2000/s p99"),
-      ("spark", "toPandas2M", "seconds", "Spark toPandas")]),
+      ("gateway", "pingpong", "p50_us", "gRPC 1-in-flight p50"), ("gateway", "pingpong", "p99_us", "gRPC 1-in-flight p99"),
+      ("gateway", "rps1000", "p50_us", "gRPC 1000/s p50"), ("gateway", "rps1000", "p99_us", "gRPC 1000/s p99"),
+      ("spark", "toPandas2M", "seconds", "Spark toPandas"), ("spark", "unary-Config", "p50_us", "Spark Config p50")]),
 ]
 
 
@@ -1040,7 +1128,9 @@ def environment_header(s: Settings, sclb_note: str) -> list[str]:
     return [
         f"date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
         f"mode: {'quick' if s.quick else 'full'}, reps {s.reps}, bulk {s.bulk_s:g} s, connrate {s.connrate_s:g} s, "
-        f"rps2000 {s.rps_s:g} s (+{s.rps_warmup_s:g} s warm-up), pingpong {s.pingpong_s:g} s, idle {s.idle_conns} conns",
+        f"rps2000 {s.rps_s:g} s (+{s.rps_warmup_s:g} s warm-up), pingpong {s.pingpong_s:g} s, "
+        f"gateway {s.grpc_s:g} s (+{s.rps_warmup_s:g} s warm-up), idle {s.idle_conns} conns"
+        + (f", spark {s.spark_iterations} iterations" if s.spark else ""),
         f"kernel: {platform.system()} {platform.release()} {platform.machine()}  cpus: {os.cpu_count()}  "
         f"model name: {model.group(1) if model else '?'}",
         f"haproxy: {tool_version(['haproxy', '-v'])}",
@@ -1048,6 +1138,7 @@ def environment_header(s: Settings, sclb_note: str) -> list[str]:
         f"iperf3: {tool_version(['iperf3', '--version'])}",
         f"wrk: {tool_version(['wrk', '-v'])}",
         f"h2load: {tool_version(['h2load', '--version'])}",
+        f"nghttp: {tool_version(['nghttp', '--version'])}",
         f"sclb: {sclb_note}; repo HEAD {git}",
         f"ports: haproxy {s.haproxy_port}, sclb {s.sclb_port}, backends {','.join(map(str, s.backend_ports))}",
         f"nofile: soft {soft} hard {hard}",
@@ -1061,6 +1152,11 @@ def run_variant(s: Settings, res: Results, parts: list[Part], be: Backend, varia
     proxy, port, host = start_proxy(s, variant, be)
     try:
         probe(be.kind, host, port, what=variant)
+        if variant == "sclb-gateway" and be.kind == "grpc":
+            # the gateway answers a path outside SparkConnectService itself: UNIMPLEMENTED (12)
+            st = grpc_call(host, port, GRPC_METHOD, GRPC_BODY, path="/grpc.health.v1.Health/Check")
+            if st != "12":
+                raise Broken(f"sclb-gateway answered grpc-status {st} (want 12) to a non-Spark path")
         ctx = Ctx(s, variant, rep, host, port, proxy)
         for part in parts:
             if variant in part.variants:
@@ -1073,8 +1169,8 @@ def run_variant(s: Settings, res: Results, parts: list[Part], be: Backend, varia
 def run_group(s: Settings, res: Results, parts: list[Part], sclb_ok: bool) -> None:
     """Parts sharing one backend: start it, then rep-major, variant-minor."""
     variants = [v for v in ALL if v in s.variants and any(v in p.variants for p in parts)]
-    if not sclb_ok and "sclb" in variants:
-        variants.remove("sclb")
+    if not sclb_ok:
+        variants = [v for v in variants if v not in SCLB_VARIANTS]
     be = start_backend(s, parts[0].backend)
     try:
         host, port = be.addrs[0].rsplit(":", 1)
@@ -1107,6 +1203,17 @@ def run_scenario(s: Settings, res: Results, scenario: str, sclb_ok: bool, envlog
             return
     envlog.append(f"loadavg before scen_{scenario}: {loadavg()}")
     t0, cpu0 = time.monotonic(), cpu_times()
+    if scenario == "spark":
+        # The Spark server's JVM keeps getting faster over the first few dozen queries (JIT):
+        # warm it up directly first, or the variant measured first (direct) is penalised.
+        host, port = s.spark_servers[0].rsplit(":", 1)
+        try:
+            PROCS.run("spark-warmup", [s.spark_python, BENCH / "spark_topandas.py", "--remote",
+                                       f"sc://{host}:{port}", "--rows", 2_000_000,
+                                       "--iterations", 2 if s.quick else 10], timeout=900)
+        except BenchError as exc:
+            res.errors.append(f"spark: warm-up failed: {exc}")
+            return
     groups: list[list[Part]] = []
     for part in parts:
         if groups and groups[-1][0].backend == part.backend:
@@ -1127,7 +1234,7 @@ def run_scenario(s: Settings, res: Results, scenario: str, sclb_ok: bool, envlog
 def preflight(s: Settings) -> None:
     if not TOOL.exists():
         raise BenchError(f"{TOOL} missing: start the bench with bench/run, which compiles it")
-    for tool in ("haproxy", "iperf3", "wrk", "h2load", "nginx"):
+    for tool in ("haproxy", "iperf3", "wrk", "h2load", "nghttp", "nginx"):
         if not shutil.which(tool):
             raise BenchError(f"{tool} missing: bench/run installs it (bench/install.sh)")
     busy = [p for p in (s.haproxy_port, s.sclb_port, *s.backend_ports) if listening(p)]
@@ -1181,7 +1288,8 @@ def main(argv: list[str]) -> int:
     res = Results()
     try:
         preflight(s)
-        sclb_ok, sclb_note = prepare_sclb(s) if "sclb" in s.variants else (False, "not selected")
+        sclb_ok, sclb_note = prepare_sclb(s) if set(SCLB_VARIANTS) & set(s.variants) \
+            else (False, "not selected")
         print(f"bench: {'quick' if s.quick else 'full'} run {s.stamp}, {s.reps} rep(s), "
               f"scenarios {','.join(s.scenarios)}; sclb: {sclb_note}; logs in {s.workdir}", flush=True)
         envlog = environment_header(s, sclb_note)

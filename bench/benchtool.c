@@ -15,6 +15,13 @@
  *   benchtool pingpong HOST PORT SECONDS SIZE MAX_COUNT WARMUP
  *       closed loop on one connection: write SIZE bytes, read SIZE bytes back,
  *       repeat; prints one JSON line with rps and latency percentiles (us).
+ *   benchtool grpc MAX_SECONDS PORT [PORT...]
+ *       minimal h2c gRPC server on 127.0.0.1:PORT...: answers every request
+ *       stream (whatever its :path) with 200, content-type application/grpc,
+ *       one small gRPC message (a ConfigResponse carrying a session_id) and
+ *       the trailer grpc-status: 0. Request headers are not decoded (no
+ *       HPACK state is needed for that); SETTINGS and PING are acknowledged,
+ *       the receive window is replenished. Exits after MAX_SECONDS.
  *   benchtool memcpy
  *       prints memcpy bandwidth (cache-resident 64 KiB and 256 MiB), a quick
  *       indicator of how loaded the shared VM is.
@@ -152,6 +159,191 @@ static int cmd_echo(int argc, char **argv) {
                 if (write_all(fd, buf, (size_t)r) < 0) close(fd);
             } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
                 close(fd); /* also removes it from the epoll set */
+            }
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------- h2c gRPC server */
+
+#define H2_PREFACE_LEN 24
+#define GRPC_MAX_IN (1 << 20)
+
+struct h2conn {
+    int fd;
+    int preface_done;
+    size_t len, cap;
+    unsigned char *in;
+    uint64_t unacked;  /* DATA bytes received since the last WINDOW_UPDATE */
+};
+
+static size_t h2_frame(unsigned char *out, uint32_t len, uint8_t type, uint8_t flags, uint32_t sid) {
+    out[0] = (unsigned char)(len >> 16); out[1] = (unsigned char)(len >> 8); out[2] = (unsigned char)len;
+    out[3] = type; out[4] = flags;
+    out[5] = (unsigned char)((sid >> 24) & 0x7f); out[6] = (unsigned char)(sid >> 16);
+    out[7] = (unsigned char)(sid >> 8); out[8] = (unsigned char)sid;
+    return 9;
+}
+
+/* HEADERS :status 200, content-type: application/grpc; DATA one gRPC message;
+ * HEADERS grpc-status: 0 with END_STREAM. HPACK: static index 8 (":status 200"),
+ * literal without indexing with static name 31 (content-type), literal with a
+ * new name for grpc-status; no Huffman, no dynamic table. */
+static size_t grpc_response(unsigned char *out, uint32_t sid) {
+    static const char ct[] = "application/grpc";
+    static const char msg[] = "\x0a\x24" "5c1b0000-6761-7465-8000-000000000011";  /* ConfigResponse.session_id */
+    size_t n = 0, hl = 0;
+    unsigned char h[64];
+    h[hl++] = 0x88;
+    h[hl++] = 0x0f; h[hl++] = 31 - 15;
+    h[hl++] = (unsigned char)(sizeof ct - 1); memcpy(h + hl, ct, sizeof ct - 1); hl += sizeof ct - 1;
+    n += h2_frame(out + n, (uint32_t)hl, 0x1, 0x4, sid);
+    memcpy(out + n, h, hl); n += hl;
+    uint32_t ml = sizeof msg - 1;
+    n += h2_frame(out + n, 5 + ml, 0x0, 0x0, sid);
+    out[n++] = 0; out[n++] = 0; out[n++] = 0; out[n++] = 0; out[n++] = (unsigned char)ml;
+    memcpy(out + n, msg, ml); n += ml;
+    unsigned char t[32];
+    size_t tl = 0;
+    t[tl++] = 0x00; t[tl++] = 11; memcpy(t + tl, "grpc-status", 11); tl += 11;
+    t[tl++] = 1; t[tl++] = '0';
+    n += h2_frame(out + n, (uint32_t)tl, 0x1, 0x5, sid);
+    memcpy(out + n, t, tl); n += tl;
+    return n;
+}
+
+/* Consume complete frames of c->in; append replies to out. -1: close. */
+static int h2_process(struct h2conn *c, unsigned char *out, size_t *outlen, size_t outcap) {
+    size_t off = 0;
+    if (!c->preface_done) {
+        if (c->len < H2_PREFACE_LEN) return 0;
+        if (memcmp(c->in, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", H2_PREFACE_LEN) != 0) return -1;
+        off = H2_PREFACE_LEN;
+        c->preface_done = 1;
+        /* our SETTINGS: MAX_CONCURRENT_STREAMS 1000; then a large connection window */
+        unsigned char *o = out + *outlen;
+        size_t n = h2_frame(o, 6, 0x4, 0, 0);
+        o[n++] = 0; o[n++] = 3; o[n++] = 0; o[n++] = 0; o[n++] = 0x03; o[n++] = 0xe8;
+        n += h2_frame(o + n, 4, 0x8, 0, 0);
+        o[n++] = 0x3f; o[n++] = 0xff; o[n++] = 0x00; o[n++] = 0x00;
+        *outlen += n;
+    }
+    while (c->len - off >= 9 && outcap - *outlen > 512) {
+        unsigned char *f = c->in + off;
+        uint32_t len = ((uint32_t)f[0] << 16) | ((uint32_t)f[1] << 8) | f[2];
+        uint8_t type = f[3], flags = f[4];
+        uint32_t sid = (((uint32_t)f[5] & 0x7f) << 24) | ((uint32_t)f[6] << 16) | ((uint32_t)f[7] << 8) | f[8];
+        if (len > GRPC_MAX_IN / 2) return -1;
+        if (c->len - off < 9 + (size_t)len) break;
+        unsigned char *o = out + *outlen;
+        if (type == 0x0) {                         /* DATA */
+            c->unacked += len;
+            if (flags & 0x1) *outlen += grpc_response(o, sid);
+        } else if (type == 0x1) {                  /* HEADERS */
+            if (flags & 0x1) *outlen += grpc_response(o, sid);
+        } else if (type == 0x4 && !(flags & 0x1)) { /* SETTINGS -> ACK */
+            *outlen += h2_frame(o, 0, 0x4, 0x1, 0);
+        } else if (type == 0x6 && !(flags & 0x1) && len == 8) { /* PING -> ACK */
+            size_t n = h2_frame(o, 8, 0x6, 0x1, 0);
+            memcpy(o + n, f + 9, 8);
+            *outlen += n + 8;
+        } else if (type == 0x7) {                  /* GOAWAY */
+            return -1;
+        }
+        off += 9 + len;
+    }
+    if (c->unacked >= 32768) {                 /* replenish the connection window */
+        unsigned char *o = out + *outlen;
+        size_t n = h2_frame(o, 4, 0x8, 0, 0);
+        uint32_t inc = (uint32_t)c->unacked;
+        o[n++] = (unsigned char)(inc >> 24); o[n++] = (unsigned char)(inc >> 16);
+        o[n++] = (unsigned char)(inc >> 8); o[n++] = (unsigned char)inc;
+        *outlen += n;
+        c->unacked = 0;
+    }
+    memmove(c->in, c->in + off, c->len - off);
+    c->len -= off;
+    return 0;
+}
+
+static int cmd_grpc(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: benchtool grpc MAX_SECONDS PORT...\n");
+        return 2;
+    }
+    double deadline = now_s() + atof(argv[0]);
+    static unsigned char is_listener[FD_LIMIT];
+    static struct h2conn *conns[FD_LIMIT];
+    static unsigned char out[1 << 18];
+    raise_nofile();
+    int ep = epoll_create1(0);
+    if (ep < 0) die("epoll_create1");
+    for (int i = 1; i < argc; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        int one = 1;
+        struct sockaddr_in sa = make_addr("127.0.0.1", atoi(argv[i]));
+        if (fd < 0) die("socket");
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
+        if (listen(fd, 4096) < 0) die("listen");
+        set_nonblock(fd);
+        is_listener[fd] = 1;
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
+    }
+    struct epoll_event evs[256];
+    while (now_s() < deadline) {
+        int n = epoll_wait(ep, evs, 256, 1000);
+        if (n < 0 && errno != EINTR) die("epoll_wait");
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (is_listener[fd]) {
+                for (int k = 0; k < 1024; k++) {
+                    int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK);
+                    if (c < 0) break;
+                    if (c >= FD_LIMIT) { close(c); continue; }
+                    set_nodelay(c);
+                    struct h2conn *hc = calloc(1, sizeof *hc);
+                    if (!hc) { close(c); continue; }
+                    hc->fd = c;
+                    hc->cap = 65536;
+                    hc->in = malloc(hc->cap);
+                    struct epoll_event ev = {.events = EPOLLIN, .data.fd = c};
+                    if (!hc->in || epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev) < 0) {
+                        free(hc->in); free(hc); close(c);
+                        continue;
+                    }
+                    conns[c] = hc;
+                }
+                continue;
+            }
+            struct h2conn *hc = conns[fd];
+            int bad = hc == NULL;
+            for (int rounds = 0; !bad && rounds < 64; rounds++) {  /* bounded drain */
+                if (hc->len == hc->cap) {
+                    if (hc->cap >= GRPC_MAX_IN) { bad = 1; break; }
+                    unsigned char *bigger = realloc(hc->in, hc->cap * 2);
+                    if (!bigger) { bad = 1; break; }
+                    hc->in = bigger;
+                    hc->cap *= 2;
+                }
+                ssize_t r = read(fd, hc->in + hc->len, hc->cap - hc->len);
+                if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) { bad = 1; break; }
+                if (r < 0) break;
+                hc->len += (size_t)r;
+                size_t outlen = 0;
+                do {
+                    size_t before = hc->len;
+                    if (h2_process(hc, out, &outlen, sizeof out) < 0) { bad = 1; break; }
+                    if (outlen && write_all(fd, (char *)out, outlen) < 0) { bad = 1; break; }
+                    if (hc->len == before || outlen == 0) break;
+                    outlen = 0;
+                } while (1);
+            }
+            if (bad) {
+                if (hc) { free(hc->in); free(hc); conns[fd] = NULL; }
+                close(fd);
             }
         }
     }
@@ -379,7 +571,8 @@ int main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "echo") == 0) return cmd_echo(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "idle") == 0) return cmd_idle(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "pingpong") == 0) return cmd_pingpong(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "grpc") == 0) return cmd_grpc(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "memcpy") == 0) return cmd_memcpy();
-    fprintf(stderr, "usage: benchtool echo|idle|pingpong|memcpy ...\n");
+    fprintf(stderr, "usage: benchtool echo|idle|pingpong|grpc|memcpy ...\n");
     return 2;
 }

@@ -5,7 +5,7 @@ set -euo pipefail
 
 # command -> Debian package
 declare -A pkg=(
-  [haproxy]=haproxy [iperf3]=iperf3 [wrk]=wrk [h2load]=nghttp2-client
+  [haproxy]=haproxy [iperf3]=iperf3 [wrk]=wrk [h2load]=nghttp2-client [nghttp]=nghttp2-client
   [nginx]=nginx [gnuplot]=gnuplot-nox [gcc]=gcc [/usr/bin/python3]=python3
 )
 
