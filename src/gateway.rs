@@ -53,6 +53,28 @@ pub struct Gateway {
     pub ondemand: ondemand::OnDemandState,
 }
 
+impl Gateway {
+    /// Deletes, in the background, the driver sclb created for a session that has ended.
+    pub fn delete_driver(self: &Arc<Self>, s: &Session) {
+        if let (true, Some(settings), Some(ns), Some(app)) = (
+            s.meta.created,
+            s.meta.source.clone(),
+            s.meta.namespace.clone(),
+            s.meta.app.clone(),
+        ) {
+            let gw = self.clone();
+            tokio::spawn(async move { gw.ondemand.delete(&settings, &ns, &app).await });
+        }
+    }
+
+    /// A session its client released (ReleaseSession answered OK).
+    pub fn released(self: &Arc<Self>, key: &SessionKey) {
+        if let Some(s) = self.registry.end(key, EndReason::Released) {
+            self.delete_driver(&s);
+        }
+    }
+}
+
 /// How much of a request body is buffered to find its routing key. PySpark sends
 /// `session_id` and `user_context` first, in the first ~60 bytes; a client without a user id
 /// sends no `user_context`, and proving its absence would mean buffering a whole plan.
@@ -112,11 +134,18 @@ pub async fn serve(
         Ok(()) => "closed".to_string(),
         Err(e) => e.to_string(),
     };
+    let rpcs = rpcs.load(Relaxed);
+    let total_ms = start.elapsed().as_millis() as u64;
+    if rpcs == 0 {
+        // A port probe or a client that never spoke HTTP/2: routine, not worth a line.
+        debug!(client = %peer, frontend = %frontend, total_ms, end = %end, "gateway connection closed without an RPC");
+        return;
+    }
     info!(
         client = %peer,
         frontend = %frontend,
-        total_ms = start.elapsed().as_millis() as u64,
-        rpcs = rpcs.load(Relaxed),
+        total_ms,
+        rpcs,
         end = %end,
         "gateway connection closed"
     );
@@ -407,7 +436,7 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
             && method == Method::ReleaseSession
             && let Some(s) = &session
         {
-            gw.registry.end(&s.key, EndReason::Released);
+            gw.released(&s.key);
         }
         return with_app(Response::from_parts(parts, DownBody::Empty), app_header);
     }
@@ -555,7 +584,15 @@ async fn route(
     let mut meta = SessionMeta::default();
     let mut fixed: Option<Arc<Server>> = None;
     match (&named, gw.registry.find(&skey)) {
-        (_, Some(Err(reason))) => {
+        (_, Some(Err((reason, was)))) => {
+            // A client's cleanup after the end (PySpark releases executions in the background,
+            // also after ReleaseSession) goes to the server that held the session, which
+            // answers it as Spark does; anything else is told the session is over.
+            if matches!(method, Method::ReleaseExecute | Method::ReleaseSession)
+                && let Some(s) = backend.server(was.server)
+            {
+                return Ok((None, s.clone()));
+            }
             return Err(session_ended(&skey, reason));
         }
         (Some((s, name)), _) => {
@@ -751,6 +788,7 @@ async fn on_demand(
                 team: Some(pending.team.clone()),
                 environment: Some(pending.environment.clone()),
                 created: true,
+                source: Some(settings.clone()),
             };
             return Ok((s, meta));
         }
@@ -838,6 +876,7 @@ pub fn reap_once(shared: &Arc<Shared>) -> usize {
 pub fn release_sessions(shared: &Arc<Shared>, ended: &[Arc<Session>]) {
     let snap = shared.state.snapshot();
     for s in ended {
+        shared.gateway.delete_driver(s);
         let Some(b) = snap.backend(&s.backend) else {
             continue;
         };
@@ -848,16 +887,6 @@ pub fn release_sessions(shared: &Arc<Shared>, ended: &[Arc<Session>]) {
                 b.config.timeout_connect,
             );
             tokio::spawn(async move { release_on_server(&gw, &server, &key, timeout).await });
-        }
-        if s.meta.created
-            && let (Some(settings), Some(ns), Some(app)) = (
-                b.config.discovery.clone(),
-                s.meta.namespace.clone(),
-                s.meta.app.clone(),
-            )
-        {
-            let gw = shared.gateway.clone();
-            tokio::spawn(async move { gw.ondemand.delete(&settings, &ns, &app).await });
         }
     }
 }

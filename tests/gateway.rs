@@ -434,6 +434,24 @@ async fn a_released_session_leaves_the_registry() {
         ),
         1.0
     );
+    // PySpark's background ReleaseExecute calls arrive after ReleaseSession: they reach the
+    // server that held the session (which answers as Spark does), and create no session.
+    let r = c
+        .call(
+            "ReleaseExecute",
+            request("08_ReleaseExecute_release_all.bin", &s),
+        )
+        .await;
+    assert_eq!((r.status, r.server()), (0, "sc1"), "{r:?}");
+    assert_eq!(gw.admin("show sessions").await, "# sessions: 0\n\n");
+    // Anything else is told the session is over.
+    let r = c.call("Config", request("02_Config_get.bin", &s)).await;
+    assert_eq!(r.status, 9, "{r:?}");
+    assert!(
+        r.message.contains("was released by its client"),
+        "{}",
+        r.message
+    );
 }
 
 #[tokio::test]

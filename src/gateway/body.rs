@@ -224,7 +224,7 @@ impl DownStream {
             && self.method == Method::ReleaseSession
             && let Some(s) = &self.track.session
         {
-            self.gateway.registry.end(&s.key, EndReason::Released);
+            self.gateway.released(&s.key);
         }
     }
 

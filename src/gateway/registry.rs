@@ -84,6 +84,8 @@ pub struct SessionMeta {
     pub environment: Option<String>,
     /// sclb created the driver for this session, and deletes it when the session ends.
     pub created: bool,
+    /// Where that driver lives (the backend's discovery source), to delete it.
+    pub source: Option<crate::config::KubernetesDiscovery>,
 }
 
 pub struct Session {
@@ -264,7 +266,8 @@ const TOMBSTONE_TTL: Duration = Duration::from_secs(4 * 3600);
 #[derive(Default)]
 struct Inner {
     live: HashMap<SessionKey, Arc<Session>>,
-    ended: HashMap<SessionKey, (EndReason, Instant)>,
+    /// Ended sessions: why, when, and the server that held them.
+    ended: HashMap<SessionKey, (EndReason, Instant, Placement)>,
     ended_order: VecDeque<(SessionKey, Instant)>,
 }
 
@@ -308,13 +311,14 @@ impl Registry {
         self.inner.lock().unwrap().live.get(key).cloned()
     }
 
-    /// A live session, or why it ended; `None` if never seen (or long forgotten).
-    pub fn find(&self, key: &SessionKey) -> Option<Result<Arc<Session>, EndReason>> {
+    /// A live session, or why it ended and where it was; `None` if never seen (or long
+    /// forgotten).
+    pub fn find(&self, key: &SessionKey) -> Option<Result<Arc<Session>, (EndReason, Placement)>> {
         let inner = self.inner.lock().unwrap();
         if let Some(s) = inner.live.get(key) {
             return Some(Ok(s.clone()));
         }
-        inner.ended.get(key).map(|(r, _)| Err(*r))
+        inner.ended.get(key).map(|(r, _, p)| Err((*r, p.clone())))
     }
 
     /// Live sessions whose driver sclb created for `team`.
@@ -344,7 +348,7 @@ impl Registry {
                     new: false,
                 });
             }
-            if let Some((reason, _)) = inner.ended.get(key) {
+            if let Some((reason, _, _)) = inner.ended.get(key) {
                 return Some(Admit::Ended(*reason));
             }
             if inner.live.len() >= new.max {
@@ -394,13 +398,16 @@ impl Registry {
         })
     }
 
-    /// Ends a session: closes its streams, remembers why, logs the audit line. `None` if it
-    /// had already ended.
+    /// Ends a session: closes its streams (unless its client released it: what it still has
+    /// in flight is its own cleanup), remembers why, logs the audit line. `None` if it had
+    /// already ended.
     pub fn end(&self, key: &SessionKey, reason: EndReason) -> Option<Arc<Session>> {
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap();
         let s = inner.live.remove(key)?;
-        inner.ended.insert(key.clone(), (reason, now));
+        inner
+            .ended
+            .insert(key.clone(), (reason, now, s.placement()));
         inner.ended_order.push_back((key.clone(), now));
         while inner.ended_order.len() > TOMBSTONES
             || inner
@@ -411,14 +418,16 @@ impl Registry {
             let Some((k, at)) = inner.ended_order.pop_front() else {
                 break;
             };
-            if inner.ended.get(&k).is_some_and(|(_, t)| *t == at) {
+            if inner.ended.get(&k).is_some_and(|(_, t, _)| *t == at) {
                 inner.ended.remove(&k);
             }
         }
         self.metrics.sessions_active.set(inner.live.len() as i64);
         drop(inner);
         *s.ended.lock().unwrap() = Some(reason);
-        s.kill.cancel();
+        if reason != EndReason::Released {
+            s.kill.cancel();
+        }
         self.metrics
             .sessions_expired
             .get_or_create(&[("reason", reason.as_str())])
