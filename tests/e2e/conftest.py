@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import os
+import re
 import resource
 import signal
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,23 +53,50 @@ class LB:
     backends: dict[str, Backend]
     admin: Admin | None = None
     log: Path | None = None
+    gateway_port: int | None = None  # sclb's gateway frontend (mode "grpc")
+    stats_port: int | None = None    # sclb's stats listener (/metrics)
 
     @property
     def url(self) -> str:
         return f"sc://127.0.0.1:{self.port}"
 
-    def new_session(self) -> SparkSession:
-        """A brand-new SparkSession (new session_id, new channel, new TCP connection)."""
-        return SparkSession.builder.remote(self.url).create()
+    @property
+    def gateway_url(self) -> str:
+        assert self.gateway_port is not None, "no gateway frontend"
+        return f"sc://127.0.0.1:{self.gateway_port}"
+
+    def new_session(self, url: str | None = None) -> SparkSession:
+        """A brand-new SparkSession (new session_id, new channel, new TCP connection) through
+        `url` (default: the L4 frontend)."""
+        return SparkSession.builder.remote(url or self.url).create()
 
     @contextlib.contextmanager
-    def session(self):
+    def session(self, url: str | None = None):
         """new_session() that is stopped (released on its server) at the end."""
-        spark = self.new_session()
+        spark = self.new_session(url)
         try:
             yield spark
         finally:
             spark.stop()
+
+    def metrics(self) -> str:
+        """The stats listener's /metrics page (Prometheus text)."""
+        assert self.stats_port is not None, "no stats listener"
+        url = f"http://127.0.0.1:{self.stats_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels` (0 if none)."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\d+)?", line)
+            if not m or m[1] != name:
+                continue
+            have = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m[2] or ""))
+            if all(have.get(k) == v for k, v in labels.items()):
+                total += float(m[3])
+        return total
 
     def which_server(self, spark: SparkSession) -> str:
         """Name of the backend serving `spark`, read from the server's own static conf
@@ -125,15 +155,20 @@ def lb(backends, tmp_path_factory) -> LB:
             pytest.fail(f"sclb binary {binary} missing (cargo build, or set SCLB_BIN)")
         admin_sock = work / "admin.sock"
         config = work / "sclb.toml"
+        stats_port, gateway_port = harness.free_port(), harness.free_port()
         config.write_text(harness.sclb_config(
-            admin_sock, harness.free_port(), port, {n: b.port for n, b in backends.items()}))
+            admin_sock, stats_port, port, {n: b.port for n, b in backends.items()},
+            gateway_port=gateway_port))
         proc = harness.start_sclb(binary, config, work)
         _LOGS.append(proc.log)
-        lb = LB(mode, port, proc, backends, Admin(admin_sock), proc.log)
+        lb = LB(mode, port, proc, backends, Admin(admin_sock), proc.log,
+                gateway_port=gateway_port, stats_port=stats_port)
     else:
         pytest.fail(f"SCLB_E2E_PROXY={mode!r}: want unset or 'socat'")
     try:
         harness.wait_port(proc, port, SCLB_START_BUDGET)
+        if lb.gateway_port is not None:
+            harness.wait_port(proc, lb.gateway_port, SCLB_START_BUDGET)
         if lb.admin:
             for name in backends:
                 # A server starts UP (init_state "up"); ready means the spark probe has
@@ -146,12 +181,32 @@ def lb(backends, tmp_path_factory) -> LB:
         proc.stop()
 
 
+@pytest.fixture(autouse=True)
+def collect_dead_sessions():
+    """gc.collect() around every test, so unreachable SparkSessions of earlier tests are
+    finalized here and not at a random allocation later. PySpark 4.0.5's SparkSession.__del__
+    calls client.close() -> ExecutePlanResponseReattachableIterator.shutdown(), which takes the
+    class-wide non-reentrant _lock; if the cyclic GC runs it inside _release_all() (which holds
+    that _lock while ThreadPoolExecutor.submit starts a thread), the thread deadlocks on itself
+    and the query never returns."""
+    gc.collect()
+    yield
+    gc.collect()
+
+
 @pytest.fixture
 def sclb(lb) -> LB:
     """`lb`, but skip when there is no sclb (admin socket, health checks) in front."""
     if lb.admin is None:
         pytest.skip(f"needs sclb's admin socket / health checks (running under {lb.mode})")
     return lb
+
+
+@pytest.fixture
+def gateway(sclb) -> LB:
+    """`sclb`, for tests of its gateway frontend (`gateway_url`, `show sessions`, /metrics)."""
+    assert sclb.gateway_port is not None and sclb.stats_port is not None
+    return sclb
 
 
 def pytest_configure(config):

@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,10 @@ def start_spark_server(name: str, port: int, workdir: Path) -> Proc:
     The working directory (spark-warehouse, derby files) is `workdir`.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP="127.0.0.1")
+    # Python UDFs (test_gateway's artifact test) run in workers started with PYSPARK_PYTHON:
+    # this interpreter (the venv's), which has pyspark; a bare `python3` may not.
+    env = dict(os.environ, SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP="127.0.0.1",
+               PYSPARK_PYTHON=sys.executable)
     argv = [
         str(SPARK_HOME / "bin" / "spark-submit"),
         "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
@@ -213,8 +217,18 @@ def start_sclb(binary: Path, config: Path, workdir: Path) -> Proc:
 
 
 def sclb_config(admin_sock: Path, stats_port: int, front_port: int,
-                servers: dict[str, int]) -> str:
-    """The sclb TOML for one frontend in front of `servers` (name -> port)."""
+                servers: dict[str, int], gateway_port: int | None = None) -> str:
+    """The sclb TOML for an L4 frontend in front of `servers` (name -> port), plus a gateway
+    frontend (mode "grpc": HTTP/2, routed by Spark session) on `gateway_port` if given; both
+    share backend "local"."""
+    gateway = "" if gateway_port is None else f"""
+[[frontend]]
+name = "gateway"
+mode = "grpc"
+bind = ["127.0.0.1:{gateway_port}"]
+backend = "local"
+sessions = {{ idle_timeout = "30m", max_ttl = "4h", cleanup_interval = "1m" }}
+"""
     srv = ", ".join(f'{{ name = "{n}", addr = "127.0.0.1:{p}" }}' for n, p in servers.items())
     return f"""\
 [global]
@@ -230,7 +244,7 @@ retries = 3
 name = "sparkconnect"
 bind = ["127.0.0.1:{front_port}"]
 backend = "local"
-
+{gateway}
 [[backend]]
 name = "local"
 balance = "roundrobin"
@@ -278,6 +292,22 @@ class Admin:
         for line in self.cmd("show table local").splitlines():
             if line.startswith("0x"):
                 out.append(dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv))
+        return out
+
+    def sessions(self) -> dict[str, dict[str, str]]:
+        """`show sessions` (gateway Spark sessions) as {session_id: {user, fe, be, srv, src,
+        age, idle, rpcs, streams}}; checks the `# sessions: N` header against the rows."""
+        text = self.cmd("show sessions")
+        lines = text.splitlines()
+        m = re.fullmatch(r"# sessions: (\d+)", lines[0]) if lines else None
+        if not m:
+            raise AssertionError(f"show sessions: no '# sessions: N' header in reply:\n{text}")
+        out = {}
+        for line in lines[1:]:
+            sid, _, rest = line.partition(": ")
+            out[sid] = dict(kv.split("=", 1) for kv in rest.split() if "=" in kv)
+        if len(out) != int(m[1]):
+            raise AssertionError(f"show sessions: header says {m[1]}, {len(out)} rows:\n{text}")
         return out
 
     def wait_status(self, server: str, prefix: str, budget: float,
