@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use body::{DownBody, DownStream, ServerStream, Track, UpBody, kill_signal};
+use body::{DownBody, DownStream, ServerStream, Track, kill_signal};
 use decode::{DecodeError, Method, RoutingKey};
 use registry::{
     Admit, EndReason, NewSession, Placement, Registry, Session, SessionKey, SessionMeta,
@@ -362,13 +362,7 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
         server: server.clone(),
         frontend: cx.fe_counters.clone(),
     });
-    let up_body = UpBody::new(
-        head,
-        (!ended).then_some(body),
-        track.clone(),
-        kill_signal(session.as_ref(), &server),
-    );
-    let mut up = Request::from_parts(parts, up_body);
+    let mut up = Request::from_parts(parts, ());
     let pq = up
         .uri()
         .path_and_query()
@@ -402,23 +396,57 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
 
     let t0 = Instant::now();
     let mut kill = kill_signal(session.as_ref(), &server);
-    let mut sender = sender;
+    let upstream_failed = |server: &Server, e: &dyn std::fmt::Display| {
+        server.counters.resp_errors.fetch_add(1, Relaxed);
+        (
+            "upstream_failed",
+            Status::unavailable(
+                format!("sclb: server {} did not answer: {e}", server.name),
+                Duration::from_millis(100),
+            ),
+        )
+    };
+    // Room for another stream on the server's connection (its SETTINGS limit).
+    let mut sender = tokio::select! {
+        r = sender.ready() => match r {
+            Ok(s) => s,
+            Err(e) => {
+                let (reason, st) = upstream_failed(&server, &e);
+                return cx.refuse(m, reason, st);
+            }
+        },
+        st = &mut kill => return cx.refuse(m, "session_closed", st),
+    };
+    // HEADERS and the first bytes go out together (h2 buffers DATA until the stream opens).
+    let eos = ended && head.is_empty();
+    let (resp_fut, mut tx) = match sender.send_request(up, eos) {
+        Ok(r) => r,
+        Err(e) => {
+            let (reason, st) = upstream_failed(&server, &e);
+            return cx.refuse(m, reason, st);
+        }
+    };
+    if !head.is_empty() {
+        track.upstream(head.len() as u64);
+        let _ = tx.send_data(head, ended);
+    }
+    if !ended {
+        tokio::spawn(body::pump(
+            body,
+            tx,
+            track.clone(),
+            kill_signal(session.as_ref(), &server),
+        ));
+    }
     let resp = tokio::select! {
-        r = sender.send_request(up) => r,
+        r = resp_fut => r,
         st = &mut kill => return cx.refuse(m, "session_closed", st),
     };
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {
-            server.counters.resp_errors.fetch_add(1, Relaxed);
-            return cx.refuse(
-                m,
-                "upstream_failed",
-                Status::unavailable(
-                    format!("sclb: server {} did not answer: {e}", server.name),
-                    Duration::from_millis(100),
-                ),
-            );
+            let (reason, st) = upstream_failed(&server, &e);
+            return cx.refuse(m, reason, st);
         }
     };
     gw.registry.metrics.latency(m, t0.elapsed().as_secs_f64());
@@ -444,6 +472,7 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
         parts,
         DownBody::Stream(Box::new(DownStream {
             inner,
+            data_done: false,
             track,
             kill,
             method,
@@ -919,7 +948,7 @@ pub fn session_json(s: &Session) -> serde_json::Value {
 async fn release_on_server(gw: &Gateway, server: &Server, key: &SessionKey, timeout: Duration) {
     let msg = release_session_request(key);
     let r = async {
-        let mut send = gw
+        let send = gw
             .upstreams
             .get(server.id, server.addr(), timeout)
             .await
@@ -930,16 +959,20 @@ async fn release_on_server(gw: &Gateway, server: &Server, key: &SessionKey, time
         ))
         .header(header::CONTENT_TYPE, "application/grpc")
         .header(header::TE, "trailers")
-        .body(UpBody::full(msg))
+        .body(())
         .map_err(|e| e.to_string())?;
-        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        let (parts, body) = resp.into_parts();
+        let mut send = send.ready().await.map_err(|e| e.to_string())?;
+        let (resp, mut tx) = send.send_request(req, false).map_err(|e| e.to_string())?;
+        tx.send_data(msg, true).map_err(|e| e.to_string())?;
+        let (parts, mut body) = resp.await.map_err(|e| e.to_string())?.into_parts();
+        while let Some(d) = body.data().await {
+            let d = d.map_err(|e| e.to_string())?;
+            let _ = body.flow_control().release_capacity(d.len());
+        }
         let trailers = body
-            .collect()
+            .trailers()
             .await
             .map_err(|e| e.to_string())?
-            .trailers()
-            .cloned()
             .unwrap_or(parts.headers);
         Ok::<_, String>(
             trailers

@@ -10,8 +10,9 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::{RecvStream, SendStream};
 use http::HeaderMap;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use hyper::body::Incoming;
 
 use super::Gateway;
@@ -64,7 +65,7 @@ pub struct Track {
 }
 
 impl Track {
-    fn upstream(&self, n: u64) {
+    pub fn upstream(&self, n: u64) {
         self.server.counters.bytes_in.fetch_add(n, Relaxed);
         self.frontend.bytes_in.fetch_add(n, Relaxed);
         if let Some(s) = &self.session {
@@ -81,94 +82,63 @@ impl Track {
     }
 }
 
-/// A request body on its way to the server: the bytes read to find the routing key, then the
-/// rest of the client's stream.
-pub struct UpBody {
-    head: Option<Bytes>,
-    rest: Option<Incoming>,
-    track: Option<Arc<Track>>,
-    kill: Option<Kill>,
-}
-
-impl UpBody {
-    pub fn new(head: Bytes, rest: Option<Incoming>, track: Arc<Track>, kill: Kill) -> Self {
-        UpBody {
-            head: (!head.is_empty()).then_some(head),
-            rest,
-            track: Some(track),
-            kill: Some(kill),
-        }
-    }
-
-    /// A body sclb writes itself (no client behind it).
-    pub fn full(data: Bytes) -> Self {
-        UpBody {
-            head: Some(data),
-            rest: None,
-            track: None,
-            kill: None,
-        }
-    }
-}
-
-impl Body for UpBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if let Some(k) = &mut this.kill
-            && let Poll::Ready(st) = k.as_mut().poll(cx)
-        {
-            this.kill = None;
-            this.rest = None;
-            return Poll::Ready(Some(Err(st.message.into())));
-        }
-        if let Some(h) = this.head.take() {
-            if let Some(t) = &this.track {
-                t.upstream(h.len() as u64);
-            }
-            return Poll::Ready(Some(Ok(Frame::data(h))));
-        }
-        let Some(rest) = &mut this.rest else {
-            return Poll::Ready(None);
+/// Forwards the rest of a client's request stream (after the first bytes, already sent) to
+/// the server: one frame at a time, each only once the server's window has room, so a slow
+/// server slows the client instead of filling sclb's memory. Ends the server's stream with the
+/// client's end, its trailers, or a reset when the client resets or the session is closed.
+pub async fn pump(
+    mut body: Incoming,
+    mut tx: SendStream<Bytes>,
+    track: Arc<Track>,
+    mut kill: Kill,
+) {
+    use http_body_util::BodyExt;
+    loop {
+        // Room for at least a byte before reading more from the client.
+        tx.reserve_capacity(1);
+        let room = tokio::select! {
+            r = std::future::poll_fn(|cx| tx.poll_capacity(cx)) => r,
+            _ = &mut kill => None,
         };
-        match ready!(Pin::new(rest).poll_frame(cx)) {
-            Some(Ok(f)) => {
-                if let (Some(d), Some(t)) = (f.data_ref(), &this.track) {
-                    t.upstream(d.len() as u64);
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-            // The client reset its stream: the server's stream is reset in turn.
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            None => {
-                this.rest = None;
-                Poll::Ready(None)
-            }
+        if !matches!(room, Some(Ok(n)) if n > 0) {
+            tx.send_reset(h2::Reason::CANCEL);
+            return;
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.head.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let head = self.head.as_ref().map_or(0, |h| h.len() as u64);
-        match &self.rest {
-            None => SizeHint::with_exact(head),
-            Some(r) => {
-                let h = r.size_hint();
-                let mut s = SizeHint::new();
-                s.set_lower(h.lower() + head);
-                if let Some(u) = h.upper() {
-                    s.set_upper(u + head);
-                }
-                s
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = &mut kill => {
+                tx.send_reset(h2::Reason::CANCEL);
+                return;
             }
+        };
+        let sent = match frame {
+            None => tx.send_data(Bytes::new(), true),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => {
+                    track.upstream(d.len() as u64);
+                    let eos = body.is_end_stream();
+                    let r = tx.send_data(d, eos);
+                    if eos {
+                        return;
+                    }
+                    r
+                }
+                Err(f) => match f.into_trailers() {
+                    Ok(t) => {
+                        let _ = tx.send_trailers(t);
+                        return;
+                    }
+                    Err(_) => continue,
+                },
+            },
+            // The client reset its stream: so is the server's.
+            Some(Err(_)) => {
+                tx.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        if sent.is_err() || body.is_end_stream() {
+            return;
         }
     }
 }
@@ -181,7 +151,9 @@ pub enum DownBody {
 }
 
 pub struct DownStream {
-    pub inner: Incoming,
+    pub inner: RecvStream,
+    /// The server's DATA has ended; its trailers come next.
+    pub data_done: bool,
     pub track: Arc<Track>,
     pub kill: Kill,
     pub method: Method,
@@ -228,6 +200,20 @@ impl DownStream {
         }
     }
 
+    /// The server's stream broke mid-response (server gone, connection lost, reset): tell the
+    /// client to retry; Spark clients reattach to the operation.
+    fn broken(&mut self, e: h2::Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.track.server.counters.resp_errors.fetch_add(1, Relaxed);
+        let st = Status::unavailable(
+            format!(
+                "sclb: the stream from server {} broke: {e}",
+                self.track.server.name
+            ),
+            Duration::from_millis(100),
+        );
+        self.cut(st, "upstream_reset")
+    }
+
     /// Ends the client's stream with sclb's own status.
     fn cut(
         &mut self,
@@ -261,33 +247,30 @@ impl Body for DownBody {
         if let Poll::Ready(st) = s.kill.as_mut().poll(cx) {
             return s.cut(st, "session_closed");
         }
-        match ready!(Pin::new(&mut s.inner).poll_frame(cx)) {
-            Some(Ok(f)) => {
-                if let Some(d) = f.data_ref() {
+        if !s.data_done {
+            match ready!(s.inner.poll_data(cx)) {
+                Some(Ok(d)) => {
+                    // Handed on: the server may send this much more. hyper polls this body only
+                    // when the client's window has room, so that is where backpressure starts.
+                    let _ = s.inner.flow_control().release_capacity(d.len());
                     s.track.downstream(d.len() as u64);
-                } else if let Some(t) = f.trailers_ref() {
-                    s.trailers(t);
-                    s.done = true;
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Poll::Ready(Some(Ok(f)))
+                Some(Err(e)) => return s.broken(e),
+                None => s.data_done = true,
             }
-            Some(Err(e)) => {
-                // The server's stream broke mid-response (server gone, connection lost): tell
-                // the client to retry; Spark clients reattach to the operation.
-                s.track.server.counters.resp_errors.fetch_add(1, Relaxed);
-                let st = Status::unavailable(
-                    format!(
-                        "sclb: the stream from server {} broke: {e}",
-                        s.track.server.name
-                    ),
-                    Duration::from_millis(100),
-                );
-                s.cut(st, "upstream_reset")
+        }
+        match ready!(s.inner.poll_trailers(cx)) {
+            Ok(Some(t)) => {
+                s.trailers(&t);
+                s.done = true;
+                Poll::Ready(Some(Ok(Frame::trailers(t))))
             }
-            None => {
+            Ok(None) => {
                 s.done = true;
                 Poll::Ready(None)
             }
+            Err(e) => s.broken(e),
         }
     }
 

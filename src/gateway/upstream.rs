@@ -17,15 +17,21 @@ use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::Duration;
 
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::client::SendRequest;
 use tracing::debug;
 
-use super::body::UpBody;
 use crate::server::ServerId;
 use crate::sockopt;
 
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<UpBody>>>>;
+/// Per-stream receive window: what a server may send ahead of a slow client.
+const STREAM_WINDOW: u32 = 4 << 20;
+/// Per-connection receive window, shared by every session's streams to the server.
+const CONNECTION_WINDOW: u32 = 64 << 20;
+
+pub type Sender = SendRequest<Bytes>;
+
+type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
 
 #[derive(Default)]
 pub struct Upstreams {
@@ -39,7 +45,7 @@ pub enum UpstreamError {
     #[error("connect failed: {0}")]
     Connect(#[from] io::Error),
     #[error("HTTP/2 handshake failed: {0}")]
-    Handshake(hyper::Error),
+    Handshake(h2::Error),
 }
 
 impl Upstreams {
@@ -49,7 +55,7 @@ impl Upstreams {
         server: ServerId,
         addr: SocketAddr,
         connect_timeout: Duration,
-    ) -> Result<SendRequest<UpBody>, UpstreamError> {
+    ) -> Result<Sender, UpstreamError> {
         let slot = self
             .conns
             .lock()
@@ -59,7 +65,13 @@ impl Upstreams {
             .clone();
         let mut held = slot.lock().await;
         if let Some(s) = held.as_mut() {
-            if !s.is_closed() && s.ready().await.is_ok() {
+            // Pending (the server's stream limit is reached) is fine: the caller waits.
+            let alive = futures::future::poll_fn(|cx| match s.poll_ready(cx) {
+                std::task::Poll::Ready(r) => std::task::Poll::Ready(r.is_ok()),
+                std::task::Poll::Pending => std::task::Poll::Ready(true),
+            })
+            .await;
+            if alive {
                 return Ok(s.clone());
             }
             debug!(server = %addr, "upstream HTTP/2 connection closed; reconnecting");
@@ -89,19 +101,21 @@ impl Upstreams {
     }
 }
 
-async fn connect(addr: SocketAddr) -> Result<SendRequest<UpBody>, UpstreamError> {
+async fn connect(addr: SocketAddr) -> Result<Sender, UpstreamError> {
     let stream = sockopt::upstream_socket(addr)?.connect(addr).await?;
-    let (send, conn) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        // Spark answers with result batches of up to 4 MiB: let the window grow with the
-        // bandwidth-delay product instead of HTTP/2's 64 KiB default.
-        .adaptive_window(true)
+    // h2 directly rather than through hyper's client: a request's HEADERS and its first DATA
+    // then leave in one write (hyper pipes the body after the headers are flushed, which
+    // wakes the server twice per unary RPC).
+    //
+    // No HTTP/2 keep-alive pings: Spark's gRPC (Netty) server answers pings more frequent than
+    // its permitKeepAliveTime (5 min) with GOAWAY too_many_pings, which would end every
+    // session's streams on this connection. TCP keepalive (set on the socket) watches it.
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(1 << 20)
-        // No HTTP/2 keep-alive pings: Spark's gRPC (Netty) server answers pings more frequent
-        // than its permitKeepAliveTime (5 min) with GOAWAY too_many_pings, which would end
-        // every session's streams on this connection. TCP keepalive (set on the socket)
-        // watches the connection instead.
-        .handshake(TokioIo::new(stream))
+        .enable_push(false)
+        .handshake(stream)
         .await
         .map_err(UpstreamError::Handshake)?;
     tokio::spawn(async move {
