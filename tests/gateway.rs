@@ -677,3 +677,45 @@ async fn a_client_that_cancels_resets_the_servers_stream_and_a_slow_reader_slows
     assert_eq!(r.messages.len(), 2000);
     assert!(r.messages.iter().all(|m| m.len() > 64 * 1024));
 }
+
+/// `CloneSessionRequest { session_id = 1, user_context = 2 { user_id = 1 }, new_session_id = 4 }`
+/// (Spark 4.2; PySpark 4.0.5, which recorded the other fixtures, has no CloneSession).
+fn clone_session_request(source: &str, user: &str, new: &str) -> bytes::Bytes {
+    let mut m = vec![0x0a, source.len() as u8];
+    m.extend_from_slice(source.as_bytes());
+    m.extend_from_slice(&[0x12, user.len() as u8 + 2, 0x0a, user.len() as u8]);
+    m.extend_from_slice(user.as_bytes());
+    m.extend_from_slice(&[0x22, new.len() as u8]);
+    m.extend_from_slice(new.as_bytes());
+    grpc::frame(&m)
+}
+
+#[tokio::test]
+async fn a_cloned_session_is_created_beside_its_source() {
+    let (a, b) = (
+        FakeGrpc::start("sc1", Behaviour::default()).await,
+        FakeGrpc::start("sc2", Behaviour::default()).await,
+    );
+    let gw = gateway(&[&a, &b], "", "").await;
+    let mut c = Client::connect(gw.addr()).await;
+    for n in 0..6 {
+        let (source, clone) = (session(n), session(100 + n));
+        let home = c
+            .call("Config", request("01_Config_set.bin", &source))
+            .await
+            .server()
+            .to_string();
+        let r = c
+            .call(
+                "CloneSession",
+                clone_session_request(&source, "sclb-test", &clone),
+            )
+            .await;
+        assert_eq!((r.status, r.server()), (0, home.as_str()));
+        // The clone's own RPCs find it there, whatever the balancer would have said.
+        for _ in 0..2 {
+            let r = c.call("Config", request("02_Config_get.bin", &clone)).await;
+            assert_eq!(r.server(), home, "clone {n} follows its source");
+        }
+    }
+}
