@@ -189,6 +189,10 @@ enum Failed {
 struct Transfer {
     /// The pipe or buffer of the burst in flight; `None` between bursts.
     held: Option<Held>,
+    /// This direction has carried a burst that filled a buffer: bulk data, worth splicing.
+    /// Until then bursts are copied: for small messages (RPCs, pings) `splice(2)` costs more
+    /// than it saves (HAProxy's `splice-auto` makes the same call).
+    bulk: bool,
     /// Bytes read and not yet written.
     pending: usize,
     /// For a buffer: where the unwritten bytes start.
@@ -202,6 +206,7 @@ impl Transfer {
     fn new() -> Self {
         Transfer {
             held: None,
+            bulk: false,
             pending: 0,
             offset: 0,
             burst: 0,
@@ -225,10 +230,10 @@ impl Transfer {
             self.held = Some(match mode {
                 // No pipe to be had (file descriptors exhausted): this burst goes through a
                 // buffer instead, rather than failing an established connection.
-                Mode::Splice => KernelPipe::take()
+                Mode::Splice if self.bulk => KernelPipe::take()
                     .map(Held::Pipe)
                     .unwrap_or_else(|_| Held::Buf(take_buf())),
-                Mode::Copy => Held::Buf(take_buf()),
+                _ => Held::Buf(take_buf()),
             });
         }
         let n = match self.held.as_mut().expect("just set") {
@@ -248,7 +253,27 @@ impl Transfer {
                     r => r?,
                 }
             }
-            Held::Buf(b) => src.try_read(b)?,
+            Held::Buf(b) => {
+                // Like the splice above: a short read means the socket is drained, so its
+                // readiness is cleared now instead of by one more read returning EAGAIN.
+                let mut got = 0;
+                let r = src.try_io(Interest::READABLE, || {
+                    let n = nix::unistd::read(src, b).map_err(io::Error::from)?;
+                    got = n;
+                    if n > 0 && n < b.len() {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                let n = match r {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
+                    r => r?,
+                };
+                if n == b.len() {
+                    self.bulk = true;
+                }
+                n
+            }
         };
         self.pending = n;
         self.offset = 0;
