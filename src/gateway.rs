@@ -42,6 +42,7 @@ use registry::{
 use status::{Code, Status};
 
 use crate::Shared;
+use crate::health::spark_proto::{self, grpc_code_name};
 use crate::server::Server;
 use crate::state::{Backend, Choice, FrontendCounters};
 
@@ -67,9 +68,24 @@ impl Gateway {
         }
     }
 
-    /// A session its client released (ReleaseSession answered OK).
-    pub fn released(self: &Arc<Self>, key: &SessionKey) {
-        if let Some(s) = self.registry.end(key, EndReason::Released) {
+    /// An RPC the server answered, with `status` its trailers (or the headers of a
+    /// trailers-only reply): counted by status; a successful ReleaseSession ends its session
+    /// (released by its client).
+    pub fn rpc_finished(
+        self: &Arc<Self>,
+        method: Method,
+        session: Option<&Arc<Session>>,
+        status: &http::HeaderMap,
+    ) {
+        let code = spark_proto::grpc_status_code(status).unwrap_or(2);
+        self.registry
+            .metrics
+            .request(method.name(), grpc_code_name(code));
+        if code == 0
+            && method == Method::ReleaseSession
+            && let Some(s) = session
+            && let Some(s) = self.registry.end(&s.key, EndReason::Released)
+        {
             self.delete_driver(&s);
         }
     }
@@ -453,19 +469,7 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
     let (parts, inner) = resp.into_parts();
     if inner.is_end_stream() {
         // Trailers-only: the status is in the headers.
-        let code = parts
-            .headers
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(2);
-        gw.registry.metrics.request(m, status::code_name(code));
-        if code == 0
-            && method == Method::ReleaseSession
-            && let Some(s) = &session
-        {
-            gw.released(&s.key);
-        }
+        gw.rpc_finished(method, session.as_ref(), &parts.headers);
         return with_app(Response::from_parts(parts, DownBody::Empty), app_header);
     }
     let resp = Response::from_parts(
@@ -974,17 +978,11 @@ async fn release_on_server(gw: &Gateway, server: &Server, key: &SessionKey, time
             .await
             .map_err(|e| e.to_string())?
             .unwrap_or(parts.headers);
-        Ok::<_, String>(
-            trailers
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?")
-                .to_string(),
-        )
+        Ok::<_, String>(spark_proto::grpc_status_code(&trailers).map_or("none", grpc_code_name))
     };
     match tokio::time::timeout(Duration::from_secs(10), r).await {
         Ok(Ok(code)) => {
-            debug!(session = %key.session_id, server = %server.name, "ReleaseSession sent: grpc-status {code}")
+            debug!(session = %key.session_id, server = %server.name, "ReleaseSession sent: {code}")
         }
         Ok(Err(e)) => {
             debug!(session = %key.session_id, server = %server.name, "ReleaseSession failed: {e}")

@@ -11,14 +11,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
-use http::HeaderMap;
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
 
 use super::Gateway;
 use super::decode::Method;
 use super::registry::{EndReason, RpcGuard, Session};
-use super::status::{Status, code_name};
+use super::status::Status;
 use crate::server::Server;
 use crate::state::FrontendCounters;
 
@@ -181,25 +180,6 @@ impl Drop for ServerStream {
 }
 
 impl DownStream {
-    /// The server's trailers: count the status; a successful ReleaseSession ends the session.
-    fn trailers(&self, t: &HeaderMap) {
-        let code = t
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(2);
-        self.gateway
-            .registry
-            .metrics
-            .request(self.method.name(), code_name(code));
-        if code == 0
-            && self.method == Method::ReleaseSession
-            && let Some(s) = &self.track.session
-        {
-            self.gateway.released(&s.key);
-        }
-    }
-
     /// The server's stream broke mid-response (server gone, connection lost, reset): tell the
     /// client to retry; Spark clients reattach to the operation.
     fn broken(&mut self, e: h2::Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -262,7 +242,8 @@ impl Body for DownBody {
         }
         match ready!(s.inner.poll_trailers(cx)) {
             Ok(Some(t)) => {
-                s.trailers(&t);
+                s.gateway
+                    .rpc_finished(s.method, s.track.session.as_ref(), &t);
                 s.done = true;
                 Poll::Ready(Some(Ok(Frame::trailers(t))))
             }

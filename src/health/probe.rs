@@ -219,7 +219,7 @@ pub fn decode_version(body: &[u8]) -> Result<String, String> {
 }
 
 fn grpc_status(map: &http::HeaderMap) -> Option<(u32, String)> {
-    let code = map.get("grpc-status")?.to_str().ok()?.trim().parse().ok()?;
+    let code = spark_proto::grpc_status_code(map)?;
     let message = map
         .get("grpc-message")
         .and_then(|m| m.to_str().ok())

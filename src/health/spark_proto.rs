@@ -110,6 +110,11 @@ pub fn first_message(mut body: &[u8]) -> Result<&[u8], FrameError> {
     Ok(&body[..len])
 }
 
+/// The `grpc-status` in a response's headers (trailers-only) or trailers.
+pub fn grpc_status_code(map: &http::HeaderMap) -> Option<u32> {
+    map.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+}
+
 /// gRPC status code names, for reasons an operator can read.
 pub fn grpc_code_name(code: u32) -> &'static str {
     const NAMES: [&str; 17] = [
