@@ -993,28 +993,15 @@ async fn release_on_server(gw: &Gateway, server: &Server, key: &SessionKey, time
     }
 }
 
-/// `ReleaseSessionRequest { session_id = 1, user_context = 2 { user_id = 1 }, client_type = 3 }`
-/// behind its gRPC prefix.
+/// `ReleaseSessionRequest` for `key`, framed for gRPC.
 fn release_session_request(key: &SessionKey) -> Bytes {
-    use prost::encoding::{WireType, encode_key, encode_varint};
-    let field = |tag: u32, v: &[u8], out: &mut Vec<u8>| {
-        encode_key(tag, WireType::LengthDelimited, out);
-        encode_varint(v.len() as u64, out);
-        out.extend_from_slice(v);
-    };
-    let mut msg = Vec::new();
-    field(1, key.session_id.as_bytes(), &mut msg);
-    let mut user = Vec::new();
-    if !key.user_id.is_empty() {
-        field(1, key.user_id.as_bytes(), &mut user);
-    }
-    field(2, &user, &mut msg);
-    field(3, b"sclb", &mut msg);
-    let mut out = Vec::with_capacity(5 + msg.len());
-    out.push(0);
-    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    out.extend_from_slice(&msg);
-    Bytes::from(out)
+    spark_proto::grpc_frame(&spark_proto::ReleaseSessionRequest {
+        session_id: key.session_id.clone(),
+        user_context: Some(spark_proto::UserContext {
+            user_id: key.user_id.clone(),
+        }),
+        client_type: Some("sclb".into()),
+    })
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use base64::Engine;
 
 use crate::health::spark_proto::grpc_code_name;
 use http::{HeaderMap, HeaderValue};
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::Message;
 
 /// The gRPC status codes sclb uses (grpc/doc/statuscodes.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,43 +76,61 @@ impl Status {
 
     /// `google.rpc.Status { code, message, details: [Any(RetryInfo)] }`, protobuf-encoded.
     pub fn details(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        if self.code != Code::Ok {
-            encode_key(1, WireType::Varint, &mut out);
-            encode_varint(self.code as u64, &mut out);
+        let retry = self.retry_after.map(|d| RetryInfo {
+            retry_delay: Some(PbDuration {
+                seconds: d.as_secs() as i64,
+                nanos: d.subsec_nanos() as i32,
+            }),
+        });
+        RpcStatus {
+            code: self.code as i32,
+            message: self.message.clone(),
+            details: retry
+                .map(|r| Any {
+                    type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+                    value: r.encode_to_vec(),
+                })
+                .into_iter()
+                .collect(),
         }
-        if !self.message.is_empty() {
-            bytes_field(2, self.message.as_bytes(), &mut out);
-        }
-        if let Some(d) = self.retry_after {
-            // google.protobuf.Duration { seconds = 1, nanos = 2 }
-            let mut dur = Vec::new();
-            if d.as_secs() > 0 {
-                encode_key(1, WireType::Varint, &mut dur);
-                encode_varint(d.as_secs(), &mut dur);
-            }
-            if d.subsec_nanos() > 0 {
-                encode_key(2, WireType::Varint, &mut dur);
-                encode_varint(u64::from(d.subsec_nanos()), &mut dur);
-            }
-            // google.rpc.RetryInfo { retry_delay = 1 }
-            let mut retry = Vec::new();
-            bytes_field(1, &dur, &mut retry);
-            // google.protobuf.Any { type_url = 1, value = 2 }
-            let mut any = Vec::new();
-            bytes_field(1, b"type.googleapis.com/google.rpc.RetryInfo", &mut any);
-            bytes_field(2, &retry, &mut any);
-            bytes_field(3, &any, &mut out);
-        }
-        out
+        .encode_to_vec()
     }
 }
 
-fn bytes_field(tag: u32, value: &[u8], out: &mut Vec<u8>) {
-    encode_key(tag, WireType::LengthDelimited, out);
-    out.reserve(encoded_len_varint(value.len() as u64) + value.len());
-    encode_varint(value.len() as u64, out);
-    out.extend_from_slice(value);
+/// `google.rpc.Status`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<Any>,
+}
+
+/// `google.protobuf.Any`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Any {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+/// `google.rpc.RetryInfo`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<PbDuration>,
+}
+
+/// `google.protobuf.Duration`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PbDuration {
+    #[prost(int64, tag = "1")]
+    seconds: i64,
+    #[prost(int32, tag = "2")]
+    nanos: i32,
 }
 
 /// `grpc-message` encoding: printable ASCII except `%` as is, every other byte as `%XX`.

@@ -1,5 +1,5 @@
-//! The few Spark Connect messages the spark probe needs, with field numbers from Spark's
-//! `spark/connect/base.proto`. Only these fields are declared: protobuf skips unknown fields,
+//! The few Spark Connect messages the spark probe and the gateway need, with field numbers
+//! from Spark's `spark/connect/base.proto`. Only these fields are declared: protobuf skips unknown fields,
 //! so a server's full `AnalyzePlanResponse` decodes into this subset.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -27,6 +27,17 @@ pub struct AnalyzePlanRequest {
     pub client_type: Option<String>,
     #[prost(message, optional, tag = "10")]
     pub spark_version: Option<SparkVersionRequest>,
+}
+
+/// What the gateway sends for a session it closed, so the server frees it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReleaseSessionRequest {
+    #[prost(string, tag = "1")]
+    pub session_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub user_context: Option<UserContext>,
+    #[prost(string, optional, tag = "3")]
+    pub client_type: Option<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
