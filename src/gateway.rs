@@ -96,6 +96,9 @@ impl Gateway {
 /// sends no `user_context`, and proving its absence would mean buffering a whole plan.
 const PEEK_LIMIT: usize = 16 * 1024;
 
+static DEFAULT_GRPC: std::sync::LazyLock<crate::config::GrpcConfig> =
+    std::sync::LazyLock::new(Default::default);
+
 /// One client connection.
 struct Conn {
     peer: SocketAddr,
@@ -267,10 +270,9 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
     };
     let m = method.name();
     let snap = cx.shared.state.snapshot();
-    let Some((backend, timeout_client, grpc_cfg)) = snap.frontend(&cx.frontend).and_then(|fe| {
+    let Some((fe, backend)) = snap.frontend(&cx.frontend).and_then(|fe| {
         let b = snap.backend(&fe.config.backend)?.clone();
-        let g = fe.config.grpc.clone().unwrap_or_default();
-        Some((b, fe.config.timeout_client, g))
+        Some((fe.clone(), b))
     }) else {
         return cx.refuse(
             m,
@@ -282,6 +284,10 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
         );
     };
     drop(snap);
+    let timeout_client = fe.config.timeout_client;
+    // Borrowed, not copied: a reload that turned this frontend to tcp leaves its live
+    // connections with the defaults.
+    let grpc_cfg = fe.config.grpc.as_ref().unwrap_or(&DEFAULT_GRPC);
 
     let (parts, mut body) = req.into_parts();
     let (head, key, ended) = match tokio::time::timeout(timeout_client, peek_key(method, &mut body))
@@ -305,7 +311,7 @@ async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
     let (session, server) = match route(
         &cx,
         &backend,
-        &grpc_cfg,
+        grpc_cfg,
         &parts.headers,
         method,
         key.as_ref(),
@@ -613,7 +619,6 @@ async fn route(
         user_id: k.user_id.clone().unwrap_or_default(),
     };
     let ip = session_hash_ip(&skey);
-    let backend_name: Arc<str> = backend.config.name.as_str().into();
     let mut meta = SessionMeta::default();
     let mut fixed: Option<Arc<Server>> = None;
     match (&named, gw.registry.find(&skey)) {
@@ -645,7 +650,7 @@ async fn route(
     let new = NewSession {
         meta,
         frontend: &cx.frontend,
-        backend: &backend_name,
+        backend: &backend.config.name,
         client: cx.peer,
         max: g.max_sessions,
     };
@@ -710,7 +715,7 @@ async fn route(
                 ..session.meta.clone()
             },
             frontend: &cx.frontend,
-            backend: &backend_name,
+            backend: &backend.config.name,
             client: cx.peer,
             max: g.max_sessions,
         };
@@ -866,12 +871,11 @@ pub async fn reaper(shared: Arc<Shared>) {
 /// One pass of the reaper.
 pub fn reap_once(shared: &Arc<Shared>) -> usize {
     let snap = shared.state.snapshot();
-    let defaults = crate::config::GrpcConfig::default();
     let limits = |fe: &str| {
         let g = snap
             .frontend(fe)
-            .and_then(|f| f.config.grpc.clone())
-            .unwrap_or_else(|| defaults.clone());
+            .and_then(|f| f.config.grpc.as_ref())
+            .unwrap_or(&DEFAULT_GRPC);
         (g.idle_timeout, g.max_ttl)
     };
     let gw = &shared.gateway;

@@ -301,7 +301,7 @@ pub enum Admit {
 pub struct NewSession<'a> {
     pub meta: SessionMeta,
     pub frontend: &'a Arc<str>,
-    pub backend: &'a Arc<str>,
+    pub backend: &'a str,
     pub client: SocketAddr,
     pub max: usize,
 }
@@ -367,7 +367,7 @@ impl Registry {
             key: key.clone(),
             meta: new.meta,
             frontend: new.frontend.clone(),
-            backend: new.backend.clone(),
+            backend: new.backend.into(),
             placement: Mutex::new(placement),
             client: Mutex::new(new.client),
             created: SystemTime::now(),

@@ -1,6 +1,6 @@
 //! The few Spark Connect messages the spark probe and the gateway need, with field numbers
-//! from Spark's `spark/connect/base.proto`. Only these fields are declared: protobuf skips unknown fields,
-//! so a server's full `AnalyzePlanResponse` decodes into this subset.
+//! from Spark's `spark/connect/base.proto`. Only these fields are declared: protobuf skips
+//! unknown fields, so a server's full `AnalyzePlanResponse` decodes into this subset.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
