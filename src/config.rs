@@ -1021,52 +1021,40 @@ fn read_frontend(t: Table<'_, '_>, d: &Defaults) -> Option<Frontend> {
         .or(d.maxconn);
     let backlog = t.int("backlog", 1, 65535).map(|n| n as u32).unwrap_or(4096);
     let grpc_mode = t.choice("mode", &[("tcp", false), ("grpc", true)]);
-    let spath = join(t.path, "sessions");
-    let mut grpc = match (grpc_mode, t.table("sessions", &spath)) {
-        (Some(true), Some(st)) => {
-            st.allow(&["idle_timeout", "max_ttl", "cleanup_interval", "max"]);
-            let mut g = GrpcConfig::default();
-            let positive = |key: &str| {
-                let d = st.duration(key)?;
-                if d.is_zero() {
-                    st.error(key, "must be longer than 0s");
-                    return None;
-                }
-                Some(d)
-            };
-            g.idle_timeout = positive("idle_timeout").unwrap_or(g.idle_timeout);
-            g.max_ttl = positive("max_ttl").unwrap_or(g.max_ttl);
-            g.cleanup_interval = positive("cleanup_interval").unwrap_or(g.cleanup_interval);
-            if let Some(n) = st.int("max", 1, 10_000_000) {
-                g.max_sessions = n as usize;
-            }
-            Some(g)
-        }
-        (Some(true), None) => Some(GrpcConfig::default()),
-        (None | Some(false), Some(_)) if !t.contains("mode") || grpc_mode == Some(false) => {
-            t.error(
-                "sessions",
-                "only a gateway frontend has Spark sessions: add mode = \"grpc\"",
+    let mut grpc = (grpc_mode == Some(true)).then(GrpcConfig::default);
+    match &mut grpc {
+        Some(g) => {
+            let (spath, rpath, opath) = (
+                join(t.path, "sessions"),
+                join(t.path, "route"),
+                join(t.path, "on_demand"),
             );
-            None
+            if let Some(st) = t.table("sessions", &spath) {
+                read_sessions(st, g);
+            }
+            if let Some(rt) = t.table("route", &rpath) {
+                read_route(rt, &mut g.route);
+            }
+            if let Some(ot) = t.table("on_demand", &opath) {
+                g.on_demand = read_on_demand(ot);
+            }
         }
-        _ => None,
-    };
-    let rpath = join(t.path, "route");
-    let opath = join(t.path, "on_demand");
-    for (key, table) in [
-        ("route", t.table("route", &rpath)),
-        ("on_demand", t.table("on_demand", &opath)),
-    ] {
-        match (&mut grpc, table) {
-            (Some(g), Some(tt)) if key == "route" => read_route(tt, &mut g.route),
-            (Some(g), Some(tt)) => g.on_demand = read_on_demand(tt),
-            (None, Some(_)) if grpc_mode != Some(true) => t.error(
-                key,
-                "only a gateway frontend routes Spark sessions: add mode = \"grpc\"",
-            ),
-            _ => {}
+        // A mode that is neither was reported already.
+        None if grpc_mode.is_some() || !t.contains("mode") => {
+            for (key, what) in [
+                ("sessions", "has Spark sessions"),
+                ("route", "routes Spark sessions"),
+                ("on_demand", "routes Spark sessions"),
+            ] {
+                if t.contains(key) {
+                    t.error(
+                        key,
+                        format!("only a gateway frontend {what}: add mode = \"grpc\""),
+                    );
+                }
+            }
         }
+        None => {}
     }
     Some(Frontend {
         name: name?,
@@ -1077,6 +1065,16 @@ fn read_frontend(t: Table<'_, '_>, d: &Defaults) -> Option<Frontend> {
         backlog,
         grpc,
     })
+}
+
+fn read_sessions(t: Table<'_, '_>, g: &mut GrpcConfig) {
+    t.allow(&["idle_timeout", "max_ttl", "cleanup_interval", "max"]);
+    g.idle_timeout = positive(t, "idle_timeout").unwrap_or(g.idle_timeout);
+    g.max_ttl = positive(t, "max_ttl").unwrap_or(g.max_ttl);
+    g.cleanup_interval = positive(t, "cleanup_interval").unwrap_or(g.cleanup_interval);
+    if let Some(n) = t.int("max", 1, 10_000_000) {
+        g.max_sessions = n as usize;
+    }
 }
 
 fn read_route(t: Table<'_, '_>, r: &mut RouteHeaders) {
