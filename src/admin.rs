@@ -119,12 +119,9 @@ async fn run(shared: &Arc<Shared>, cmd: Command) -> Result<Reply, String> {
         Command::ShowSess => shared.sessions.show(),
         Command::ShowSessions => stats::spark_sessions(shared),
         Command::KillSession(id) => {
-            let killed = shared.gateway.registry.kill(&id);
-            if killed.is_empty() {
+            if !crate::gateway::kill_session(shared, &id, "by the admin socket") {
                 return Err(format!("No such session '{id}'."));
             }
-            info!(session = %id, "Spark session killed by the admin socket");
-            crate::gateway::release_sessions(shared, &killed);
             String::new()
         }
         Command::SetState { target, state } => {

@@ -1,12 +1,13 @@
 //! Gateway mode (`mode = "grpc"`): an L7 Spark Connect proxy. Each client connection is served
-//! as HTTP/2; each RPC is forwarded as a stream on one shared HTTP/2 connection per server,
+//! as HTTP/2; each RPC is forwarded as a stream on a shared HTTP/2 connection to its server,
 //! routed by the Spark session it belongs to (its `session_id` and `user_id`, read from the
 //! first request message by [`decode`]) rather than by the client's address: sessions from one
 //! client IP or NAT spread over the servers, and a client that changes address keeps its
 //! session.
 //!
 //! - [`registry`]: session → server, activity, idle/TTL reaping, the `spark_connect_*` metrics.
-//! - [`upstream`]: one HTTP/2 connection per server.
+//! - [`upstream`]: one HTTP/2 connection per server and worker thread.
+//! - [`ondemand`]: drivers created per session on Kubernetes.
 //! - [`body`]: the two bodies of a forwarded RPC (bytes, activity, cancellation).
 //! - [`status`]: the gRPC statuses sclb raises itself.
 
@@ -906,6 +907,19 @@ pub fn reap_once(shared: &Arc<Shared>) -> usize {
             .any(|(_, s)| s.id == id && s.addr() == addr)
     });
     reaped.len()
+}
+
+/// `kill session <id>` and `DELETE /sessions/{id}`: ends every live session with that id,
+/// releases it on its server and deletes its driver if sclb created one. False if none was
+/// live.
+pub fn kill_session(shared: &Arc<Shared>, id: &str, by: &str) -> bool {
+    let killed = shared.gateway.registry.kill(id);
+    if killed.is_empty() {
+        return false;
+    }
+    info!(session = %id, "Spark session killed {by}");
+    release_sessions(shared, &killed);
+    true
 }
 
 /// Releases sessions sclb ended on their servers, and deletes the drivers it created for

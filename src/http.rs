@@ -166,12 +166,9 @@ async fn kill_session(
     if let Some(r) = denied(&shared, &headers) {
         return r;
     }
-    let killed = shared.gateway.registry.kill(&id);
-    if killed.is_empty() {
+    if !crate::gateway::kill_session(&shared, &id, "over HTTP") {
         return (StatusCode::NOT_FOUND, format!("No such session '{id}'.\n")).into_response();
     }
-    info!(session = %id, "Spark session killed over HTTP");
-    crate::gateway::release_sessions(&shared, &killed);
     StatusCode::NO_CONTENT.into_response()
 }
 

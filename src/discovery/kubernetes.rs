@@ -286,14 +286,14 @@ impl Watch {
                 })
             }
             Role::Apps => {
-                let ar = crd("v1beta2", "SparkApplication", "sparkapplications");
+                let ar = spark_applications();
                 let api = self.dynamic_api(client, &ar);
                 reduce(watcher::watcher(api, config), |o| {
                     Object::App(AppInfo::from_object(&o))
                 })
             }
             Role::Connects => {
-                let ar = crd("v1alpha1", "SparkConnect", "sparkconnects");
+                let ar = spark_connects();
                 let api = self.dynamic_api(client, &ar);
                 reduce(watcher::watcher(api, config), |o| {
                     Object::Connect(ConnectInfo::from_object(&o))
@@ -320,7 +320,17 @@ impl Watch {
     }
 }
 
-pub(crate) fn crd(version: &str, kind: &str, plural: &str) -> ApiResource {
+/// spark-operator's SparkApplication (v1beta2).
+pub(crate) fn spark_applications() -> ApiResource {
+    crd("v1beta2", "SparkApplication", "sparkapplications")
+}
+
+/// spark-operator's SparkConnect (v1alpha1).
+pub(crate) fn spark_connects() -> ApiResource {
+    crd("v1alpha1", "SparkConnect", "sparkconnects")
+}
+
+fn crd(version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("sparkoperator.k8s.io", version, kind),
         plural,

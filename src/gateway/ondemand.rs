@@ -105,14 +105,8 @@ impl OnDemandState {
         namespace: &str,
     ) -> Result<Api<DynamicObject>, String> {
         let ar = match kind {
-            KubernetesKind::SparkConnects => {
-                crate::discovery::kubernetes::crd("v1alpha1", "SparkConnect", "sparkconnects")
-            }
-            KubernetesKind::SparkApplications => crate::discovery::kubernetes::crd(
-                "v1beta2",
-                "SparkApplication",
-                "sparkapplications",
-            ),
+            KubernetesKind::SparkConnects => crate::discovery::kubernetes::spark_connects(),
+            KubernetesKind::SparkApplications => crate::discovery::kubernetes::spark_applications(),
             other => {
                 return Err(format!(
                     "cannot create {other}: only sparkconnects or sparkapplications"

@@ -307,10 +307,6 @@ pub struct NewSession<'a> {
 }
 
 impl Registry {
-    pub fn lookup(&self, key: &SessionKey) -> Option<Arc<Session>> {
-        self.inner.lock().unwrap().live.get(key).cloned()
-    }
-
     /// A live session, or why it ended and where it was; `None` if never seen (or long
     /// forgotten).
     pub fn find(&self, key: &SessionKey) -> Option<Result<Arc<Session>, (EndReason, Placement)>> {
@@ -451,7 +447,7 @@ impl Registry {
         Some(s)
     }
 
-    /// Ends every live session whose id is `session_id` (any user); returns how many.
+    /// Ends every live session whose id is `session_id` (any user); returns them.
     pub fn kill(&self, session_id: &str) -> Vec<Arc<Session>> {
         let keys: Vec<SessionKey> = self
             .inner

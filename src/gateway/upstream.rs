@@ -91,14 +91,6 @@ impl Upstreams {
             .unwrap()
             .retain(|(id, addr, _), _| keep(*id, *addr));
     }
-
-    pub fn len(&self) -> usize {
-        self.conns.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 async fn connect(addr: SocketAddr) -> Result<Sender, UpstreamError> {
