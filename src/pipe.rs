@@ -168,6 +168,29 @@ fn give_buf(b: Box<[u8]>) {
     });
 }
 
+/// One read-like call (`read`, `splice`) of up to `cap` bytes from `src`. A short one means the
+/// socket is drained: it is reported to tokio as "would block" so that the socket's readiness
+/// is cleared now instead of by one more call returning `EAGAIN`.
+fn read_once(
+    src: &TcpStream,
+    cap: usize,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut got = 0;
+    let r = src.try_io(Interest::READABLE, || {
+        let n = op()?;
+        got = n;
+        if n > 0 && n < cap {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        r => r,
+    }
+}
+
 fn splice_flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
 }
@@ -223,8 +246,7 @@ impl Transfer {
         }
     }
 
-    /// Reads a burst from `src`. Ok(0): EOF. A short splice is reported to tokio as "would
-    /// block" so that the socket's readiness is cleared without an extra `EAGAIN` syscall.
+    /// Reads a burst from `src`. Ok(0): EOF.
     fn read(&mut self, src: &TcpStream, mode: Mode) -> io::Result<usize> {
         if self.held.is_none() {
             self.held = Some(match mode {
@@ -237,38 +259,14 @@ impl Transfer {
             });
         }
         let n = match self.held.as_mut().expect("just set") {
-            Held::Pipe(p) => {
-                let mut got = 0;
-                let r = src.try_io(Interest::READABLE, || {
-                    let n = nix::fcntl::splice(src, None, &p.w, None, p.cap, splice_flags())
-                        .map_err(io::Error::from)?;
-                    got = n;
-                    if n > 0 && n < p.cap {
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(n)
-                });
-                match r {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
-                    r => r?,
-                }
-            }
+            Held::Pipe(p) => read_once(src, p.cap, || {
+                nix::fcntl::splice(src, None, &p.w, None, p.cap, splice_flags())
+                    .map_err(io::Error::from)
+            })?,
             Held::Buf(b) => {
-                // Like the splice above: a short read means the socket is drained, so its
-                // readiness is cleared now instead of by one more read returning EAGAIN.
-                let mut got = 0;
-                let r = src.try_io(Interest::READABLE, || {
-                    let n = nix::unistd::read(src, b).map_err(io::Error::from)?;
-                    got = n;
-                    if n > 0 && n < b.len() {
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(n)
-                });
-                let n = match r {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
-                    r => r?,
-                };
+                let n = read_once(src, b.len(), || {
+                    nix::unistd::read(src, b).map_err(io::Error::from)
+                })?;
                 if n == b.len() {
                     self.bulk = true;
                 }
