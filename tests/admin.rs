@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -43,18 +43,6 @@ async fn lb(backends: &[&Backend], level: &str, stats_extra: &str) -> Lb {
     }
 }
 
-/// Sends one line the way `socat stdio` does and reads until sclb closes.
-async fn send(sock: &Path, line: &str) -> String {
-    let mut s = UnixStream::connect(sock).await.unwrap();
-    s.write_all(format!("{line}\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .expect("reply in time")
-        .unwrap();
-    out
-}
-
 fn csv_col(csv: &str, row: &str, col: &str) -> String {
     let header: Vec<&str> = csv.lines().next().unwrap()[2..].split(',').collect();
     let pos = header.iter().position(|h| *h == col).unwrap();
@@ -74,15 +62,15 @@ async fn socket_is_private_and_replies_end_with_an_empty_line() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 
-    let info = send(&lb.sock, "show info").await;
+    let info = admin(&lb.sock, "show info").await;
     assert!(info.starts_with("Name: sclb\n"), "{info}");
     assert!(info.ends_with("\n\n"));
     assert!(info.contains(&format!("Pid: {}\n", std::process::id())));
     // A command with no output answers a lone empty line, like HAProxy.
-    assert_eq!(send(&lb.sock, "disable server be/s1").await, "\n");
-    assert_eq!(send(&lb.sock, "enable server be/s1").await, "\n");
+    assert_eq!(admin(&lb.sock, "disable server be/s1").await, "\n");
+    assert_eq!(admin(&lb.sock, "enable server be/s1").await, "\n");
     // Several commands on a line, separated by ';'.
-    let two = send(&lb.sock, "show table; show table be").await;
+    let two = admin(&lb.sock, "show table; show table be").await;
     assert_eq!(
         two,
         "# table: be, type: ip, size:100, used:0\n\n# table: be, type: ip, size:100, used:0\n\n"
@@ -93,7 +81,7 @@ async fn socket_is_private_and_replies_end_with_an_empty_line() {
 async fn show_stat_has_haproxy_columns_at_haproxy_positions() {
     let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);
     let lb = lb(&[&a, &b], "admin", "").await;
-    let csv = send(&lb.sock, "show stat").await;
+    let csv = admin(&lb.sock, "show stat").await;
     let header: Vec<&str> = csv
         .lines()
         .next()
@@ -138,10 +126,10 @@ async fn show_stat_has_haproxy_columns_at_haproxy_positions() {
     assert_eq!(csv_col(&csv, "s1", "addr"), a.addr.to_string());
     assert_eq!(csv_col(&csv, "BACKEND", "algo"), "roundrobin");
     assert_eq!(csv_col(&csv, "s2", "status"), "no check");
-    let typed = send(&lb.sock, "show stat typed").await;
+    let typed = admin(&lb.sock, "show stat typed").await;
     assert!(typed.contains("S.2.1.1.svname.1:MGP:str:s1\n"), "{typed}");
     let json: serde_json::Value =
-        serde_json::from_str(send(&lb.sock, "show stat json").await.trim()).unwrap();
+        serde_json::from_str(admin(&lb.sock, "show stat json").await.trim()).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 4);
 }
 
@@ -153,10 +141,10 @@ async fn drain_keeps_pinned_clients_and_sends_new_ones_elsewhere() {
     let (first, _) = which_server(2, fe).await;
     let other = if first == "s1" { "s2" } else { "s1" };
     assert_eq!(
-        send(&lb.sock, &format!("set server be/{first} state drain")).await,
+        admin(&lb.sock, &format!("set server be/{first} state drain")).await,
         "\n"
     );
-    let csv = send(&lb.sock, "show stat").await;
+    let csv = admin(&lb.sock, "show stat").await;
     assert_eq!(csv_col(&csv, &first, "status"), "DRAIN");
     // The pinned client keeps coming back to its (draining) server...
     for _ in 0..3 {
@@ -168,23 +156,23 @@ async fn drain_keeps_pinned_clients_and_sends_new_ones_elsewhere() {
     }
     // MAINT: the pinned client moves on its next connection, and the move is counted.
     assert_eq!(
-        send(&lb.sock, &format!("disable server be/{first}")).await,
+        admin(&lb.sock, &format!("disable server be/{first}")).await,
         "\n"
     );
     assert_eq!(
-        csv_col(&send(&lb.sock, "show stat").await, &first, "status"),
+        csv_col(&admin(&lb.sock, "show stat").await, &first, "status"),
         "MAINT"
     );
     assert_eq!(which_server(2, fe).await.0, other);
-    let table = send(&lb.sock, "show table be key 127.0.0.2").await;
+    let table = admin(&lb.sock, "show table be key 127.0.0.2").await;
     assert!(table.contains(&format!("server_key={other}")), "{table}");
     assert_eq!(
-        csv_col(&send(&lb.sock, "show stat").await, "BACKEND", "repins"),
+        csv_col(&admin(&lb.sock, "show stat").await, "BACKEND", "repins"),
         "1"
     );
     // READY again: it takes new clients; the moved client stays where its session now is.
     assert_eq!(
-        send(&lb.sock, &format!("set server be/{first} state ready")).await,
+        admin(&lb.sock, &format!("set server be/{first} state ready")).await,
         "\n"
     );
     assert_eq!(which_server(2, fe).await.0, other);
@@ -195,16 +183,16 @@ async fn server_commands_change_what_show_stat_reports() {
     let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);
     let lb = lb(&[&a, &b], "admin", "").await;
     let s = &lb.sock;
-    assert_eq!(send(s, "set weight be/s1 7").await, "\n");
-    assert_eq!(send(s, "set server be/s2 weight 200%").await, "\n");
-    let csv = send(s, "show stat").await;
+    assert_eq!(admin(s, "set weight be/s1 7").await, "\n");
+    assert_eq!(admin(s, "set server be/s2 weight 200%").await, "\n");
+    let csv = admin(s, "show stat").await;
     assert_eq!(csv_col(&csv, "s1", "weight"), "7");
     assert_eq!(csv_col(&csv, "s2", "weight"), "2");
-    assert_eq!(send(s, "set maxconn server be/s1 12").await, "\n");
-    assert_eq!(csv_col(&send(s, "show stat").await, "s1", "slim"), "12");
+    assert_eq!(admin(s, "set maxconn server be/s1 12").await, "\n");
+    assert_eq!(csv_col(&admin(s, "show stat").await, "s1", "slim"), "12");
     // set addr: new connections go to the new address.
     let c = Backend::start("s3").await;
-    let reply = send(
+    let reply = admin(
         s,
         &format!("set server be/s1 addr 127.0.0.1 port {}", c.addr.port()),
     )
@@ -213,36 +201,36 @@ async fn server_commands_change_what_show_stat_reports() {
         reply.starts_with("IP changed from '127.0.0.1' to '127.0.0.1', port changed from"),
         "{reply}"
     );
-    assert_eq!(send(s, "disable server be/s2").await, "\n");
+    assert_eq!(admin(s, "disable server be/s2").await, "\n");
     let fe = lb.sclb.local_addrs("fe")[0];
     assert_eq!(which_server(9, fe).await.0, "s3");
     // show sess lists the live connection; shutdown sessions closes it.
     let (_, mut held) = which_server(10, fe).await;
-    let sess = send(s, "show sess").await;
+    let sess = admin(s, "show sess").await;
     assert!(
         sess.contains("src=127.0.0.10:") && sess.contains("srv=s1"),
         "{sess}"
     );
-    assert_eq!(send(s, "shutdown sessions server be/s1").await, "\n");
+    assert_eq!(admin(s, "shutdown sessions server be/s1").await, "\n");
     assert!(
         read_to_end(&mut held, Duration::from_secs(5))
             .await
             .is_empty()
     );
     // Health checks can be stopped and started.
-    assert_eq!(send(s, "disable health be/s1").await, "\n");
+    assert_eq!(admin(s, "disable health be/s1").await, "\n");
     assert_eq!(
-        csv_col(&send(s, "show stat").await, "s1", "status"),
+        csv_col(&admin(s, "show stat").await, "s1", "status"),
         "no check"
     );
-    assert_eq!(send(s, "enable health be/s1").await, "\n");
+    assert_eq!(admin(s, "enable health be/s1").await, "\n");
     // clear table forgets pins.
-    assert!(send(s, "show table be").await.contains("used:2"));
-    assert_eq!(send(s, "clear table be key 127.0.0.9").await, "\n");
-    assert!(send(s, "show table be").await.contains("used:1"));
-    assert_eq!(send(s, "clear table be").await, "\n");
-    assert!(send(s, "show table be").await.contains("used:0"));
-    let state = send(s, "show servers state be").await;
+    assert!(admin(s, "show table be").await.contains("used:2"));
+    assert_eq!(admin(s, "clear table be key 127.0.0.9").await, "\n");
+    assert!(admin(s, "show table be").await.contains("used:1"));
+    assert_eq!(admin(s, "clear table be").await, "\n");
+    assert!(admin(s, "show table be").await.contains("used:0"));
+    let state = admin(s, "show servers state be").await;
     assert!(
         state.starts_with("1\n# be_id be_name srv_id srv_name"),
         "{state}"
@@ -271,20 +259,20 @@ async fn errors_are_one_clear_line_and_the_socket_stays_usable() {
             "Absolute weight can only be between 0 and 256 inclusive.\n\n",
         ),
     ] {
-        assert_eq!(send(&lb.sock, cmd).await, want, "{cmd}");
+        assert_eq!(admin(&lb.sock, cmd).await, want, "{cmd}");
     }
-    let unknown = send(&lb.sock, "frobnicate now").await;
+    let unknown = admin(&lb.sock, "frobnicate now").await;
     assert!(
         unknown.starts_with("Unknown command 'frobnicate now'"),
         "{unknown}"
     );
     // A timeout on wait says what is left.
-    let wait = send(&lb.sock, "wait 200ms srv-removable be/s1").await;
+    let wait = admin(&lb.sock, "wait 200ms srv-removable be/s1").await;
     assert!(
         wait.starts_with("Timeout waiting for be/s1 to be removable"),
         "{wait}"
     );
-    assert!(send(&lb.sock, "show info").await.starts_with("Name: sclb"));
+    assert!(admin(&lb.sock, "show info").await.starts_with("Name: sclb"));
 }
 
 #[tokio::test]
@@ -293,9 +281,9 @@ async fn wait_srv_removable_returns_when_the_last_connection_ends() {
     let lb = lb(&[&a], "admin", "").await;
     let fe = lb.sclb.local_addrs("fe")[0];
     let (_, held) = which_server(2, fe).await;
-    send(&lb.sock, "set server be/s1 state drain").await;
+    admin(&lb.sock, "set server be/s1 state drain").await;
     let sock = lb.sock.clone();
-    let waiting = tokio::spawn(async move { send(&sock, "wait 10s srv-removable be/s1").await });
+    let waiting = tokio::spawn(async move { admin(&sock, "wait 10s srv-removable be/s1").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "a live connection is left");
     drop(held);
@@ -321,16 +309,16 @@ async fn interactive_mode_prompts_until_quit() {
 async fn user_level_can_read_but_not_change() {
     let a = Backend::start("s1").await;
     let lb = lb(&[&a], "user", "").await;
-    assert!(send(&lb.sock, "show stat").await.starts_with("# pxname"));
+    assert!(admin(&lb.sock, "show stat").await.starts_with("# pxname"));
     assert_eq!(
-        send(&lb.sock, "disable server be/s1").await,
+        admin(&lb.sock, "disable server be/s1").await,
         "Permission denied\n\n"
     );
     assert_eq!(
-        send(&lb.sock, "clear table be").await,
+        admin(&lb.sock, "clear table be").await,
         "Permission denied\n\n"
     );
-    assert_eq!(send(&lb.sock, "reload").await, "Permission denied\n\n");
+    assert_eq!(admin(&lb.sock, "reload").await, "Permission denied\n\n");
     let snap = lb.sclb.state().snapshot();
     assert_eq!(
         snap.backends[0].servers[0].status(),
@@ -351,28 +339,28 @@ async fn reload_command_applies_a_good_file_and_keeps_a_bad_one_out() {
         ),
     );
     std::fs::write(&lb.cfg_path, &good).unwrap();
-    let r = send(&lb.sock, "reload").await;
+    let r = admin(&lb.sock, "reload").await;
     assert_eq!(
         r,
         "frontends +0 -0 ~0, backends +0 -0 ~1, servers +1 -0 ~0\n\n"
     );
-    assert!(send(&lb.sock, "show stat").await.contains("\nbe,s2,"));
+    assert!(admin(&lb.sock, "show stat").await.contains("\nbe,s2,"));
     std::fs::write(
         &lb.cfg_path,
         good.replace("[[backend]]", "[[backend]]\nbalanse = 1"),
     )
     .unwrap();
-    let r = send(&lb.sock, "reload").await;
+    let r = admin(&lb.sock, "reload").await;
     assert!(
         r.starts_with("Reload failed, the running config is kept:\n"),
         "{r}"
     );
     assert!(r.contains("sclb.toml:"), "names the file: {r}");
     assert!(r.contains("backend[0].balanse: unknown key"), "{r}");
-    let info = send(&lb.sock, "show info").await;
+    let info = admin(&lb.sock, "show info").await;
     assert!(info.contains("ReloadFailures: 1\n"), "{info}");
     assert!(
-        send(&lb.sock, "show stat").await.contains("\nbe,s2,"),
+        admin(&lb.sock, "show stat").await.contains("\nbe,s2,"),
         "still running"
     );
 }
@@ -417,11 +405,11 @@ async fn stats_listener_serves_csv_json_metrics_and_health() {
     let addr = lb.sclb.stats_addr().unwrap();
     let fe = lb.sclb.local_addrs("fe")[0];
     which_server(2, fe).await;
-    send(&lb.sock, "set server be/s2 state maint").await;
+    admin(&lb.sock, "set server be/s2 state maint").await;
 
     let (code, csv) = http_get(addr, "/stats;csv").await;
     assert_eq!(code, 200);
-    let sock_csv = send(&lb.sock, "show stat").await;
+    let sock_csv = admin(&lb.sock, "show stat").await;
     assert_eq!(
         csv.lines().next(),
         sock_csv.lines().next(),

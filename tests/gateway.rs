@@ -9,11 +9,11 @@ mod grpc;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 
 use grpc::{Behaviour, Client, FakeGrpc, request, session};
 
@@ -30,7 +30,7 @@ impl Gw {
     }
 
     async fn admin(&self, line: &str) -> String {
-        admin(&self.sock, line).await
+        common::admin(&self.sock, line).await
     }
 
     async fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
@@ -81,17 +81,6 @@ servers = [ {} ]
         stats,
         _dir: dir,
     }
-}
-
-async fn admin(sock: &Path, line: &str) -> String {
-    let mut s = UnixStream::connect(sock).await.unwrap();
-    s.write_all(format!("{line}\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .expect("admin reply in time")
-        .unwrap();
-    out
 }
 
 /// One HTTP/1.1 request to the stats listener; (status, body).

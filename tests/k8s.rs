@@ -735,17 +735,7 @@ async fn the_gateway_creates_a_driver_per_new_session_and_deletes_it_when_the_se
         .unwrap();
     let gw = lb.local_addrs("gw")[0];
     let admin_sock = dir.path().join("admin.sock");
-    let admin = |line: &'static str| {
-        let sock = admin_sock.clone();
-        async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut u = tokio::net::UnixStream::connect(&sock).await.unwrap();
-            u.write_all(format!("{line}\n").as_bytes()).await.unwrap();
-            let mut out = String::new();
-            u.read_to_string(&mut out).await.unwrap();
-            out
-        }
-    };
+    let admin = |line: &'static str| common::admin(&admin_sock, line);
     let team = [("x-spark-team", "data"), ("x-spark-environment", "dev")];
 
     // A new session, no driver named: its first RPC is held while sclb creates one...

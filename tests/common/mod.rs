@@ -73,6 +73,19 @@ impl Drop for Backend {
     }
 }
 
+/// Sends one admin command line the way `socat stdio` does and reads the reply until sclb
+/// closes the connection.
+pub async fn admin(sock: &Path, line: &str) -> String {
+    let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .expect("admin reply in time")
+        .unwrap();
+    out
+}
+
 /// Starts sclb from TOML text.
 pub async fn start_sclb(toml: &str) -> Sclb {
     let config = sclb::config::parse(Path::new("test.toml"), toml)

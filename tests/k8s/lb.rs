@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::{Backend, which_server};
 
@@ -81,14 +81,7 @@ pub async fn start_lb(discovery: &str) -> Lb {
 
 impl Lb {
     pub async fn cmd(&self, line: &str) -> String {
-        let mut s = UnixStream::connect(&self.sock).await.unwrap();
-        s.write_all(format!("{line}\n").as_bytes()).await.unwrap();
-        let mut out = String::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-            .await
-            .expect("admin reply in time")
-            .unwrap();
-        out
+        crate::common::admin(&self.sock, line).await
     }
 
     /// Backend "be" as `show stat` shows it: server → (addr, status, stot).
