@@ -94,6 +94,24 @@ static struct sockaddr_in make_addr(const char *host, int port) {
     return sa;
 }
 
+/* Listens on 127.0.0.1:PORT for each of argv[1..argc) (argv[0] is not a port), non-blocking,
+ * registered in `ep` for EPOLLIN and marked in is_listener. */
+static void listen_all(int ep, int argc, char **argv, unsigned char *is_listener) {
+    for (int i = 1; i < argc; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        int one = 1;
+        struct sockaddr_in sa = make_addr("127.0.0.1", atoi(argv[i]));
+        if (fd < 0) die("socket");
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
+        if (listen(fd, 4096) < 0) die("listen");
+        set_nonblock(fd);
+        is_listener[fd] = 1;
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
+    }
+}
+
 /* Write all of buf, waiting (bounded) if the socket is non-blocking. */
 static int write_all(int fd, const char *buf, size_t len) {
     size_t off = 0;
@@ -124,19 +142,7 @@ static int cmd_echo(int argc, char **argv) {
     raise_nofile();
     int ep = epoll_create1(0);
     if (ep < 0) die("epoll_create1");
-    for (int i = 1; i < argc; i++) {
-        int fd = socket(AF_INET, SOCK_STREAM, 0);
-        int one = 1;
-        struct sockaddr_in sa = make_addr("127.0.0.1", atoi(argv[i]));
-        if (fd < 0) die("socket");
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
-        if (listen(fd, 4096) < 0) die("listen");
-        set_nonblock(fd);
-        is_listener[fd] = 1;
-        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
-        if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
-    }
+    listen_all(ep, argc, argv, is_listener);
     struct epoll_event evs[256];
     while (now_s() < deadline) {
         int n = epoll_wait(ep, evs, 256, 1000);
@@ -279,19 +285,7 @@ static int cmd_grpc(int argc, char **argv) {
     raise_nofile();
     int ep = epoll_create1(0);
     if (ep < 0) die("epoll_create1");
-    for (int i = 1; i < argc; i++) {
-        int fd = socket(AF_INET, SOCK_STREAM, 0);
-        int one = 1;
-        struct sockaddr_in sa = make_addr("127.0.0.1", atoi(argv[i]));
-        if (fd < 0) die("socket");
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
-        if (listen(fd, 4096) < 0) die("listen");
-        set_nonblock(fd);
-        is_listener[fd] = 1;
-        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
-        if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
-    }
+    listen_all(ep, argc, argv, is_listener);
     struct epoll_event evs[256];
     while (now_s() < deadline) {
         int n = epoll_wait(ep, evs, 256, 1000);
