@@ -620,10 +620,8 @@ async fn route(
         user_id: k.user_id.clone().unwrap_or_default(),
     };
     let ip = session_hash_ip(&skey);
-    let mut meta = SessionMeta::default();
-    let mut fixed: Option<Arc<Server>> = None;
-    match (&named, gw.registry.find(&skey)) {
-        (_, Some(Err((reason, was)))) => {
+    let live = match gw.registry.find(&skey) {
+        Some(Err((reason, was))) => {
             // A client's cleanup after the end (PySpark releases executions in the background,
             // also after ReleaseSession) goes to the server that held the session, which
             // answers it as Spark does; anything else is told the session is over.
@@ -634,52 +632,62 @@ async fn route(
             }
             return Err(session_ended(&skey, reason));
         }
-        (Some((s, name)), _) => {
-            meta.app = Some(name.clone());
-            meta.namespace = namespace.map(str::to_string);
-            fixed = Some(s.clone());
-        }
-        // 2. A new session, no header: its own driver.
-        (None, None) if g.on_demand.is_some() => {
-            let (s, m) = on_demand(cx, backend, g, headers, &skey).await?;
-            meta = m;
-            fixed = Some(s);
-        }
-        _ => {}
-    }
-    // 3. The session's pin (balanced for a new session).
-    let new = NewSession {
-        meta,
-        frontend: &cx.frontend,
-        backend: &backend.config.name,
-        client: cx.peer,
-        max: g.max_sessions,
+        Some(Ok(s)) => Some(s),
+        None => None,
     };
-    let admitted = gw.registry.admit(&skey, new, || match &fixed {
-        Some(s) => Some(placement(s)),
-        None => backend
-            .choose_pinned(None, ip, &[])
-            .map(|(s, _)| placement(&s)),
-    });
-    let session = match admitted {
-        None => return Err(no_server()),
-        Some(Admit::Full) => {
-            return Err((
-                "sessions_full",
-                Status::new(
-                    Code::ResourceExhausted,
-                    format!(
-                        "sclb: {} Spark sessions are open, the most this gateway holds",
-                        g.max_sessions
-                    ),
-                ),
-            ));
+    let mut fixed = named.as_ref().map(|(s, _)| s.clone());
+    let session = match live {
+        Some(s) => s,
+        None => {
+            let meta = match &named {
+                Some((_, name)) => SessionMeta {
+                    app: Some(name.clone()),
+                    namespace: namespace.map(str::to_string),
+                    ..SessionMeta::default()
+                },
+                // 2. A new session, no header: its own driver.
+                None if g.on_demand.is_some() => {
+                    let (s, m) = on_demand(cx, backend, g, headers, &skey).await?;
+                    fixed = Some(s);
+                    m
+                }
+                None => SessionMeta::default(),
+            };
+            // 3. A new session without a driver of its own: balanced (two first RPCs racing
+            // agree on one server).
+            let new = NewSession {
+                meta,
+                frontend: &cx.frontend,
+                backend: &backend.config.name,
+                client: cx.peer,
+                max: g.max_sessions,
+            };
+            let admitted = gw.registry.admit(&skey, new, || match &fixed {
+                Some(s) => Some(placement(s)),
+                None => backend
+                    .choose_pinned(None, ip, &[])
+                    .map(|(s, _)| placement(&s)),
+            });
+            match admitted {
+                None => return Err(no_server()),
+                Some(Admit::Full) => {
+                    return Err((
+                        "sessions_full",
+                        Status::new(
+                            Code::ResourceExhausted,
+                            format!(
+                                "sclb: {} Spark sessions are open, the most this gateway holds",
+                                g.max_sessions
+                            ),
+                        ),
+                    ));
+                }
+                Some(Admit::Ended(reason)) => return Err(session_ended(&skey, reason)),
+                Some(Admit::Live { session, .. }) => session,
+            }
         }
-        Some(Admit::Ended(reason)) => {
-            return Err(session_ended(&skey, reason));
-        }
-        Some(Admit::Live { session, .. }) => session,
     };
+    // The session's pin: its server while that takes it, else a new one (a re-pin).
     let was = session.placement();
     let (server, choice) = match fixed {
         Some(s) if s.id == was.server => (s, Choice::Pinned),
