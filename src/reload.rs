@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -251,26 +250,67 @@ impl Shared {
 
 /// Watches the config file and reloads when its content changes. Watches the directory, not
 /// the file, so that editors that save by rename, tools that replace the file and Kubernetes
-/// ConfigMap symlink swaps are all seen; events are debounced and a reload happens only when
-/// the file's content differs from what was last loaded.
-pub fn watch(shared: Arc<Shared>, path: &Path) -> notify::Result<()> {
+/// ConfigMap symlink swaps (`..data`) are all seen; events are debounced and a reload happens
+/// only when the file's content differs from what was last loaded.
+///
+/// Only finished changes are asked of the kernel (a file closed after writing, renamed, created,
+/// deleted), and only those naming the config file or a ConfigMap entry count: reading the file
+/// (sclb's own reads included) and writes to other files in the directory — logs, a state
+/// file — cost nothing.
+pub fn watch(shared: Arc<Shared>, path: &Path) -> std::io::Result<()> {
+    use nix::sys::inotify::{AddWatchFlags as F, InitFlags, Inotify};
+
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    let name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC)?;
+    inotify.add_watch(
+        &dir,
+        F::IN_CLOSE_WRITE
+            | F::IN_MOVED_TO
+            | F::IN_MOVED_FROM
+            | F::IN_CREATE
+            | F::IN_DELETE
+            | F::IN_ATTRIB
+            | F::IN_DELETE_SELF
+            | F::IN_MOVE_SELF
+            | F::IN_ONLYDIR,
+    )?;
     let (tx, mut rx) = mpsc::channel::<()>(16);
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
-            let _ = tx.try_send(());
-        }
-    })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    // Blocking reads on a thread of its own: the process forbids the `unsafe` that registering
+    // a raw descriptor with tokio takes.
+    std::thread::Builder::new()
+        .name("sclb-config-watch".into())
+        .spawn(move || {
+            loop {
+                let events = match inotify.read_events() {
+                    Ok(ev) => ev,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => {
+                        warn!("stopped watching the config file for changes: {e}");
+                        return;
+                    }
+                };
+                let relevant = events.iter().any(|e| match &e.name {
+                    Some(n) => *n == name || n.as_encoded_bytes().starts_with(b".."),
+                    // The directory itself moved or went away, or events were lost: look again.
+                    None => true,
+                });
+                if relevant && tx.try_send(()).is_err() && tx.is_closed() {
+                    return;
+                }
+            }
+        })?;
     let path = path.to_path_buf();
     if let Ok(b) = std::fs::read(&path) {
         *shared.reloads.last_content.lock().unwrap() = Some(content_hash(&b));
     }
     tokio::spawn(async move {
-        let _watcher = watcher;
         loop {
             tokio::select! {
                 ev = rx.recv() => if ev.is_none() { return },

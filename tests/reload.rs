@@ -221,6 +221,83 @@ async fn a_file_replaced_by_rename_is_picked_up_by_the_watcher() {
 }
 
 #[tokio::test]
+async fn a_kubernetes_configmap_update_is_picked_up_by_the_watcher() {
+    let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The layout the kubelet gives a mounted ConfigMap: the file is a symlink through `..data`,
+    // and an update swaps `..data` to a new timestamped directory by rename.
+    std::fs::create_dir(d.join("..2026_11_21_01")).unwrap();
+    let one = [("s1", a.addr.to_string())];
+    write(
+        &d.join("..2026_11_21_01/sclb.toml"),
+        &cfg("127.0.0.1:0", &one, "", "1s"),
+    );
+    std::os::unix::fs::symlink("..2026_11_21_01", d.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/sclb.toml", d.join("sclb.toml")).unwrap();
+    let path = d.join("sclb.toml");
+    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    sclb::reload::watch(sclb.shared().clone(), &path).unwrap();
+    std::fs::create_dir(d.join("..2026_11_21_02")).unwrap();
+    let two = [("s1", a.addr.to_string()), ("s2", b.addr.to_string())];
+    write(
+        &d.join("..2026_11_21_02/sclb.toml"),
+        &cfg("127.0.0.1:0", &two, "", "1s"),
+    );
+    std::os::unix::fs::symlink("..2026_11_21_02", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    wait_for(|| sclb.state().snapshot().backends[0].servers.len() == 2).await;
+    assert_eq!(sclb.shared().reloads.ok.load(Ordering::Relaxed), 1);
+}
+
+/// sclb must not keep reading its config file while nothing changes: not because it read the
+/// file itself, not because other files in the directory (logs, a state file) are written.
+#[tokio::test]
+async fn the_watcher_does_not_reread_the_file_while_it_does_not_change() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let a = Backend::start("s1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sclb.toml");
+    write(
+        &path,
+        &cfg("127.0.0.1:0", &[("s1", a.addr.to_string())], "", "1s"),
+    );
+    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    // Every open of the config file, by anyone, from here on (closes too: inotify folds an
+    // event into the one before it when both are the same).
+    let opens = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+    opens
+        .add_watch(&path, AddWatchFlags::IN_OPEN | AddWatchFlags::IN_CLOSE)
+        .unwrap();
+    sclb::reload::watch(sclb.shared().clone(), &path).unwrap();
+    let busy = dir.path().join("sclb.log");
+    for i in 0..50 {
+        std::fs::write(&busy, format!("line {i}\n")).unwrap();
+        let _ = std::fs::read(&busy).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let events: Vec<_> = (opens.read_events().unwrap_or_default().into_iter())
+        .filter(|e| e.mask.contains(AddWatchFlags::IN_OPEN))
+        .collect();
+    assert_eq!(
+        events.len(),
+        1,
+        "only the watcher's first read (its baseline) opens the file: {events:?}"
+    );
+    // And a change is still seen.
+    write(
+        &path,
+        &cfg("127.0.0.1:0", &[("s1", a.addr.to_string())], "", "2s"),
+    );
+    wait_for(|| sclb.shared().reloads.ok.load(Ordering::Relaxed) == 1).await;
+}
+
+#[tokio::test]
 async fn a_removed_server_drains_its_live_connections_then_disappears() {
     let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);
     let dir = tempfile::tempdir().unwrap();
