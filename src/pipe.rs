@@ -294,12 +294,14 @@ impl Transfer {
 
     /// Moves bytes until `src` has nothing more for now (Pending), EOF (Ready(Ok): the
     /// half-close has been passed on) or an error. `moved(n)` is told of every finished burst.
+    /// `other_done`: the opposite direction has already ended.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
         mode: Mode,
+        other_done: bool,
         moved: &mut dyn FnMut(u64),
     ) -> Poll<Result<(), Failed>> {
         loop {
@@ -311,9 +313,12 @@ impl Transfer {
                     Ok(0) => {
                         self.release();
                         self.done = true;
-                        // EOF: pass the half-close on. A peer already gone shows up in the
-                        // other direction.
-                        let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+                        // EOF: pass the half-close on (a peer already gone shows up in the
+                        // other direction). When the other direction is over too, both
+                        // sockets are closed next, which sends the FIN: no call for it here.
+                        if !other_done {
+                            let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+                        }
                         return Poll::Ready(Ok(()));
                     }
                     Ok(n) => self.burst = n,
@@ -410,10 +415,14 @@ impl<K: Future<Output = ()>> Future for Pipe<'_, K> {
                 on_bytes(Side::Client, n);
                 moved = true;
             };
-            match this
-                .up
-                .poll(cx, this.client, this.server, *this.mode, &mut count)
-            {
+            match this.up.poll(
+                cx,
+                this.client,
+                this.server,
+                *this.mode,
+                this.down.done,
+                &mut count,
+            ) {
                 Poll::Ready(Ok(())) => {
                     this.first_close.get_or_insert(Side::Client);
                 }
@@ -428,10 +437,14 @@ impl<K: Future<Output = ()>> Future for Pipe<'_, K> {
                 on_bytes(Side::Server, n);
                 moved = true;
             };
-            match this
-                .down
-                .poll(cx, this.server, this.client, *this.mode, &mut count)
-            {
+            match this.down.poll(
+                cx,
+                this.server,
+                this.client,
+                *this.mode,
+                this.up.done,
+                &mut count,
+            ) {
                 Poll::Ready(Ok(())) => {
                     this.first_close.get_or_insert(Side::Server);
                 }
