@@ -1046,7 +1046,7 @@ CHART_PANELS = [  # (title, log scale?, [(scenario, part, metric, label)])
     ("Latency and time, ratio to direct (lower is better; log scale)", True,
      [("latency", "pingpong", "p50_us", "ping-pong p50"), ("latency", "pingpong", "p99_us", "ping-pong p99"),
       ("latency", "rps2000", "p50_us", "h2c 2000/s p50"), ("latency", "rps2000", "p99_us", "h2c 2000/s p99"),
-      ("gateway", "pingpong", "p50_us", "gRPC 1-in-flight p50"), ("gateway", "pingpong", "p99_us", "gRPC 1-in-flight p99"),
+      ("gateway", "pingpong", "p50_us", "gRPC 1 call p50"), ("gateway", "pingpong", "p99_us", "gRPC 1 call p99"),
       ("gateway", "rps1000", "p50_us", "gRPC 1000/s p50"), ("gateway", "rps1000", "p99_us", "gRPC 1000/s p99"),
       ("spark", "toPandas2M", "seconds", "Spark toPandas"), ("spark", "unary-Config", "p50_us", "Spark Config p50")]),
 ]
