@@ -15,6 +15,24 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// sclb started from the config file at `path`.
+async fn start_from(path: &Path) -> sclb::Sclb {
+    sclb::Sclb::start(sclb::config::load(path).unwrap())
+        .await
+        .unwrap()
+}
+
+/// sclb started from `<tempdir>/sclb.toml` with servers `(name, addr)` (check inter 1 s).
+async fn started_in_tempdir(
+    servers: &[(&str, String)],
+) -> (tempfile::TempDir, std::path::PathBuf, sclb::Sclb) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sclb.toml");
+    write(&path, &cfg("127.0.0.1:0", servers, "", "1s"));
+    let sclb = start_from(&path).await;
+    (dir, path, sclb)
+}
+
 /// A config file with frontend "fe" on `bind` and servers `(name, addr)` in backend "be".
 fn cfg(bind: &str, servers: &[(&str, String)], extra_global: &str, inter: &str) -> String {
     let list: Vec<String> = servers
@@ -51,9 +69,7 @@ async fn fifty_reloads_under_traffic_fail_no_connection_and_move_no_client() {
     let path = dir.path().join("sclb.toml");
     let two = [("s1", a.addr.to_string()), ("s2", b.addr.to_string())];
     write(&path, &cfg("127.0.0.1:0", &two, "", "1s"));
-    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let sclb = start_from(&path).await;
     let fe = sclb.local_addrs("fe")[0];
     let fe_port = fe.port();
     // Pin ten clients before the reloads start.
@@ -146,9 +162,7 @@ async fn a_bad_file_keeps_connections_pins_and_drains_then_a_good_one_applies() 
     let servers = [("s1", a.addr.to_string()), ("s2", b.addr.to_string())];
     let good = cfg("127.0.0.1:0", &servers, "", "1s");
     write(&path, &good);
-    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let sclb = start_from(&path).await;
     let fe = sclb.local_addrs("fe")[0];
     let (server, mut live) = which_server(2, fe).await;
     let snap = sclb.state().snapshot();
@@ -187,15 +201,7 @@ async fn a_bad_file_keeps_connections_pins_and_drains_then_a_good_one_applies() 
 #[tokio::test]
 async fn a_file_replaced_by_rename_is_picked_up_by_the_watcher() {
     let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sclb.toml");
-    write(
-        &path,
-        &cfg("127.0.0.1:0", &[("s1", a.addr.to_string())], "", "1s"),
-    );
-    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let (dir, path, sclb) = started_in_tempdir(&[("s1", a.addr.to_string())]).await;
     sclb::reload::watch(sclb.shared().clone(), &path).unwrap();
     // What config-management tools and deploy-server.sh do: write a temp file, rename it over.
     let tmp = dir.path().join(".sclb.toml.XXXX");
@@ -236,9 +242,7 @@ async fn a_kubernetes_configmap_update_is_picked_up_by_the_watcher() {
     std::os::unix::fs::symlink("..2026_11_21_01", d.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/sclb.toml", d.join("sclb.toml")).unwrap();
     let path = d.join("sclb.toml");
-    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let sclb = start_from(&path).await;
     sclb::reload::watch(sclb.shared().clone(), &path).unwrap();
     std::fs::create_dir(d.join("..2026_11_21_02")).unwrap();
     let two = [("s1", a.addr.to_string()), ("s2", b.addr.to_string())];
@@ -258,15 +262,7 @@ async fn a_kubernetes_configmap_update_is_picked_up_by_the_watcher() {
 async fn the_watcher_does_not_reread_the_file_while_it_does_not_change() {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     let a = Backend::start("s1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sclb.toml");
-    write(
-        &path,
-        &cfg("127.0.0.1:0", &[("s1", a.addr.to_string())], "", "1s"),
-    );
-    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let (dir, path, sclb) = started_in_tempdir(&[("s1", a.addr.to_string())]).await;
     // Every open of the config file, by anyone, from here on (closes too: inotify folds an
     // event into the one before it when both are the same).
     let opens = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
@@ -304,9 +300,7 @@ async fn a_removed_server_drains_its_live_connections_then_disappears() {
     let path = dir.path().join("sclb.toml");
     let two = [("s1", a.addr.to_string()), ("s2", b.addr.to_string())];
     write(&path, &cfg("127.0.0.1:0", &two, "", "1s"));
-    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let sclb = start_from(&path).await;
     let fe = sclb.local_addrs("fe")[0];
     let mut on_s2 = None;
     for ip in 2..10 {
@@ -360,9 +354,7 @@ async fn restart_with_a_state_file_keeps_every_pin_and_drain() {
         "1s",
     );
     write(&path, &text);
-    let first = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let first = start_from(&path).await;
     let fe = first.local_addrs("fe")[0];
     let mut pins = Vec::new();
     for ip in 2..8u8 {
@@ -377,9 +369,7 @@ async fn restart_with_a_state_file_keeps_every_pin_and_drain() {
     assert!(state.exists(), "state written on stop");
 
     // A new process (here: a new instance) on a new port.
-    let second = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let second = start_from(&path).await;
     let fe = second.local_addrs("fe")[0];
     let snap = second.state().snapshot();
     assert_eq!(
@@ -412,9 +402,7 @@ async fn a_corrupt_state_file_is_reported_and_ignored() {
             "1s",
         ),
     );
-    let sclb = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let sclb = start_from(&path).await;
     assert_eq!(which_server(2, sclb.local_addrs("fe")[0]).await.0, "s1");
     let r = sclb::state_file::restore(sclb.state(), &state);
     assert_eq!(r, sclb::state_file::Restored::default());
@@ -455,9 +443,7 @@ async fn pins_and_drains_of_discovered_servers_come_back_once_discovery_lists_th
             draining: false,
         }])
     };
-    let first = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let first = start_from(&path).await;
     first.shared().discovery_update("be", discovered());
     let snap = first.state().snapshot();
     let s1 = snap.backends[0].server_by_name("s1").unwrap().clone();
@@ -472,9 +458,7 @@ async fn pins_and_drains_of_discovered_servers_come_back_once_discovery_lists_th
     first.shutdown(Duration::from_secs(5)).await;
 
     // Restart: the state file is read before discovery has listed anything...
-    let second = sclb::Sclb::start(sclb::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let second = start_from(&path).await;
     assert!(
         second.state().snapshot().backends[0]
             .server_by_name("pod-a")
