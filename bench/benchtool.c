@@ -94,9 +94,13 @@ static struct sockaddr_in make_addr(const char *host, int port) {
     return sa;
 }
 
-/* Listens on 127.0.0.1:PORT for each of argv[1..argc) (argv[0] is not a port), non-blocking,
- * registered in `ep` for EPOLLIN and marked in is_listener. */
-static void listen_all(int ep, int argc, char **argv, unsigned char *is_listener) {
+/* A server's start: raises the fd limit, then listens on 127.0.0.1:PORT for each of
+ * argv[1..argc) (argv[0] is not a port), non-blocking, registered for EPOLLIN in a new epoll
+ * set (returned) and marked in is_listener. */
+static int listen_all(int argc, char **argv, unsigned char *is_listener) {
+    raise_nofile();
+    int ep = epoll_create1(0);
+    if (ep < 0) die("epoll_create1");
     for (int i = 1; i < argc; i++) {
         int fd = socket(AF_INET, SOCK_STREAM, 0);
         int one = 1;
@@ -110,6 +114,20 @@ static void listen_all(int ep, int argc, char **argv, unsigned char *is_listener
         struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
         if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
     }
+    return ep;
+}
+
+/* The next client waiting on listener `lfd`, non-blocking with TCP_NODELAY, or -1 when there
+ * is none. Clients whose fd would not fit the servers' FD_LIMIT tables are closed. */
+static int accept_client(int lfd) {
+    for (int k = 0; k < 1024; k++) {
+        int c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
+        if (c < 0) return -1;
+        if (c >= FD_LIMIT) { close(c); continue; }
+        set_nodelay(c);
+        return c;
+    }
+    return -1;
 }
 
 /* Write all of buf, waiting (bounded) if the socket is non-blocking. */
@@ -139,10 +157,7 @@ static int cmd_echo(int argc, char **argv) {
     double deadline = now_s() + atof(argv[0]);
     static unsigned char is_listener[FD_LIMIT];
     static char buf[65536];
-    raise_nofile();
-    int ep = epoll_create1(0);
-    if (ep < 0) die("epoll_create1");
-    listen_all(ep, argc, argv, is_listener);
+    int ep = listen_all(argc, argv, is_listener);
     struct epoll_event evs[256];
     while (now_s() < deadline) {
         int n = epoll_wait(ep, evs, 256, 1000);
@@ -151,10 +166,8 @@ static int cmd_echo(int argc, char **argv) {
             int fd = evs[i].data.fd;
             if (is_listener[fd]) {
                 for (int k = 0; k < 1024; k++) {
-                    int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK);
+                    int c = accept_client(fd);
                     if (c < 0) break;
-                    if (c >= FD_LIMIT) { close(c); continue; }
-                    set_nodelay(c);
                     struct epoll_event ev = {.events = EPOLLIN, .data.fd = c};
                     if (epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev) < 0) close(c);
                 }
@@ -282,10 +295,7 @@ static int cmd_grpc(int argc, char **argv) {
     static unsigned char is_listener[FD_LIMIT];
     static struct h2conn *conns[FD_LIMIT];
     static unsigned char out[1 << 18];
-    raise_nofile();
-    int ep = epoll_create1(0);
-    if (ep < 0) die("epoll_create1");
-    listen_all(ep, argc, argv, is_listener);
+    int ep = listen_all(argc, argv, is_listener);
     struct epoll_event evs[256];
     while (now_s() < deadline) {
         int n = epoll_wait(ep, evs, 256, 1000);
@@ -294,10 +304,8 @@ static int cmd_grpc(int argc, char **argv) {
             int fd = evs[i].data.fd;
             if (is_listener[fd]) {
                 for (int k = 0; k < 1024; k++) {
-                    int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK);
+                    int c = accept_client(fd);
                     if (c < 0) break;
-                    if (c >= FD_LIMIT) { close(c); continue; }
-                    set_nodelay(c);
                     struct h2conn *hc = calloc(1, sizeof *hc);
                     if (!hc) { close(c); continue; }
                     hc->fd = c;
