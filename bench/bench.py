@@ -89,7 +89,7 @@ def parse_args(argv: list[str]) -> Settings:
     ap.add_argument("--scenarios", default="bulk,connrate,latency,idle,gateway",
                     help="comma list out of bulk,connrate,latency,idle,gateway (default: all)")
     ap.add_argument("--variants", default="direct,haproxy,haproxy-splice-auto,haproxy-splice-force,sclb,"
-                                          "haproxy-http,sclb-gateway",
+                                          "haproxy-log,haproxy-log-syslog,sclb-log,haproxy-http,sclb-gateway",
                     help="comma list of variants to run (direct is always run when a ratio needs it)")
     ap.add_argument("--seconds", type=float, help="override the length of every timed measurement")
     ap.add_argument("--idle-conns", type=int, help="idle connections (default 9500, --quick 500)")
@@ -166,6 +166,7 @@ class Proc:
         self.name, self.popen, self.log = name, popen, log
         self.pid = popen.pid
         self.extra: list[tuple[int, str]] = []  # (pid, starttime) of forked workers
+        self.companions: list[Proc] = []  # stopped with it (a proxy's syslog sink)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -246,6 +247,8 @@ class Procs:
                 stream.close()
         if proc in self.live:
             self.live.remove(proc)
+        for other in proc.companions:
+            self.stop(other, timeout)
 
     def stop_all(self) -> None:
         for proc in reversed(list(self.live)):
@@ -415,6 +418,9 @@ VARIANT_KINDS = {
     "haproxy-splice-auto": ("haproxy", "auto"),
     "haproxy-splice-force": ("haproxy", "force"),
     "sclb": ("sclb", ""),
+    "haproxy-log": ("haproxy", ""),          # + `log stdout format raw local0`, `option tcplog`
+    "haproxy-log-syslog": ("haproxy", ""),   # + `log <unix socket> local0` (bench/syslog_sink.py)
+    "sclb-log": ("sclb", ""),                # bench/sclb.toml with log level "info"
     "haproxy-http": ("haproxy-http", ""),   # L7: mode http, h2 on both sides (bench/haproxy-http.cfg)
     "sclb-gateway": ("sclb-gateway", ""),   # L7: mode = "grpc" (bench/sclb-gateway.toml)
 }
@@ -424,7 +430,21 @@ PROXY_CONFIGS = {  # kind -> (config template, reference frontend port)
     "sclb": ("sclb.toml", REF_SCLB_PORT),
     "sclb-gateway": ("sclb-gateway.toml", REF_SCLB_PORT),
 }
-SCLB_VARIANTS = ("sclb", "sclb-gateway")
+SCLB_VARIANTS = ("sclb", "sclb-log", "sclb-gateway")
+# Variants with an access log line per connection (the others log nothing per connection):
+# HAProxy writes each line itself (stdout: one write(2) per line; syslog: one sendto(2) per
+# line to a local datagram socket); sclb formats it into its thread's buffer and a writer
+# thread writes batches (src/access_log.rs).
+LOGGED = {"haproxy-log": "stdout", "haproxy-log-syslog": "syslog", "sclb-log": "info"}
+
+
+def with_log(text: str, kind: str, target: str) -> str:
+    """A rendered proxy config with its per-connection access log turned on."""
+    if kind == "sclb":
+        return text.replace('log = { level = "warn" }', 'log = { level = "info" }', 1)
+    line = "log stdout format raw local0" if target == "stdout" else f"log {target} local0"
+    text = re.sub(r"^global\n", f"global\n    {line}\n", text, count=1, flags=re.M)
+    return re.sub(r"^defaults\n", "defaults\n    log global\n    option tcplog\n", text, count=1, flags=re.M)
 
 
 def render(template: Path, frontend_port: int, frontend_ref: int, be: Backend) -> str:
@@ -452,16 +472,34 @@ def start_proxy(s: Settings, variant: str, be: Backend) -> tuple[Proc | None, in
         host, port = be.addrs[0].rsplit(":", 1)
         return None, int(port), host
     template, ref_port = PROXY_CONFIGS[kind]
+    text = render(BENCH / template, s.haproxy_port if kind.startswith("haproxy") else s.sclb_port,
+                  ref_port, be)
+    sink = None
+    if LOGGED.get(variant) == "syslog":
+        sock = s.workdir / "syslog.sock"
+        sink = PROCS.start(f"{variant}-sink", ["/usr/bin/python3", BENCH / "syslog_sink.py", sock,
+                                                s.workdir / f"{variant}-syslog.log"])
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline and sink.alive():
+            time.sleep(0.02)
+        if not sock.exists():
+            PROCS.stop(sink)
+            raise Broken(f"the syslog sink did not start:\n{sink.log_tail()}")
+        text = with_log(text, kind, str(sock))
+    elif variant in LOGGED:
+        text = with_log(text, kind, LOGGED[variant])
     if kind.startswith("haproxy"):
-        cfg = s.workdir / f"{kind}-{be.kind}.cfg"
-        cfg.write_text(render(BENCH / template, s.haproxy_port, ref_port, be))
+        cfg = s.workdir / f"{variant}-{be.kind}.cfg"
+        cfg.write_text(text)
         proc = PROCS.start(variant, ["haproxy", "-db", "-f", cfg], env=proxy_env(splice))
         port = s.haproxy_port
     else:
-        cfg = s.workdir / f"{kind}-{be.kind}.toml"
-        cfg.write_text(render(BENCH / template, s.sclb_port, ref_port, be))
-        proc = PROCS.start(kind, [s.sclb_bin, "-c", cfg], env=proxy_env(""))
+        cfg = s.workdir / f"{variant}-{be.kind}.toml"
+        cfg.write_text(text)
+        proc = PROCS.start(variant, [s.sclb_bin, "-c", cfg], env=proxy_env(""))
         port = s.sclb_port
+    if sink:
+        proc.companions.append(sink)
     try:
         wait_listening([port], [proc])
     except BenchError:
@@ -474,7 +512,10 @@ def check_haproxy_config(s: Settings) -> None:
     be = Backend("check", [f"{HOST}:{p}" for p in s.backend_ports])
     for template, splices in (("haproxy.cfg", ("", "auto", "force")), ("haproxy-http.cfg", ("",))):
         cfg = s.workdir / f"check-{template}"
-        cfg.write_text(render(BENCH / template, s.haproxy_port, REF_HAPROXY_PORT, be))
+        text = render(BENCH / template, s.haproxy_port, REF_HAPROXY_PORT, be)
+        if template == "haproxy.cfg":  # with the access log too (haproxy-log)
+            text = with_log(text, "haproxy", "stdout")
+        cfg.write_text(text)
         for splice in splices:
             r = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], env=proxy_env(splice),
                                capture_output=True, text=True, timeout=30)
@@ -797,8 +838,9 @@ class Part:
 
 
 BULK = ("direct", "haproxy", "haproxy-splice-auto", "haproxy-splice-force", "sclb")
-ALL = BULK + ("haproxy-http", "sclb-gateway")  # column order of the tables
+ALL = BULK + tuple(LOGGED) + ("haproxy-http", "sclb-gateway")  # column order of the tables
 STD = ("direct", "haproxy", "sclb")
+CONNRATE = STD + tuple(LOGGED)
 L7 = ("direct", "haproxy-http", "sclb-gateway")
 SPARK = ("direct", "haproxy", "sclb", "haproxy-http", "sclb-gateway")
 
@@ -807,7 +849,7 @@ def scenario_parts(s: Settings) -> dict[str, list[Part]]:
     return {
         "bulk": [Part("bulk", "P1", "iperf3", BULK, lambda c: measure_bulk(c, 1)),
                  Part("bulk", "P4", "iperf3", BULK, lambda c: measure_bulk(c, 4))],
-        "connrate": [Part("connrate", "c32", "http1", STD, measure_connrate)],
+        "connrate": [Part("connrate", "c32", "http1", CONNRATE, measure_connrate)],
         "latency": [Part("latency", "rps2000", "h2c", STD, measure_rps),
                     Part("latency", "pingpong", "echo", STD, measure_pingpong)],
         "idle": [Part("idle", f"n{s.idle_conns}", "echo", ("haproxy", "sclb"), measure_idle)],
@@ -883,6 +925,7 @@ class Target:
     haproxy_ref: str
     text: str
     kind: str        # ratio_ge | ratio_le | value_le | delta_le | delta_le_haproxy | delta_lt_haproxy
+    #                  | ratio_ge_haproxy | value_le_haproxy (limit = the factor on HAProxy's figure)
     limit: float = 0.0
     variant: str = "sclb"      # the variant judged
     ref: str = "haproxy"       # the HAProxy variant it is compared with
@@ -899,6 +942,14 @@ TARGETS = [
     Target(("latency", "pingpong", "p99_us"), "ping-pong added p99", "+2.5 ms", "≤ HAProxy", "delta_le_haproxy"),
     Target(("latency", "rps2000", "p99_us"), "h2c 2000 req/s, added p99", "+2.1 ms", "≤ HAProxy", "delta_le_haproxy"),
     Target(("idle", "*", "bytes_per_conn_idle"), "RSS per idle connection (B)", "3,380", "≤ 3,000", "value_le", 3000),
+    Target(("connrate", "c32", "proxy_cpu_us_per_conn"), "CPU per connection, access log on (stdout)", "—",
+           "≤ 0.9× HAProxy", "value_le_haproxy", 0.9, variant="sclb-log", ref="haproxy-log"),
+    Target(("connrate", "c32", "conns_per_s"), "connections/s, access log on (stdout)", "—",
+           "≥ HAProxy", "ratio_ge_haproxy", variant="sclb-log", ref="haproxy-log"),
+    Target(("connrate", "c32", "proxy_cpu_us_per_conn"), "CPU per connection, access log on (syslog)", "—",
+           "≤ 0.9× HAProxy", "value_le_haproxy", 0.9, variant="sclb-log", ref="haproxy-log-syslog"),
+    Target(("connrate", "c32", "conns_per_s"), "connections/s, access log on (syslog)", "—",
+           "≥ HAProxy", "ratio_ge_haproxy", variant="sclb-log", ref="haproxy-log-syslog"),
     Target(("spark", "toPandas2M", "seconds"), "Spark range(2M).toPandas() time", "—", "≤ 1.02×", "ratio_le", 1.02),
     Target(("gateway", "pingpong", "p50_us"), "L7 gRPC unary, 1 in flight, added p50", "—",
            "< HAProxy http", "delta_lt_haproxy", variant="sclb-gateway", ref="haproxy-http"),
@@ -935,6 +986,10 @@ def verdict(t: Target, res: Results, key: tuple[str, str, str], quick: bool, scl
         ok = sc.med <= t.limit
     elif t.kind == "delta_le":
         ok = sc.delta is not None and sc.delta <= t.limit
+    elif t.kind == "value_le_haproxy":
+        ok = hp is not None and sc.med <= t.limit * hp.med
+    elif t.kind == "ratio_ge_haproxy":
+        ok = sc.ratio is not None and hp is not None and hp.ratio is not None and sc.ratio >= hp.ratio
     elif t.kind == "delta_lt_haproxy":
         ok = sc.delta is not None and hp is not None and hp.delta is not None and sc.delta < hp.delta
     else:  # delta_le_haproxy
@@ -976,7 +1031,8 @@ def table(res: Results, s: Settings, sclb_note: str) -> str:
         cells = ["not built" if v in SCLB_VARIANTS and v in scenario_variants(key[0]) and not_built
                  else cell(res.stat(key, v)) for v in variants]
         ts = targets_for(key)
-        label = (lambda t: f"{t.variant}: " if len(ts) > 1 or t.variant != "sclb" else "")
+        label = (lambda t: f"{t.variant}" + (f" vs {t.ref}" if t.ref != "haproxy" or t.variant != "sclb" else "")
+                 + ": " if len(ts) > 1 or t.variant != "sclb" else "")
         tail = ["; ".join(label(t) + t.text for t in ts),
                 "; ".join(label(t) + verdict(t, res, key, s.quick, sclb_note) for t in ts)]
         lines.append("| " + " | ".join(list(key) + cells + tail) + " |")
@@ -984,7 +1040,8 @@ def table(res: Results, s: Settings, sclb_note: str) -> str:
 
 
 def scenario_variants(scenario: str) -> tuple[str, ...]:
-    return {"bulk": BULK, "idle": ("haproxy", "sclb"), "gateway": L7, "spark": SPARK}.get(scenario, STD)
+    return {"bulk": BULK, "connrate": CONNRATE, "idle": ("haproxy", "sclb"), "gateway": L7,
+            "spark": SPARK}.get(scenario, STD)
 
 
 def summary_figure(res: Results, key: tuple[str, str, str], variant: str) -> str:
@@ -1038,6 +1095,7 @@ def targets_table(res: Results, s: Settings, sclb_note: str) -> str:
 
 CHART_COLORS = {"haproxy": "#8c8c8c", "haproxy-splice-auto": "#b7c9e2",
                 "haproxy-splice-force": "#5b84b1", "sclb": "#e4572e",
+                "haproxy-log": "#6a3d9a", "haproxy-log-syslog": "#cab2d6", "sclb-log": "#b2182b",
                 "haproxy-http": "#4d4d4d", "sclb-gateway": "#f2a541"}
 CHART_PANELS = [  # (title, log scale?, [(scenario, part, metric, label)])
     ("Throughput, ratio to direct (higher is better)", False,

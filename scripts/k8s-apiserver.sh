@@ -15,33 +15,30 @@
 #   scripts/k8s-apiserver.sh stop-apiserver DIR / start-apiserver DIR
 #                                             restart only the API server (etcd keeps the data)
 #
-# The build (Debian's kubernetes source package, Go 1.19, etcd 3.4) is the shared kit's
-# build-apiserver.sh, from $SCLB_K8S_KIT (default: ../shared/k8s next to the repo), which also
-# has the CRDs. It lands in $SCLB_K8S_ROOT (default ~/.cache/sclb/k8s), outside the clone.
+# The build is scripts/k8s-build.sh (Debian bookworm's kubernetes source package, Go 1.19, etcd
+# 3.4); it lands in $SCLB_K8S_ROOT (default ~/.cache/sclb/k8s), outside the clone. The CRDs are
+# the repository's test fixtures, tests/fixtures/k8s/crds.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=$(realpath -m "${SCLB_K8S_ROOT:-$HOME/.cache/sclb/k8s}")
-KIT=$(realpath -m "${SCLB_K8S_KIT:-$here/../shared/k8s}")
+CRDS="$here/tests/fixtures/k8s/crds"
 APISERVER="$ROOT/bin/kube-apiserver"
 ETCD="$ROOT/root/usr/bin/etcd"
 
 die() { echo "k8s-apiserver: $*" >&2; exit 1; }
 
-kit() {
-  [ -f "$KIT/$1" ] || die "$KIT/$1 not found: set SCLB_K8S_KIT to the shared Kubernetes kit (build-apiserver.sh, crds/)"
-  echo "$KIT/$1"
-}
+built() { [ -x "$APISERVER" ] && [ -x "$ETCD" ] && [ -f "$ROOT/pki/sa.pub" ]; }
 
 build() {
-  if [ -x "$APISERVER" ] && [ -x "$ETCD" ]; then
+  if built; then
     echo "kube-apiserver already built: $APISERVER"
     return
   fi
   echo "building kube-apiserver v1.20.2 and etcd under $ROOT (once per machine, ~10 min)"
   local started=$SECONDS
-  K8S_ROOT="$ROOT" bash "$(kit build-apiserver.sh)"
-  [ -x "$APISERVER" ] || die "the build finished without $APISERVER"
+  SCLB_K8S_ROOT="$ROOT" "$here/scripts/k8s-build.sh"
+  built || die "the build finished without $APISERVER, $ETCD or $ROOT/pki/sa.pub"
   echo "built in $((SECONDS - started)) s: $APISERVER"
 }
 
@@ -98,7 +95,8 @@ api() {  # api METHOD PATH [curl args...]
 install_crds() {
   for f in sparkapplications-k120.yaml sparkconnects.yaml; do
     local code yaml
-    yaml=$(kit "crds/$f") || exit 1
+    yaml="$CRDS/$f"
+    [ -f "$yaml" ] || die "$yaml not found"
     code=$(api POST /apis/apiextensions.k8s.io/v1/customresourcedefinitions -o "$DIR/crd.out" -w '%{http_code}' \
       -H 'Content-Type: application/yaml' --data-binary @"$yaml")
     case $code in 201|409) ;; *) cat "$DIR/crd.out" >&2; die "installing CRD $f: HTTP $code";; esac
@@ -115,7 +113,7 @@ install_crds() {
 start() {
   [ $# -ge 4 ] || die "usage: $0 start DIR PORT ETCD_PORT PEER_PORT [WATCH_PID]"
   DIR=$(realpath -m "$1")
-  [ -x "$APISERVER" ] || die "kube-apiserver is not built: run $0 build (once per machine, ~10 min)"
+  built || die "kube-apiserver is not built: run $0 build (once per machine, ~10 min)"
   mkdir -p "$DIR/etcd-data" "$DIR/certs"
   printf 'PORT=%s\nETCD_PORT=%s\nPEER_PORT=%s\n' "$2" "$3" "$4" > "$DIR/ports"
   echo 'testtoken,admin,admin-uid,"system:masters"' > "$DIR/tokens.csv"
@@ -166,7 +164,7 @@ cmd=${1:-}
 shift || true
 case $cmd in
   build) build ;;
-  path) [ -x "$APISERVER" ] && [ -x "$ETCD" ] && echo "$APISERVER" || exit 1 ;;
+  path) built && echo "$APISERVER" || exit 1 ;;
   start) start "$@" ;;
   stop) [ $# -eq 1 ] || die "usage: $0 stop DIR"; stop "$1" ;;
   stop-apiserver) [ $# -eq 1 ] || die "usage: $0 stop-apiserver DIR"; stop_one "$(realpath -m "$1")" apiserver ;;

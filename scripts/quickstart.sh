@@ -4,16 +4,21 @@
 #   scripts/quickstart.sh        # Ctrl-C stops everything it started
 #
 # Starts Spark Connect on 127.0.0.1:15012 and :15013 (from the pyspark package in .venv),
-# sclb with conf/local.toml (frontend 127.0.0.1:15002, stats 127.0.0.1:9000, admin socket
-# /tmp/sclb-admin.sock), then runs a small PySpark session against sc://127.0.0.1:15002.
-# Env: SCLB_BIN (default target/release/sclb, built if missing), SCLB_CONF (default
+# sclb with conf/local.toml (frontend 127.0.0.1:15002, gateway :15003, stats 127.0.0.1:9000,
+# admin socket /tmp/sclb-admin.sock), then runs a small PySpark session against
+# sc://127.0.0.1:15002, and stays up for you to explore.
+#
+# On a fresh machine it first installs what it needs: Java 17 (openjdk-17-jre-headless, with
+# apt-get) when no Java 17-21 is found, .venv with the pinned pyspark[connect] (scripts/venv.sh),
+# and sclb itself (cargo build --release, a no-op when up to date; Rust must be installed).
+# Env: SCLB_BIN (an sclb binary to use instead of building one), SCLB_CONF (default
 # conf/local.toml).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-sclb_bin="${SCLB_BIN:-target/release/sclb}"
+sclb_bin="${SCLB_BIN:-${CARGO_TARGET_DIR:-target}/release/sclb}"
 sclb_conf="${SCLB_CONF:-conf/local.toml}"
 front_port=15002
 spark_ports=(15012 15013)
@@ -68,7 +73,7 @@ wait_port() {
     echo "quickstart: $name accepting on 127.0.0.1:$port after $((SECONDS - start))s"
 }
 
-for port in "$front_port" "${spark_ports[@]}" 9000; do
+for port in "$front_port" 15003 "${spark_ports[@]}" 9000; do
     if port_open "$port"; then
         echo "quickstart: 127.0.0.1:$port is already in use; stop what runs there first" >&2
         exit 1
@@ -79,12 +84,54 @@ if [[ ! -f "$sclb_conf" ]]; then
     exit 1
 fi
 
+# ---------------------------------------------------------------- what it needs
+sudo=()
+((EUID == 0)) || sudo=(sudo)
+apt_install() {
+    if ! command -v apt-get >/dev/null; then
+        echo "quickstart: $* needed and there is no apt-get: install it, then run me again" >&2
+        exit 1
+    fi
+    echo "quickstart: installing $* (apt-get)"
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "$@" >/dev/null
+}
+
+# Spark 4.0 runs on Java 17 or 21; spark-submit takes $JAVA_HOME, else java on the PATH.
+java_major() {  # java_major JAVA: its major version, 0 when it does not run
+    local v
+    v=$("$1" -version 2>&1 | sed -n 's/.* version "\([0-9]*\).*/\1/p' | head -1)
+    echo "${v:-0}"
+}
+java_bin="${JAVA_HOME:+$JAVA_HOME/bin/java}"
+java_bin="${java_bin:-$(command -v java || true)}"
+major=0
+[[ -n "$java_bin" && -x "$java_bin" ]] && major=$(java_major "$java_bin")
+if ((major < 17 || major > 21)); then
+    if ((major == 0)); then echo "quickstart: no Java found"; else echo "quickstart: $java_bin is Java $major"; fi
+    for java_bin in /usr/lib/jvm/java-17-openjdk-*/bin/java; do break; done
+    [[ -x "$java_bin" ]] || apt_install openjdk-17-jre-headless
+    for java_bin in /usr/lib/jvm/java-17-openjdk-*/bin/java; do break; done
+    [[ -x "$java_bin" ]] || { echo "quickstart: no Java 17 in /usr/lib/jvm after installing it" >&2; exit 1; }
+    export JAVA_HOME="${java_bin%/bin/java}"
+    echo "quickstart: Spark runs on JAVA_HOME=$JAVA_HOME"
+fi
+
 scripts/venv.sh
-if [[ ! -x "$sclb_bin" ]]; then
-    echo "quickstart: building sclb (cargo build --release)"
+
+if [[ -n "${SCLB_BIN:-}" ]]; then
+    [[ -x "$sclb_bin" ]] || { echo "quickstart: SCLB_BIN=$sclb_bin is not an executable" >&2; exit 1; }
+else
+    if ! command -v cargo >/dev/null; then
+        echo "quickstart: cargo not found: install Rust (https://rustup.rs), then run me again" >&2
+        exit 1
+    fi
+    command -v cc >/dev/null || apt_install gcc libc6-dev   # ring (rustls) compiles C
+    echo "quickstart: cargo build --release (a few minutes the first time)"
     cargo build --release
 fi
 
+# ---------------------------------------------------------------- Spark Connect, sclb, PySpark
 spark_home="$(.venv/bin/python -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')"
 
 spark_pids=()

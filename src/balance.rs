@@ -4,11 +4,12 @@
 //! A `Balancer` is built with each snapshot from the backend's server list. Its only lock is
 //! round robin's cursor, taken once per new connection.
 
+use parking_lot::Mutex;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
 
 use crate::config::Balance;
 use crate::server::{Server, ServerId};
@@ -77,7 +78,7 @@ impl Balancer {
         servers: &[Arc<Server>],
         ok: &dyn Fn(&Arc<Server>) -> bool,
     ) -> Option<usize> {
-        let mut cur = self.rr.lock().unwrap();
+        let mut cur = self.rr.lock();
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (i, s) in servers.iter().enumerate() {

@@ -5,10 +5,11 @@
 //! accept a loop takes a global and a per-frontend connection slot: at maxconn it stops
 //! accepting and the excess waits in the kernel's accept queue, nothing is dropped.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -37,6 +38,9 @@ struct Running {
     local: SocketAddr,
     frontend: Arc<ArcSwap<FeName>>,
     slots: Arc<ArcSwap<Option<Arc<Semaphore>>>>,
+    /// `disable frontend`: the accept loops stop taking clients, who wait in the kernel's
+    /// accept queue, until `enable frontend`.
+    paused: Arc<tokio::sync::watch::Sender<bool>>,
     stop: CancellationToken,
 }
 
@@ -59,7 +63,7 @@ impl Listeners {
     /// switch to the new frontend settings; gone ones stop; new ones bind. If any new bind
     /// fails, nothing changes and the error is returned.
     pub fn sync(&self, wanted: Vec<Wanted>, shared: &Arc<Shared>) -> Result<(), BindError> {
-        let mut running = self.running.lock().unwrap();
+        let mut running = self.running.lock();
         // A listener bound to port 0 is known by its configured address and by the one it
         // got; a config that names the latter means the same socket. Re-key it.
         let rekey: Vec<(SocketAddr, SocketAddr)> = running
@@ -74,7 +78,19 @@ impl Listeners {
         }
         let mut bound = Vec::new();
         for w in wanted.iter().filter(|w| !running.contains_key(&w.addr)) {
-            match bind_all(w, shared.workers.len()) {
+            // A port none of ours holds but someone else does: not joined through SO_REUSEPORT.
+            let ours = running.values().any(|r| r.local.port() == w.addr.port());
+            if !ours && sockopt::held_by_another(w.addr) {
+                return Err(BindError {
+                    frontend: w.frontend.clone(),
+                    addr: w.addr,
+                    source: io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "another process (another sclb?) listens on it",
+                    ),
+                });
+            }
+            match bind_all(w, shared.data.workers.len()) {
                 Ok(ls) => bound.push((w.addr, ls)),
                 Err(source) => {
                     return Err(BindError {
@@ -115,7 +131,8 @@ impl Listeners {
                     name: w.frontend.as_str().into(),
                 })),
                 slots: Arc::new(ArcSwap::from_pointee(w.slots.clone())),
-                stop: shared.stop_accepting.child_token(),
+                paused: Arc::new(tokio::sync::watch::Sender::new(false)),
+                stop: shared.life.stop_accepting.child_token(),
             };
             for (i, std_listener) in listeners.into_iter().enumerate() {
                 let span = info_span!("listener", frontend = %w.frontend, addr = %local);
@@ -125,14 +142,15 @@ impl Listeners {
                     shared.clone(),
                     r.stop.clone(),
                 );
+                let paused = r.paused.subscribe();
                 let task = async move {
                     match TcpListener::from_std(std_listener) {
-                        Ok(l) => accept_loop(l, fe, slots, sh, stop).await,
+                        Ok(l) => accept_loop(l, fe, slots, paused, sh, stop).await,
                         Err(e) => error!("cannot register the listener: {e}"),
                     }
                 }
                 .instrument(span);
-                match shared.workers.get(i) {
+                match shared.data.workers.get(i) {
                     Some(worker) => drop(worker.spawn(task)),
                     None => drop(tokio::spawn(task)),
                 }
@@ -143,17 +161,57 @@ impl Listeners {
         Ok(())
     }
 
+    /// Pauses or resumes every listener of `frontend` (`disable|enable frontend`); returns
+    /// how many it has.
+    pub fn set_paused(&self, frontend: &str, paused: bool) -> usize {
+        let running = self.running.lock();
+        let mut n = 0;
+        for r in of_frontend(&running, frontend) {
+            r.paused.send_replace(paused);
+            n += 1;
+        }
+        n
+    }
+
+    /// Whether `frontend` takes no clients: it has no listener (`shutdown frontend`) or every
+    /// one is paused (`disable frontend`).
+    pub fn is_stopped(&self, frontend: &str) -> bool {
+        let running = self.running.lock();
+        of_frontend(&running, frontend).all(|r| *r.paused.borrow())
+    }
+
+    /// Closes every listener of `frontend` (`shutdown frontend`); live connections go on. The
+    /// next reload binds them again. Returns how many were closed.
+    pub fn shut_down(&self, frontend: &str) -> usize {
+        let mut running = self.running.lock();
+        let before = running.len();
+        running.retain(|_, r| {
+            let mine = &*r.frontend.load().name == frontend;
+            if mine {
+                r.stop.cancel();
+            }
+            !mine
+        });
+        before - running.len()
+    }
+
     /// Actual addresses of a frontend's listeners (port 0 resolved).
     pub fn local_addrs(&self, frontend: &str) -> Vec<SocketAddr> {
-        let running = self.running.lock().unwrap();
-        let mut v: Vec<SocketAddr> = running
-            .values()
-            .filter(|r| &*r.frontend.load().name == frontend)
-            .map(|r| r.local)
-            .collect();
+        let running = self.running.lock();
+        let mut v: Vec<SocketAddr> = of_frontend(&running, frontend).map(|r| r.local).collect();
         v.sort();
         v
     }
+}
+
+/// The running listeners that serve `frontend` now (a reload may have renamed theirs).
+fn of_frontend<'a>(
+    running: &'a HashMap<SocketAddr, Running>,
+    frontend: &'a str,
+) -> impl Iterator<Item = &'a Running> {
+    running
+        .values()
+        .filter(move |r| &*r.frontend.load().name == frontend)
 }
 
 /// One listening socket per worker thread (SO_REUSEPORT), or one for the current runtime.
@@ -189,7 +247,7 @@ pub static ACCEPT_FAILURES: Bursts = Bursts {
 
 impl Bursts {
     pub fn failed(&self, e: &io::Error) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         match &mut *st {
             Some((_, n, last)) => {
                 *n += 1;
@@ -207,7 +265,7 @@ impl Bursts {
         if !self.open.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         if let Some((since, n, last)) = *st
             && last.elapsed() >= Duration::from_secs(1)
         {
@@ -221,29 +279,29 @@ impl Bursts {
     }
 }
 
-/// Accept errors that mean "out of resources": back off and keep going.
-pub fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
 async fn accept_loop(
     listener: TcpListener,
     frontend: Arc<ArcSwap<FeName>>,
     fe_slots: Arc<ArcSwap<Option<Arc<Semaphore>>>>,
+    mut paused: tokio::sync::watch::Receiver<bool>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
     // The frontend's counters, looked up again only when a reload renames the frontend.
     let mut cached: Option<(Arc<FeName>, Arc<crate::state::FrontendCounters>)> = None;
     loop {
+        // A disabled frontend takes nobody: clients wait in the kernel's accept queue.
+        while *paused.borrow_and_update() {
+            tokio::select! {
+                r = paused.changed() => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+        }
         // At maxconn, do not accept: new clients wait in the kernel's accept queue. A slot is
         // only waited for here, not held: with one listener per worker, a listener with no
         // client must not keep a free slot from another that has one.
         let fe_sem = fe_slots.load_full().as_ref().clone();
-        for sem in std::iter::once(&shared.maxconn).chain(fe_sem.as_ref()) {
+        for sem in std::iter::once(&shared.data.maxconn).chain(fe_sem.as_ref()) {
             if sem.available_permits() == 0 {
                 tokio::select! {
                     p = sem.acquire() => drop(p),
@@ -253,12 +311,19 @@ async fn accept_loop(
         }
         let accepted = tokio::select! {
             r = listener.accept() => r,
+            // Disabled while waiting here: back to the top, where it waits unaccepted.
+            r = paused.changed() => match r {
+                Ok(()) => continue,
+                Err(_) => return,
+            },
             _ = stop.cancelled() => return,
         };
         // Usually free at once; if another worker took the last slot meanwhile, this client
-        // waits here, accepted, for the next one.
+        // waits here, accepted, for the next one. The frontend's slots are read again: `set
+        // maxconn frontend` may have given it a limit while this loop waited in accept.
+        let fe_sem = fe_slots.load_full().as_ref().clone();
         let slots = async {
-            let global = shared.maxconn.clone().acquire_owned().await;
+            let global = shared.data.maxconn.clone().acquire_owned().await;
             let fe = match fe_sem {
                 Some(sem) => Some(sem.acquire_owned().await),
                 None => None,
@@ -286,13 +351,13 @@ async fn accept_loop(
                 };
                 let conn_shared = shared.clone();
                 // No span per connection: its one log line carries client, frontend and server.
-                shared.conns.spawn(async move {
+                shared.data.conns.spawn(async move {
                     forward::handle(stream, peer, fe.name.clone(), counters, conn_shared).await;
                     drop(global);
                     drop(fe_slot);
                 });
             }
-            Err(e) if is_resource_exhaustion(&e) => {
+            Err(e) if sockopt::is_resource_exhaustion(&e) => {
                 // Give back the file descriptors this thread keeps pooled (idle pipes).
                 crate::pipe::release_pools();
                 ACCEPT_FAILURES.failed(&e);

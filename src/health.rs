@@ -3,8 +3,8 @@
 //!
 //! Checkers are started for servers that appear in a snapshot and stopped when a server
 //! leaves (its `retired` token). A server in MAINT, or with checks disabled from the admin
-//! socket, is not checked. Every UP/DOWN transition is logged once, with HAProxy's wording and
-//! check_status code, and counted.
+//! socket, is not checked. Each result goes to [`crate::control`], which moves the server's
+//! rise/fall state and logs every UP/DOWN transition once, with HAProxy's wording.
 
 pub mod probe;
 pub mod spark_proto;
@@ -13,39 +13,41 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info_span};
 
-use crate::config::{CheckConfig, OnMarkedDown};
-use crate::server::{AdminState, Phase, Server, Transition};
-use crate::state::State;
+use crate::config::CheckConfig;
+use crate::server::{AdminState, LastCheck, Phase, Server};
 use probe::Probe;
+
+/// Where a checker hands each result: in the process, the control plane
+/// (`control::checker_report`), which moves the server's state.
+pub type Report = Arc<dyn Fn(Arc<Server>, LastCheck) + Send + Sync>;
 
 /// Starts the checker of `server` unless its checks are off. It stops when the server is
 /// retired or `stop` fires.
-pub fn spawn_checker(server: Arc<Server>, state: Arc<State>, stop: CancellationToken) {
+pub fn spawn_checker(server: Arc<Server>, report: &Report, stop: &CancellationToken) {
     let check = server.config().check.clone();
-    let Some(probe) = probe::for_type(check.kind) else {
+    let Some(probe) = probe::for_check(check.kind, check.token.as_ref()) else {
         return;
     };
-    spawn_with(server, probe, state, stop);
+    spawn_with(server, probe, report.clone(), stop.clone());
 }
 
 /// Starts a checker with a given probe (tests script probes through this seam).
 pub fn spawn_with(
     server: Arc<Server>,
     probe: Box<dyn Probe>,
-    state: Arc<State>,
+    report: Report,
     stop: CancellationToken,
 ) {
     let span = info_span!("check", server = %format!("{}/{}", server.backend, server.name));
     server.set_checker_running(true);
     tokio::spawn(
         async move {
-            run(server.clone(), probe, state, stop).await;
+            run(server.clone(), probe, report, stop).await;
             server.set_checker_running(false);
         }
         .instrument(span),
@@ -83,26 +85,36 @@ fn check_addr(server: &Server, check: &CheckConfig) -> SocketAddr {
 async fn run(
     server: Arc<Server>,
     mut probe: Box<dyn Probe>,
-    state: Arc<State>,
+    report: Report,
     stop: CancellationToken,
 ) {
     let mut kind = server.config().check.kind;
+    let mut token = server.config().check.token.clone();
     // The first check comes at once, moved by up to `spread` of the interval, so that sclb
     // knows the truth quickly after start without every check firing at the same instant.
     let check = server.config().check.clone();
     let first = check.inter.mul_f64(random_unit() * check.spread);
     let mut wait = first;
+    let mut since = tokio::time::Instant::now();
     loop {
+        let due = since
+            .checked_add(wait)
+            .unwrap_or_else(|| since + crate::config::reader::MAX_DURATION);
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(due) => {}
             _ = stop.cancelled() => return,
             _ = server.retired.cancelled() => return,
+            _ = server.check_changed.notified() => {
+                // A reload changed the check: the new interval counts from the last check.
+                wait = next_interval(&server.config().check, server.health.phase());
+                continue;
+            }
         }
         let check = server.config().check.clone();
-        if check.kind != kind {
-            // A reload changed the check type.
-            match probe::for_type(check.kind) {
-                Some(p) => (probe, kind) = (p, check.kind),
+        if check.kind != kind || check.token != token {
+            // A reload changed the check type or the backend token.
+            match probe::for_check(check.kind, check.token.as_ref()) {
+                Some(p) => (probe, kind, token) = (p, check.kind, check.token.clone()),
                 None => return,
             }
         }
@@ -110,60 +122,10 @@ async fn run(
             let result = probe
                 .check(check_addr(&server, &check), check.timeout)
                 .await;
-            check_done(&server, &state, result);
+            report(server.clone(), result);
         }
         // Chosen after the result: a first failure switches to fastinter at once.
         wait = next_interval(&check, server.health.phase());
-    }
-}
-
-/// Applies one probe result: state, counters, logs, and what DOWN means for live sessions.
-pub fn check_done(server: &Server, state: &State, result: crate::server::LastCheck) {
-    let ok = result.status.is_ok();
-    if let Some(v) = result.desc.strip_prefix("Spark ")
-        && ok
-    {
-        *server.health.spark_version.lock().unwrap() = Some(v.to_string());
-    }
-    if !ok {
-        server.counters.check_failures.fetch_add(1, Relaxed);
-    }
-    let code = result.status.code();
-    let ms = result.duration_ms.unwrap_or(0);
-    let desc = result.desc.clone();
-    match server.health.record(result) {
-        Transition::WentDown => {
-            server.counters.check_downs.fetch_add(1, Relaxed);
-            server.touch_last_change();
-            warn!(
-                check_status = code,
-                "Server {}/{} is DOWN, reason: {code}, info: \"{desc}\", check duration: {ms}ms",
-                server.backend,
-                server.name
-            );
-            let on_down = state
-                .snapshot()
-                .backend(&server.backend)
-                .map(|b| b.config.on_marked_down);
-            if on_down == Some(OnMarkedDown::ShutdownSessions) {
-                info!(
-                    "closing the live connections of {}/{} (on_marked_down = shutdown-sessions)",
-                    server.backend, server.name
-                );
-                server.shutdown_sessions();
-            }
-        }
-        Transition::WentUp => {
-            server.touch_last_change();
-            info!(
-                check_status = code,
-                "Server {}/{} is UP, reason: {code}, info: \"{desc}\", check duration: {ms}ms",
-                server.backend,
-                server.name
-            );
-        }
-        Transition::None => {
-            debug!(check_status = code, status = %server.health.describe(), "{desc}")
-        }
+        since = tokio::time::Instant::now();
     }
 }

@@ -9,32 +9,53 @@
 //!   [`pipe`] both ways, log.
 //! - [`server`], [`stick_table`]: a server's counters/health/admin state; client IP → server pins.
 //! - [`health`]: a checker task per server (tcp, h2, spark probes) driving rise/fall.
-//! - [`admin`] (Unix socket, HAProxy runtime API) and [`http`] (stats page, metrics): read
-//!   through [`stats`]; every change goes through [`admin::execute`] or [`reload`].
+//! - [`control`]: the one writer of live state — operator commands, reloads, discovery
+//!   updates, health transitions and the state file each arrive as a `Change` at one `apply`.
+//! - [`stats`]: one typed snapshot of every counter and state per request, rendered as
+//!   HAProxy's `show stat` / `show info` ([`stats::haproxy`]).
+//! - [`admin`] (Unix socket, HAProxy runtime API) and [`web`] (stats listener: HTML page,
+//!   CSV/JSON, Prometheus metrics): read through [`stats`]; their changes go to [`control`].
+//!
+//! - [`access_log`]: the log output — per-thread line buffers and one writer thread.
 //!
 //! [`Sclb::start`] wires them up from a config; the binary adds signals and logging.
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
+pub mod auth;
 pub mod balance;
+pub mod choose;
 pub mod config;
+pub mod control;
+pub mod discovered;
 pub mod discovery;
+pub mod escape;
+pub mod files;
 pub mod forward;
 pub mod frontend;
 pub mod gateway;
 pub mod health;
-pub mod http;
+pub mod instance;
+pub mod k8s_api;
+pub mod live_conns;
+pub mod persist;
 pub mod pipe;
+pub mod proxy_proto;
+pub mod rate;
 pub mod reload;
 pub mod server;
-pub mod sessions;
 pub mod sockopt;
 pub mod state;
 pub mod state_file;
 pub mod stats;
 pub mod stick_table;
+pub mod store;
+pub mod stream_pipe;
 pub mod systemd;
+pub mod tls;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,27 +64,45 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use config::Config;
 use frontend::{BindError, Listeners, Wanted};
 use state::State;
 
-/// What every connection task shares.
+/// What every task shares, in narrow handles: the running snapshot, the data path's
+/// resources, the process's lifecycle, the control plane's own state, the gateway's.
 pub struct Shared {
+    /// The running snapshot of frontends, backends and servers (read everywhere; changed only
+    /// through [`control`]).
     pub state: Arc<State>,
-    /// Global maxconn.
+    /// What the data path holds: listeners, slots, live connections.
+    pub data: DataPlane,
+    /// Start time and the stop signals.
+    pub life: Lifecycle,
+    /// The control plane's own state (see [`control`]).
+    pub control: control::Control,
+    /// What reloads have done.
+    pub reloads: reload::ReloadStats,
+    /// The running discovery sources.
+    pub discovery: discovery::Sources,
+    /// Spark sessions and upstream HTTP/2 connections of gateway (`mode = "grpc"`) frontends.
+    pub gateway: Arc<gateway::Gateway>,
+    /// Each TLS frontend's certificate and client CAs, re-read when their files change.
+    pub tls: tls::TlsStore,
+    /// Each gateway frontend's token file or keys, re-read when the file changes.
+    pub auth: auth::AuthStore,
+}
+
+/// The data path's resources.
+pub struct DataPlane {
+    /// Global maxconn slots.
     pub maxconn: Arc<Semaphore>,
     /// Live client connections, for graceful stop.
     pub conns: TaskTracker,
-    /// Stops every accept loop (graceful stop).
-    pub stop_accepting: CancellationToken,
-    /// Stops background tasks.
-    pub stop_background: CancellationToken,
     pub listeners: Listeners,
-    pub sessions: sessions::Sessions,
-    pub started: std::time::SystemTime,
-    pub reloads: reload::ReloadStats,
+    /// Live client connections for `show sess`.
+    pub live_conns: live_conns::LiveConns,
     /// splice(2) or copy, from `global.splice` at start.
     pub pipe_mode: pipe::Mode,
     /// Most connections the file descriptor limit can hold (see [`fd_budget`]).
@@ -71,8 +110,15 @@ pub struct Shared {
     /// Data-plane runtimes, one per worker thread: each has its own listening sockets and
     /// keeps the connections it accepts. Empty: everything runs on the current runtime.
     pub workers: Vec<tokio::runtime::Handle>,
-    /// Spark sessions and upstream HTTP/2 connections of gateway (`mode = "grpc"`) frontends.
-    pub gateway: Arc<gateway::Gateway>,
+}
+
+/// When the process started, and what stops it.
+pub struct Lifecycle {
+    pub started: std::time::SystemTime,
+    /// Stops every accept loop (graceful stop).
+    pub stop_accepting: CancellationToken,
+    /// Stops background tasks.
+    pub stop_background: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +139,11 @@ pub enum StartError {
         room: usize,
         needed: usize,
     },
+    #[error("state file {}: {why}", .path.display())]
+    StateFile {
+        path: std::path::PathBuf,
+        why: String,
+    },
     #[error("stats listener {addr}: {source}")]
     Stats {
         addr: SocketAddr,
@@ -104,7 +155,7 @@ pub enum StartError {
 pub struct Sclb {
     shared: Arc<Shared>,
     stats_addr: Option<SocketAddr>,
-    admin_path: Option<std::path::PathBuf>,
+    admin_file: Option<admin::SocketFile>,
 }
 
 impl Sclb {
@@ -119,40 +170,30 @@ impl Sclb {
         config: Config,
         workers: Vec<tokio::runtime::Handle>,
     ) -> Result<Sclb, StartError> {
+        if let Some(p) = &config.global.state_file {
+            // Refused now rather than failing every save for the life of the process.
+            config::check_state_file(p)
+                .and_then(|()| config::parent_dir(p))
+                .map_err(|why| StartError::StateFile {
+                    path: p.clone(),
+                    why,
+                })?;
+        }
         let fd_cap = fd_budget(&config, workers.len().max(1))?;
-        let maxconn = config.global.maxconn.min(fd_cap);
         let global = config.global.clone();
-        let state = State::new(config);
-        if let Some(p) = &global.state_file {
-            state_file::restore(&state, p);
+        let shared = Shared::new(config, workers, fd_cap);
+        if let Some(saved) = global.state_file.as_deref().and_then(state_file::read) {
+            let _ = control::apply(&shared, control::Change::Restore(saved));
         }
-        let shared = Arc::new(Shared {
-            state,
-            maxconn: Arc::new(Semaphore::new(maxconn)),
-            conns: TaskTracker::new(),
-            stop_accepting: CancellationToken::new(),
-            stop_background: CancellationToken::new(),
-            listeners: Listeners::default(),
-            sessions: sessions::Sessions::default(),
-            started: std::time::SystemTime::now(),
-            reloads: reload::ReloadStats::default(),
-            pipe_mode: if global.splice {
-                pipe::Mode::Splice
-            } else {
-                pipe::Mode::Copy
-            },
-            workers,
-            fd_cap,
-            gateway: Arc::default(),
-        });
+        if let config::StoreConfig::Postgres(pg) = &global.store {
+            // Connected before the first client when it can be (within `timeout`): else that
+            // client's session or pin is bound here and written when the store answers.
+            let store = store::Store::new(pg.clone());
+            store.first_connect().await;
+            let _ = shared.gateway.store.set(store);
+        }
         shared.sync_listeners()?;
-        for (_, server) in shared.state.snapshot().all_servers() {
-            health::spawn_checker(
-                server.clone(),
-                shared.state.clone(),
-                shared.stop_background.clone(),
-            );
-        }
+        control::start_checkers(&shared);
         // Bind everything before serving anything, so a bad address fails the start cleanly.
         let admin = match &global.admin {
             Some(a) => Some((
@@ -164,6 +205,7 @@ impl Sclb {
             )),
             None => None,
         };
+        let admin_file = admin.as_ref().map(|((_, f), _)| f.clone());
         let stats = match &global.stats {
             Some(s) => Some(
                 sockopt::bind(s.bind, 128).map_err(|source| StartError::Stats {
@@ -174,22 +216,25 @@ impl Sclb {
             None => None,
         };
         let stats_addr = stats.as_ref().and_then(|l| l.local_addr().ok());
-        if let Some((listener, cfg)) = admin {
+        if let Some(((listener, _), cfg)) = admin {
             tokio::spawn(admin::serve(listener, cfg, shared.clone()));
         }
         if let Some(listener) = stats {
-            tokio::spawn(http::serve(listener, shared.clone()));
+            tokio::spawn(web::serve(listener, shared.clone()));
         }
         tokio::spawn(purge_loop(shared.clone()));
+        tokio::spawn(watch_security_files(shared.clone()));
         tokio::spawn(gateway::reaper(shared.clone()));
-        discovery::sync_sources(&shared);
-        if let Some(p) = global.state_file.clone() {
-            tokio::spawn(save_loop(shared.clone(), p));
+        if let Some(store) = shared.gateway.store.get() {
+            tokio::spawn(gateway::store_sync(shared.clone(), store.clone()));
         }
+        discovery::sync_sources(&shared);
+        // Always: a reload that sets a state file applies at the next save.
+        tokio::spawn(persist::save_loop(shared.clone()));
         Ok(Sclb {
             shared,
             stats_addr,
-            admin_path: global.admin.map(|a| a.path),
+            admin_file,
         })
     }
 
@@ -208,7 +253,7 @@ impl Sclb {
 
     /// Actual listening addresses of a frontend (with port 0 resolved).
     pub fn local_addrs(&self, frontend: &str) -> Vec<SocketAddr> {
-        self.shared.listeners.local_addrs(frontend)
+        self.shared.data.listeners.local_addrs(frontend)
     }
 
     /// Reloads the config file (what SIGHUP and `reload` do).
@@ -220,29 +265,27 @@ impl Sclb {
     /// the rest. Returns how many connections were cut.
     pub async fn shutdown(self, hard_stop_after: Duration) -> usize {
         let shared = &self.shared;
-        shared.stop_accepting.cancel();
-        shared.stop_background.cancel();
-        if let Some(p) = &self.admin_path {
-            admin::remove_socket(p);
+        shared.life.stop_accepting.cancel();
+        shared.life.stop_background.cancel();
+        if let Some(f) = &self.admin_file {
+            admin::remove_socket(f);
         }
-        shared.conns.close();
-        let live = shared.conns.len();
+        shared.data.conns.close();
+        let live = shared.data.conns.len();
         if live > 0 {
             info!("stopping: waiting up to {hard_stop_after:?} for {live} live connections");
         }
-        if tokio::time::timeout(hard_stop_after, shared.conns.wait())
+        if tokio::time::timeout(hard_stop_after, shared.data.conns.wait())
             .await
             .is_ok()
         {
             self.save_state();
             return 0;
         }
-        let cut = shared.conns.len();
+        let cut = shared.data.conns.len();
         warn!("hard_stop_after reached: closing {cut} live connections");
-        for (_, s) in shared.state.snapshot().all_servers() {
-            s.shutdown_sessions();
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), shared.conns.wait()).await;
+        let _ = control::apply(shared, control::Change::HardStop);
+        let _ = tokio::time::timeout(Duration::from_secs(5), shared.data.conns.wait()).await;
         self.save_state();
         cut
     }
@@ -251,26 +294,66 @@ impl Sclb {
     fn save_state(&self) {
         let snap = self.shared.state.snapshot();
         if let Some(p) = &snap.config.global.state_file {
-            match state_file::save(&self.shared.state, p) {
+            match state_file::save(&snap, &self.shared.gateway.registry, p) {
                 Ok(()) => info!(path = %p.display(), "state saved"),
-                Err(e) => warn!(path = %p.display(), "cannot save state: {e}"),
+                Err(e) => {
+                    error!(path = %p.display(), "state file NOT saved at stop: {e}; the pins and drains since the last save are lost")
+                }
             }
         }
     }
 }
 
 impl Shared {
+    /// The shared state of a process running `config`, before anything is bound or started
+    /// ([`Sclb::start_on`] does that). `fd_cap`: most connections the descriptor limit holds.
+    pub fn new(config: Config, workers: Vec<tokio::runtime::Handle>, fd_cap: usize) -> Arc<Self> {
+        let maxconn = config.global.maxconn.min(fd_cap);
+        let splice = config.global.splice;
+        Arc::new(Shared {
+            state: control::initial_state(config),
+            data: DataPlane {
+                maxconn: Arc::new(Semaphore::new(maxconn)),
+                conns: TaskTracker::new(),
+                listeners: Listeners::default(),
+                live_conns: live_conns::LiveConns::default(),
+                pipe_mode: if splice {
+                    pipe::Mode::Splice
+                } else {
+                    pipe::Mode::Copy
+                },
+                fd_cap,
+                workers,
+            },
+            life: Lifecycle {
+                started: std::time::SystemTime::now(),
+                stop_accepting: CancellationToken::new(),
+                stop_background: CancellationToken::new(),
+            },
+            control: control::Control::new(maxconn),
+            reloads: reload::ReloadStats::default(),
+            discovery: discovery::Sources::default(),
+            gateway: Arc::default(),
+            tls: tls::TlsStore::default(),
+            auth: auth::AuthStore::default(),
+        })
+    }
+
     /// Makes the listening sockets match the running config.
     pub fn sync_listeners(self: &Arc<Self>) -> Result<(), BindError> {
         let snap = self.state.snapshot();
+        // What a listener's clients must show (certificates, tokens) follows the config too.
+        self.tls.sync(&snap.config);
+        self.auth.sync(&snap.config);
+        let has_l4 = snap.frontends.iter().any(|fe| fe.config.grpc.is_none());
+        let global = snap.config.global.maxconn.min(self.data.fd_cap);
         let wanted = snap
             .frontends
             .iter()
             .flat_map(|fe| {
-                let slots = fe
-                    .config
-                    .maxconn
-                    .map(|_| self.state.frontend_slots(&fe.config));
+                let limit = self.state.frontend_maxconn(&fe.config);
+                let slots = frontend_limit(limit, fe.config.grpc.is_some(), has_l4, global)
+                    .map(|n| self.state.frontend_slots(&fe.config, n));
                 fe.config.binds.iter().map(move |addr| Wanted {
                     addr: *addr,
                     frontend: fe.config.name.clone(),
@@ -279,7 +362,24 @@ impl Shared {
                 })
             })
             .collect();
-        self.listeners.sync(wanted, self)
+        self.data.listeners.sync(wanted, self)
+    }
+}
+
+/// A frontend's own connection limit: its `maxconn` in force; a gateway frontend without one, in a
+/// config that also has L4 frontends, takes at most half the global limit, so that gateway
+/// clients (silent ones included, until `timeout.http_request` closes them) can never hold
+/// every slot and stop the L4 data path.
+pub fn frontend_limit(
+    maxconn: Option<usize>,
+    gateway: bool,
+    has_l4: bool,
+    global: usize,
+) -> Option<usize> {
+    match maxconn {
+        Some(n) => Some(n),
+        None if gateway && has_l4 => Some((global / 2).max(1)),
+        None => None,
     }
 }
 
@@ -333,20 +433,21 @@ pub fn fd_budget(config: &Config, workers: usize) -> Result<usize, StartError> {
     Ok(cap)
 }
 
-/// Writes the state file every 30 s, so that even a crash loses little.
-async fn save_loop(shared: Arc<Shared>, path: std::path::PathBuf) {
-    let mut tick = tokio::time::interval(Duration::from_secs(30));
-    tick.tick().await;
+/// Re-reads certificates, client CAs, token files and keys whose files changed (cert-manager
+/// renewals, kubelet Secret swaps), without touching live connections.
+async fn watch_security_files(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(tls::WATCH_INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shared.stop_background.cancelled() => return,
+            _ = shared.life.stop_background.cancelled() => return,
         }
-        let (state, p) = (shared.state.clone(), path.clone());
-        let r = tokio::task::spawn_blocking(move || state_file::save(&state, &p)).await;
-        if let Ok(Err(e)) = r {
-            warn!(path = %path.display(), "cannot save state: {e}");
-        }
+        let sh = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            sh.tls.refresh();
+            sh.auth.refresh();
+        })
+        .await;
     }
 }
 
@@ -358,7 +459,7 @@ async fn purge_loop(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shared.stop_background.cancelled() => return,
+            _ = shared.life.stop_background.cancelled() => return,
         }
         n += 1;
         let snap = shared.state.snapshot();
@@ -375,7 +476,7 @@ async fn purge_loop(shared: Arc<Shared>) {
                 .iter()
                 .any(|s| s.counters.cur.load(std::sync::atomic::Ordering::Relaxed) == 0)
         }) {
-            shared.state.refresh();
+            let _ = control::apply(&shared, control::Change::Refresh);
         }
     }
 }

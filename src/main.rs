@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+use sclb::access_log::{AccessLog, LogGuard};
 use sclb::config::{self, Config, LogFormat};
 use sclb::{Sclb, systemd};
 
@@ -42,7 +43,7 @@ enum Command {
         /// Admin socket; default: `global.admin.path` of the config file.
         #[arg(short = 's', long = "socket")]
         socket: Option<PathBuf>,
-        /// Seconds to wait for the reply (`wait` commands take longer).
+        /// Seconds to wait for the reply; a `wait <timeout>` command adds its own timeout.
         #[arg(short = 't', long = "timeout", default_value_t = 30)]
         timeout: u64,
         /// The command, as on HAProxy's socket (several separated by ';').
@@ -112,9 +113,19 @@ fn ctl(config_path: &Path, socket: Option<PathBuf>, timeout: u64, line: &str) ->
             }
         },
     };
+    // `wait 10m srv-removable ...` answers when the server is removable or after its own
+    // timeout: the client waits for that, plus the usual reply timeout.
+    let waits: Duration = sclb::admin::command::split_line(line)
+        .iter()
+        .filter_map(|c| match sclb::admin::command::parse(c) {
+            Ok(sclb::admin::command::Command::WaitRemovable { timeout, .. }) => Some(timeout),
+            _ => None,
+        })
+        .sum();
+    let read_timeout = Duration::from_secs(timeout.max(1)).saturating_add(waits);
     let reply = (|| -> std::io::Result<String> {
         let mut s = UnixStream::connect(&socket)?;
-        s.set_read_timeout(Some(Duration::from_secs(timeout)))?;
+        s.set_read_timeout(Some(read_timeout))?;
         s.write_all(line.as_bytes())?;
         s.write_all(b"\n")?;
         let mut out = String::new();
@@ -122,6 +133,14 @@ fn ctl(config_path: &Path, socket: Option<PathBuf>, timeout: u64, line: &str) ->
         Ok(out)
     })();
     match reply {
+        // Every reply ends with an empty line: nothing at all means sclb went away first.
+        Ok(out) if out.is_empty() => {
+            eprintln!(
+                "{} closed the connection without answering (sclb stopped?)",
+                socket.display()
+            );
+            ExitCode::from(2)
+        }
         Ok(out) => {
             // HAProxy ends each reply with an empty line; a terminal does not need it.
             let text = out.strip_suffix('\n').unwrap_or(&out);
@@ -139,10 +158,12 @@ fn ctl(config_path: &Path, socket: Option<PathBuf>, timeout: u64, line: &str) ->
     }
 }
 
-/// Logs go to stderr (journald under systemd) through a writer thread, so that a connection's
-/// log line costs its task no `write(2)`. If the writer falls behind by 128k lines, lines are
-/// dropped rather than slowing traffic down (as HAProxy drops logs); the guard flushes at exit.
-fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr (journald under systemd) through [`AccessLog`]: each thread buffers its
+/// lines and one writer thread writes them in batches, so a connection's log line costs its
+/// task no system call. If the writer falls behind by 1 MiB per thread, lines are dropped and
+/// counted (`sclb_log_dropped_total`) rather than slowing traffic down, as HAProxy drops logs;
+/// the guard writes what is buffered at exit.
+fn init_logging(config: &Config) -> std::io::Result<LogGuard> {
     // RUST_LOG, when set, wins over the config file (for debugging one module).
     // kube-client logs an ERROR of its own for every failed connect to the API server;
     // sclb's discovery already logs (and counts) each fault once, in its own words.
@@ -152,7 +173,7 @@ fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard 
             config.global.log.level
         ))
     });
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (writer, guard) = AccessLog::start(std::io::stderr())?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
@@ -161,7 +182,7 @@ fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard 
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    guard
+    Ok(guard)
 }
 
 fn run(path: &Path) -> ExitCode {
@@ -172,7 +193,22 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let _log_guard = init_logging(&config);
+    let _log_guard = match init_logging(&config) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cannot start the log writer thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Before anything is bound: a second sclb on the same config must not share its ports or
+    // take its admin socket.
+    let _claim = match sclb::instance::claim(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let threads = match config.global.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -261,7 +297,6 @@ fn drop_privileges(run_as: &config::RunAs) -> nix::Result<()> {
 }
 
 async fn serve(config: Config, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
-    let hard_stop_after = config.global.hard_stop_after;
     let source = config.source.clone();
     let run_as = config.global.run_as.clone();
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -308,6 +343,8 @@ async fn serve(config: Config, workers: Vec<tokio::runtime::Handle>) -> ExitCode
         }
     }
     systemd::notify("STOPPING=1");
+    // The running config's: a reload applies it at once.
+    let hard_stop_after = sclb.state().snapshot().config.global.hard_stop_after;
     let cut = sclb.shutdown(hard_stop_after).await;
     info!(cut, "sclb stopped");
     ExitCode::SUCCESS

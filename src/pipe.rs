@@ -19,6 +19,9 @@ use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -85,6 +88,8 @@ pub struct Totals {
     pub up: AtomicU64,
     /// Server to client.
     pub down: AtomicU64,
+    /// Wakes the connection to close it (`shutdown session <id>`).
+    pub kill: tokio::sync::Notify,
 }
 
 /// A kernel pipe used as the splice buffer; empty whenever it is in the pool.
@@ -105,14 +110,42 @@ pub fn set_max_pipes(n: usize) {
     MAX_PIPES.store(n, Relaxed);
 }
 
+/// (most pipes allowed, pipes in existence, idle pipes in the pools), for `show info`.
+pub fn counts() -> (usize, usize, usize) {
+    let idle = PIPE_POOLS
+        .lock()
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|p| pool(&p).len())
+        .sum();
+    (MAX_PIPES.load(Relaxed), LIVE_PIPES.load(Relaxed), idle)
+}
+
+/// Each thread's idle pipes. The pools are per thread (taking and giving back a pipe is
+/// uncontended) but registered process-wide: when descriptors run out, the thread that sees it
+/// must be able to free the pipes every thread holds idle, including threads with no traffic
+/// right now, whose pools would otherwise keep the descriptors a waiting client needs.
+type PipePool = Arc<Mutex<Vec<KernelPipe>>>;
+static PIPE_POOLS: Mutex<Vec<Weak<Mutex<Vec<KernelPipe>>>>> = Mutex::new(Vec::new());
+
 thread_local! {
-    static PIPES: RefCell<Vec<KernelPipe>> = const { RefCell::new(Vec::new()) };
+    static PIPES: PipePool = {
+        let pool = PipePool::default();
+        let mut all = PIPE_POOLS.lock();
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&pool));
+        pool
+    };
     static BUFS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn pool(p: &Mutex<Vec<KernelPipe>>) -> MutexGuard<'_, Vec<KernelPipe>> {
+    p.lock()
 }
 
 impl KernelPipe {
     fn take() -> io::Result<KernelPipe> {
-        if let Some(p) = PIPES.with(|p| p.borrow_mut().pop()) {
+        if let Some(p) = PIPES.with(|p| pool(p).pop()) {
             return Ok(p);
         }
         if LIVE_PIPES.fetch_add(1, Relaxed) >= MAX_PIPES.load(Relaxed) {
@@ -133,7 +166,7 @@ impl KernelPipe {
     /// Returns an empty pipe to the pool (a pipe with bytes left in it is just closed).
     fn give(self) {
         PIPES.with(|p| {
-            let mut p = p.borrow_mut();
+            let mut p = pool(p);
             if p.len() < PIPE_POOL_MAX {
                 p.push(self);
             }
@@ -141,10 +174,15 @@ impl KernelPipe {
     }
 }
 
-/// Frees this thread's pooled pipes and buffers: when file descriptors run out, pooled pipes
-/// must not be what keeps `accept` failing.
+/// Frees every thread's pooled pipes and this thread's pooled buffers: when file descriptors
+/// run out, idle pipes must not be what keeps `accept` or a server `connect` failing.
 pub fn release_pools() {
-    PIPES.with(|p| p.borrow_mut().clear());
+    let pools: Vec<PipePool> = PIPE_POOLS.lock().iter().filter_map(Weak::upgrade).collect();
+    for p in pools {
+        // Dropped outside the lock: closing is two system calls per pipe.
+        let idle = std::mem::take(&mut *pool(&p));
+        drop(idle);
+    }
     BUFS.with(|p| p.borrow_mut().clear());
 }
 
@@ -469,5 +507,37 @@ impl<K: Future<Output = ()>> Future for Pipe<'_, K> {
             this.timer.as_mut().reset(deadline);
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pooled_here() -> usize {
+        PIPES.with(|p| pool(p).len())
+    }
+
+    /// Descriptors run out on one thread while another, with no traffic, holds idle pipes:
+    /// releasing from the first must close the second's, or a waiting client waits for ever.
+    #[test]
+    fn release_frees_idle_pipes_of_every_thread() {
+        let (pooled_tx, pooled_rx) = std::sync::mpsc::channel();
+        let (released_tx, released_rx) = std::sync::mpsc::channel::<()>();
+        let idle_thread = std::thread::spawn(move || {
+            let pipes: Vec<KernelPipe> = (0..3).map(|_| KernelPipe::take().unwrap()).collect();
+            pipes.into_iter().for_each(KernelPipe::give);
+            pooled_tx.send(pooled_here()).unwrap();
+            released_rx.recv().unwrap();
+            pooled_here()
+        });
+        assert_eq!(pooled_rx.recv().unwrap(), 3);
+        release_pools();
+        released_tx.send(()).unwrap();
+        assert_eq!(
+            idle_thread.join().unwrap(),
+            0,
+            "the idle thread kept its pipes"
+        );
     }
 }

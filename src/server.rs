@@ -4,10 +4,11 @@
 //! A `Server` outlives config snapshots: a reload that keeps a server (same backend, name and
 //! address) hands the same `Arc<Server>` to the new snapshot, so nothing about it is lost.
 
+use parking_lot::{Mutex, RwLock};
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
@@ -15,6 +16,22 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CheckConfig, CheckType, InitState, ServerConfig};
+
+/// Permission to change live state. Only [`crate::control`] makes one (every change goes
+/// through its `apply`); setters of live state here and in [`crate::state`] take one, so that
+/// a write elsewhere stands out (a test checks that nothing else makes one).
+pub struct Writer(());
+
+impl Writer {
+    /// For [`crate::control`] only.
+    #[doc(hidden)]
+    pub(crate) const fn for_control() -> Writer {
+        Writer(())
+    }
+
+    #[cfg(test)]
+    pub(crate) const FOR_TESTS: Writer = Writer(());
+}
 
 /// A server's identity for the life of the process. Stick entries refer to servers by it, so a
 /// reordered config does not move clients and a recycled address never inherits a dead
@@ -41,11 +58,83 @@ pub enum AdminState {
 }
 
 impl AdminState {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => AdminState::Drain,
-            2 => AdminState::Maint,
-            _ => AdminState::Ready,
+    /// The operator's word for it, as `show stat` and the logs print it.
+    pub fn word(self) -> &'static str {
+        match self {
+            AdminState::Ready => "READY",
+            AdminState::Drain => "DRAIN",
+            AdminState::Maint => "MAINT",
+        }
+    }
+}
+
+/// Who put a server in DRAIN or MAINT, one flag per source as HAProxy keeps them
+/// (`srv_admin_state`, with HAProxy's bit values): the operator forces (admin socket, the
+/// stats page, the state file that remembers the operator's word), discovery passes on what
+/// the orchestrator says (a terminating pod drains). The server's state is the strongest
+/// flag set — MAINT over DRAIN over READY — so one source never undoes another's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdminFlags(u8);
+
+impl AdminFlags {
+    /// Put in maintenance by the operator (HAProxy `SRV_ADMF_FMAINT`).
+    pub const FORCED_MAINT: u8 = 0x01;
+    /// Drained by the operator (`SRV_ADMF_FDRAIN`).
+    pub const FORCED_DRAIN: u8 = 0x08;
+    /// Drained by discovery: the pod is terminating (`SRV_ADMF_IDRAIN`, inherited).
+    pub const DISCOVERY_DRAIN: u8 = 0x10;
+
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+
+    /// The state every source together puts the server in.
+    pub fn effective(self) -> AdminState {
+        if self.has(Self::FORCED_MAINT) {
+            AdminState::Maint
+        } else if self.has(Self::FORCED_DRAIN | Self::DISCOVERY_DRAIN) {
+            AdminState::Drain
+        } else {
+            AdminState::Ready
+        }
+    }
+
+    /// What the operator alone said.
+    pub fn operator(self) -> AdminState {
+        if self.has(Self::FORCED_MAINT) {
+            AdminState::Maint
+        } else if self.has(Self::FORCED_DRAIN) {
+            AdminState::Drain
+        } else {
+            AdminState::Ready
+        }
+    }
+
+    /// Whether discovery drains the server.
+    pub fn discovery_drain(self) -> bool {
+        self.has(Self::DISCOVERY_DRAIN)
+    }
+
+    fn with_operator(self, s: AdminState) -> Self {
+        let keep = self.0 & !(Self::FORCED_MAINT | Self::FORCED_DRAIN);
+        AdminFlags(
+            keep | match s {
+                AdminState::Ready => 0,
+                AdminState::Drain => Self::FORCED_DRAIN,
+                AdminState::Maint => Self::FORCED_MAINT,
+            },
+        )
+    }
+
+    fn with_discovery_drain(self, on: bool) -> Self {
+        if on {
+            AdminFlags(self.0 | Self::DISCOVERY_DRAIN)
+        } else {
+            AdminFlags(self.0 & !Self::DISCOVERY_DRAIN)
         }
     }
 }
@@ -111,9 +200,30 @@ pub struct Health {
     rise: AtomicU32,
     fall: AtomicU32,
     enabled: AtomicBool,
+    /// Forced "stopping" by the operator (HAProxy's NOLB): UP for pinned clients, no new ones,
+    /// until the next good check.
+    stopping: AtomicBool,
     last: Mutex<LastCheck>,
     /// Last version string a Spark check reported.
     pub spark_version: Mutex<Option<String>>,
+}
+
+/// A health state the operator forces (HAProxy's `set server ... health`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForcedHealth {
+    Up,
+    /// UP, but takes no new clients (HAProxy's NOLB), until the next good check.
+    Stopping,
+    Down,
+}
+
+/// The health counter and its bounds at one moment, for typed stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCounter {
+    /// From 0 to `rise + fall - 1`; UP from `rise` on.
+    pub value: u32,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 /// Fully UP, fully DOWN, or on the way between (HAProxy then checks at `fastinter`).
@@ -146,6 +256,7 @@ impl Health {
             rise: AtomicU32::new(rise),
             fall: AtomicU32::new(fall),
             enabled: AtomicBool::new(check.kind != CheckType::None),
+            stopping: AtomicBool::new(false),
             last: Mutex::new(LastCheck {
                 status: if check.kind == CheckType::None {
                     CheckStatus::Disabled
@@ -168,12 +279,12 @@ impl Health {
         self.enabled.load(Relaxed)
     }
 
-    pub fn set_enabled(&self, on: bool) {
+    pub fn set_enabled(&self, _: &Writer, on: bool) {
         self.enabled.store(on, Relaxed);
     }
 
-    /// Applies one check result; only the checker task of this server calls it.
-    pub fn record(&self, result: LastCheck) -> Transition {
+    /// Applies one check result (through [`crate::control`], from this server's checker).
+    pub fn record(&self, _: &Writer, result: LastCheck) -> Transition {
         let (rise, fall) = (self.rise.load(Relaxed), self.fall.load(Relaxed));
         let top = rise + fall - 1;
         let c = self.counter.load(Relaxed);
@@ -190,12 +301,39 @@ impl Health {
             c.saturating_sub(1)
         };
         self.counter.store(next, Relaxed);
-        *self.last.lock().unwrap() = result;
+        if result.status.is_ok() {
+            self.stopping.store(false, Relaxed);
+        }
+        *self.last.lock() = result;
         match (was_up, next >= rise) {
             (false, true) => Transition::WentUp,
             (true, false) => Transition::WentDown,
             _ => Transition::None,
         }
+    }
+
+    /// Forces the health state (`set server <b>/<s> health up|stopping|down`); the next checks
+    /// move it on from there as usual. Returns the transition, for the log.
+    pub fn force(&self, _: &Writer, to: ForcedHealth) -> Transition {
+        let (rise, fall) = (self.rise.load(Relaxed), self.fall.load(Relaxed));
+        let was_up = self.is_up();
+        let (counter, stopping) = match to {
+            ForcedHealth::Up => (rise + fall - 1, false),
+            ForcedHealth::Stopping => (rise + fall - 1, true),
+            ForcedHealth::Down => (0, false),
+        };
+        self.counter.store(counter, Relaxed);
+        self.stopping.store(stopping, Relaxed);
+        match (was_up, self.is_up()) {
+            (false, true) => Transition::WentUp,
+            (true, false) => Transition::WentDown,
+            _ => Transition::None,
+        }
+    }
+
+    /// Forced "stopping" (NOLB): pinned clients only.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Relaxed)
     }
 
     /// Where the counter stands, for choosing the next check interval.
@@ -209,7 +347,7 @@ impl Health {
     }
 
     /// Applies new rise/fall values (after a reload), keeping the UP/DOWN state.
-    pub fn set_rise_fall(&self, rise: u32, fall: u32) {
+    pub fn set_rise_fall(&self, _: &Writer, rise: u32, fall: u32) {
         let was_up = self.is_up();
         self.rise.store(rise, Relaxed);
         self.fall.store(fall, Relaxed);
@@ -217,8 +355,17 @@ impl Health {
         self.counter.store(c, Relaxed);
     }
 
+    /// Where the counter stands: what [`Health::describe`] words.
+    pub fn counter(&self) -> HealthCounter {
+        HealthCounter {
+            value: self.counter.load(Relaxed),
+            rise: self.rise.load(Relaxed),
+            fall: self.fall.load(Relaxed),
+        }
+    }
+
     pub fn last(&self) -> LastCheck {
-        self.last.lock().unwrap().clone()
+        self.last.lock().clone()
     }
 
     /// "UP", "UP 1/3", "DOWN", "DOWN 1/2" as HAProxy shows health.
@@ -272,6 +419,13 @@ pub struct Counters {
     /// Clients waiting for a slot on this server (`qcur`, `qmax`).
     pub queue_cur: AtomicU64,
     pub queue_max: AtomicU64,
+    /// Connections sent here per second (`rate`, `rate_max`).
+    pub rate: crate::rate::Rate,
+    /// Sliding averages over the last 1024 connections, in ms: waiting in the queue
+    /// (`qtime`), connecting (`ctime`), and the whole connection (`ttime`).
+    pub qtime: crate::rate::Average,
+    pub ctime: crate::rate::Average,
+    pub ttime: crate::rate::Average,
 }
 
 impl Counters {
@@ -279,11 +433,47 @@ impl Counters {
         let cur = self.cur.fetch_add(1, Relaxed) + 1;
         self.max.fetch_max(cur, Relaxed);
         self.total.fetch_add(1, Relaxed);
+        self.rate.hit();
     }
 
     pub fn connection_ended(&self) {
         self.cur.fetch_sub(1, Relaxed);
     }
+
+    /// `clear counters`: the max values start again from the current ones; with `all`, every
+    /// cumulated counter goes back to zero too (as after a restart).
+    pub fn clear(&self, _: &Writer, all: bool) {
+        self.max.store(self.cur.load(Relaxed), Relaxed);
+        self.queue_max.store(self.queue_cur.load(Relaxed), Relaxed);
+        self.rate.clear_max();
+        for a in [&self.qtime, &self.ctime, &self.ttime] {
+            a.clear_max();
+        }
+        if all {
+            for c in [
+                &self.total,
+                &self.lbtot,
+                &self.bytes_in,
+                &self.bytes_out,
+                &self.conn_errors,
+                &self.resp_errors,
+                &self.retries,
+                &self.redispatches,
+                &self.check_failures,
+                &self.check_downs,
+            ] {
+                c.store(0, Relaxed);
+            }
+        }
+    }
+}
+
+/// When a server's state last changed, and how long it has been DOWN or in MAINT.
+struct Changes {
+    at: Instant,
+    /// Down since then (set at a change that left it down).
+    down_since: Option<Instant>,
+    down_total: std::time::Duration,
 }
 
 pub struct Server {
@@ -306,9 +496,13 @@ pub struct Server {
     sessions: Mutex<CancellationToken>,
     /// Cancelled when the server leaves the config: its checker stops, its clients drain.
     pub retired: CancellationToken,
-    /// When the state last changed (UP/DOWN or admin), for `lastchg`.
-    last_change: Mutex<Instant>,
+    /// When the state last changed (UP/DOWN or admin), for `lastchg`, and the time spent
+    /// unusable (DOWN or MAINT), for `downtime`.
+    last_change: Mutex<Changes>,
     checker: AtomicBool,
+    /// Woken when a reload changes the server's check, so that its checker applies the new
+    /// interval at once instead of after the old one's sleep.
+    pub check_changed: tokio::sync::Notify,
 }
 
 /// Grows or shrinks a semaphore used as a connection limit. Permits held above a lowered
@@ -343,7 +537,7 @@ impl Server {
             addr: RwLock::new(config.addr),
             weight: AtomicU32::new(config.weight),
             maxconn: AtomicU64::new(config.maxconn.unwrap_or(0) as u64),
-            admin: AtomicU8::new(AdminState::Ready as u8),
+            admin: AtomicU8::new(0),
             health: Health::new(&config.check),
             counters: Counters::default(),
             slots: Arc::new(Semaphore::new(
@@ -351,9 +545,14 @@ impl Server {
             )),
             sessions: Mutex::new(CancellationToken::new()),
             retired: CancellationToken::new(),
-            last_change: Mutex::new(Instant::now()),
+            last_change: Mutex::new(Changes {
+                at: Instant::now(),
+                down_since: None,
+                down_total: std::time::Duration::ZERO,
+            }),
             config: ArcSwap::from_pointee(config),
             checker: AtomicBool::new(false),
+            check_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -370,23 +569,19 @@ impl Server {
         self.config.load().backup
     }
 
-    pub fn set_config(&self, config: ServerConfig) {
-        self.config.store(Arc::new(config));
-    }
-
     pub fn addr(&self) -> SocketAddr {
-        *self.addr.read().unwrap()
+        *self.addr.read()
     }
 
-    pub fn set_addr(&self, addr: SocketAddr) {
-        *self.addr.write().unwrap() = addr;
+    pub fn set_addr(&self, _: &Writer, addr: SocketAddr) {
+        *self.addr.write() = addr;
     }
 
     pub fn weight(&self) -> u32 {
         self.weight.load(Relaxed)
     }
 
-    pub fn set_weight(&self, w: u32) {
+    pub fn set_weight(&self, _: &Writer, w: u32) {
         self.weight.store(w, Relaxed);
     }
 
@@ -397,7 +592,7 @@ impl Server {
 
     /// Changes maxconn (0: no limit). Lowering it below the live count takes effect as
     /// connections close.
-    pub fn set_maxconn(&self, n: u64) -> Result<(), String> {
+    pub fn set_maxconn(&self, _: &Writer, n: u64) -> Result<(), String> {
         let limit = |m: u64| {
             if m == 0 {
                 Semaphore::MAX_PERMITS
@@ -415,21 +610,26 @@ impl Server {
 
     /// Applies a new config to a server a reload keeps: an explicit config change of weight
     /// or maxconn wins over a runtime one; health state is kept.
-    pub fn update_config(&self, new: ServerConfig) {
+    pub fn update_config(&self, w: &Writer, new: ServerConfig) {
         let old = self.config();
         if old.weight != new.weight {
-            self.set_weight(new.weight);
+            self.set_weight(w, new.weight);
         }
         if old.maxconn != new.maxconn {
-            let _ = self.set_maxconn(new.maxconn.unwrap_or(0) as u64);
+            let _ = self.set_maxconn(w, new.maxconn.unwrap_or(0) as u64);
         }
         if (old.check.rise, old.check.fall) != (new.check.rise, new.check.fall) {
-            self.health.set_rise_fall(new.check.rise, new.check.fall);
+            self.health.set_rise_fall(w, new.check.rise, new.check.fall);
         }
         if (old.check.kind == CheckType::None) != (new.check.kind == CheckType::None) {
-            self.health.set_enabled(new.check.kind != CheckType::None);
+            self.health
+                .set_enabled(w, new.check.kind != CheckType::None);
         }
-        self.set_config(new);
+        let check_changed = old.check != new.check;
+        self.config.store(Arc::new(new));
+        if check_changed {
+            self.check_changed.notify_one();
+        }
     }
 
     /// Whether a checker task is running for this server.
@@ -441,28 +641,82 @@ impl Server {
         self.checker.store(on, Relaxed);
     }
 
+    /// The state all sources together put the server in.
     pub fn admin_state(&self) -> AdminState {
-        AdminState::from_u8(self.admin.load(Relaxed))
+        self.admin_flags().effective()
     }
 
-    pub fn set_admin_state(&self, s: AdminState) {
-        if self.admin.swap(s as u8, Relaxed) != s as u8 {
+    /// Every source's flag (see [`AdminFlags`]).
+    pub fn admin_flags(&self) -> AdminFlags {
+        AdminFlags(self.admin.load(Relaxed))
+    }
+
+    /// Sets the operator's word, leaving other sources' flags alone; returns the state
+    /// before and after.
+    pub fn set_operator_state(&self, w: &Writer, s: AdminState) -> (AdminState, AdminState) {
+        self.update_flags(w, |f| f.with_operator(s))
+    }
+
+    /// Sets or clears discovery's drain (a terminating pod), leaving the operator's alone.
+    pub fn set_discovery_drain(&self, w: &Writer, on: bool) -> (AdminState, AdminState) {
+        self.update_flags(w, |f| f.with_discovery_drain(on))
+    }
+
+    fn update_flags(
+        &self,
+        _: &Writer,
+        f: impl Fn(AdminFlags) -> AdminFlags,
+    ) -> (AdminState, AdminState) {
+        let old = self
+            .admin
+            .fetch_update(Relaxed, Relaxed, |v| Some(f(AdminFlags(v)).0))
+            .map(AdminFlags)
+            .unwrap_or_default();
+        let (before, after) = (old.effective(), f(old).effective());
+        if before != after {
             self.touch_last_change();
         }
+        (before, after)
     }
 
-    pub fn touch_last_change(&self) {
-        *self.last_change.lock().unwrap() = Instant::now();
+    /// Records a change of state now (called after the change).
+    pub(crate) fn touch_last_change(&self) {
+        let now = Instant::now();
+        let down = self.is_down();
+        let mut c = self.last_change.lock();
+        c.at = now;
+        if let Some(since) = c.down_since.take() {
+            c.down_total += now - since;
+        }
+        c.down_since = down.then_some(now);
+    }
+
+    /// Not taking traffic: DOWN by its checks, or in MAINT (HAProxy's `downtime` counts both).
+    fn is_down(&self) -> bool {
+        !self.health.is_up() || self.admin_state() == AdminState::Maint
     }
 
     pub fn since_last_change(&self) -> std::time::Duration {
-        self.last_change.lock().unwrap().elapsed()
+        self.last_change.lock().at.elapsed()
+    }
+
+    /// Total time spent DOWN or in MAINT since the server was created (`downtime`).
+    pub fn downtime(&self) -> std::time::Duration {
+        let c = self.last_change.lock();
+        // A server that has been down since it was created counts from then.
+        let current = match c.down_since {
+            Some(since) => since.elapsed(),
+            None if self.is_down() => c.at.elapsed(),
+            None => std::time::Duration::ZERO,
+        };
+        c.down_total + current
     }
 
     /// May take a client that is not pinned anywhere.
     pub fn takes_new_clients(&self) -> bool {
         self.admin_state() == AdminState::Ready
             && self.health.is_up()
+            && !self.health.stopping()
             && self.weight() > 0
             && !self.retired.is_cancelled()
     }
@@ -474,12 +728,12 @@ impl Server {
 
     /// A token that live connections watch; `shutdown_sessions` cancels it.
     pub fn sessions_token(&self) -> CancellationToken {
-        self.sessions.lock().unwrap().clone()
+        self.sessions.lock().clone()
     }
 
     /// Closes every live connection to this server (HAProxy `shutdown sessions server`).
-    pub fn shutdown_sessions(&self) {
-        let old = std::mem::take(&mut *self.sessions.lock().unwrap());
+    pub fn shutdown_sessions(&self, _: &Writer) {
+        let old = std::mem::take(&mut *self.sessions.lock());
         old.cancel();
     }
 
@@ -488,6 +742,7 @@ impl Server {
         match self.admin_state() {
             AdminState::Maint => "MAINT".into(),
             AdminState::Drain if self.health.is_up() => "DRAIN".into(),
+            _ if self.health.is_up() && self.health.stopping() => "NOLB".into(),
             _ if !self.health.enabled() => "no check".into(),
             _ => self.health.describe(),
         }
@@ -504,6 +759,8 @@ impl fmt::Debug for Server {
 mod tests {
     use super::*;
     use crate::config::CheckConfig;
+
+    const W: Writer = Writer::FOR_TESTS;
 
     fn health(init: InitState) -> Health {
         Health::new(&CheckConfig {
@@ -534,20 +791,20 @@ mod tests {
     fn fall_three_rise_two() {
         let h = health(InitState::FullyUp);
         assert_eq!(h.describe(), "UP");
-        assert_eq!(h.record(fail()), Transition::None);
+        assert_eq!(h.record(&W, fail()), Transition::None);
         assert_eq!(h.describe(), "UP 2/3");
-        assert_eq!(h.record(fail()), Transition::None);
+        assert_eq!(h.record(&W, fail()), Transition::None);
         assert_eq!(h.describe(), "UP 1/3");
-        assert_eq!(h.record(fail()), Transition::WentDown);
+        assert_eq!(h.record(&W, fail()), Transition::WentDown);
         assert_eq!(h.describe(), "DOWN");
         assert!(!h.is_up());
-        assert_eq!(h.record(ok()), Transition::None);
+        assert_eq!(h.record(&W, ok()), Transition::None);
         assert_eq!(h.describe(), "DOWN 1/2");
-        assert_eq!(h.record(ok()), Transition::WentUp);
+        assert_eq!(h.record(&W, ok()), Transition::WentUp);
         assert_eq!(h.describe(), "UP");
         // A success in between resets the fall count.
-        h.record(fail());
-        h.record(ok());
+        h.record(&W, fail());
+        h.record(&W, ok());
         assert_eq!(h.describe(), "UP");
     }
 
@@ -555,12 +812,12 @@ mod tests {
     fn init_states() {
         let h = health(InitState::Up);
         assert!(h.is_up());
-        assert_eq!(h.record(fail()), Transition::WentDown);
+        assert_eq!(h.record(&W, fail()), Transition::WentDown);
         let h = health(InitState::Down);
         assert!(!h.is_up());
-        assert_eq!(h.record(ok()), Transition::WentUp);
+        assert_eq!(h.record(&W, ok()), Transition::WentUp);
         let h = health(InitState::FullyDown);
-        assert_eq!(h.record(ok()), Transition::None);
-        assert_eq!(h.record(ok()), Transition::WentUp);
+        assert_eq!(h.record(&W, ok()), Transition::None);
+        assert_eq!(h.record(&W, ok()), Transition::WentUp);
     }
 }

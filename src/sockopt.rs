@@ -6,17 +6,18 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpListener, TcpSocket};
+use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 /// Keepalive probes find clients that vanished without a FIN (laptops closed, NAT expired)
-/// long before a 4 h idle timeout would.
-const KEEPALIVE: Duration = Duration::from_secs(60);
+/// long before a 4 h idle timeout would; this much silence comes before the first probe.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
 fn keepalive() -> TcpKeepalive {
     TcpKeepalive::new()
-        .with_time(KEEPALIVE)
+        .with_time(KEEPALIVE_IDLE)
         .with_interval(Duration::from_secs(10))
         .with_retries(6)
 }
@@ -58,30 +59,75 @@ pub fn bind_std(
     Ok(socket.into())
 }
 
-/// A socket for a connection to a server, with no Nagle delay and keepalive, set before the
-/// connect.
-pub fn upstream_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
-    static WARNED: AtomicBool = AtomicBool::new(false);
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
+/// Whether another process already listens on `addr`: a probe bind without `SO_REUSEPORT`
+/// fails where any listener holds the port. sclb's own listeners on a port share it through
+/// `SO_REUSEPORT`, which would let a second process (a second sclb) join them silently and take
+/// half the new clients; so a new address is probed before it is bound. Port 0 is never held.
+pub fn held_by_another(addr: SocketAddr) -> bool {
+    if addr.port() == 0 {
+        return false;
+    }
+    let Ok(socket) = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+    else {
+        return false;
     };
-    let sock = SockRef::from(&socket);
-    let r = sock
-        .set_tcp_nodelay(true)
-        .and_then(|_| sock.set_tcp_keepalive(&keepalive()));
+    let _ = socket.set_reuse_address(true);
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(true);
+    }
+    matches!(socket.bind(&addr.into()), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
+}
+
+/// Connects to a server: a socket with no Nagle delay (a gRPC request's frames go out at
+/// once) and, if asked, keepalive (four `setsockopt` calls), set before the connect.
+///
+/// Unlike `TcpSocket::connect`, a connect that succeeded costs no `getsockopt(SO_ERROR)`: epoll
+/// reporting the socket writable with neither a hang-up nor an error means it is connected
+/// (HAProxy reasons the same way); the error is read only when the connect failed.
+pub async fn connect_upstream(addr: SocketAddr, keepalive_on: bool) -> io::Result<TcpStream> {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    let mut r = socket.set_tcp_nodelay(true);
+    if keepalive_on {
+        r = r.and_then(|_| socket.set_tcp_keepalive(&keepalive()));
+    }
     if let Err(e) = r
         && !WARNED.swap(true, Relaxed)
     {
         warn!("cannot set socket options (nodelay, keepalive): {e}; going on without");
     }
-    Ok(socket)
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_write_closed() || ready.is_error() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::ErrorKind::NotConnected.into()));
+    }
+    Ok(stream)
+}
+
+/// Socket errors that mean "out of resources" (descriptors, buffers, memory): back off and
+/// keep going rather than fail.
+pub fn is_resource_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use socket2::SockRef;
 
     #[tokio::test]
     async fn accepted_connections_inherit_nodelay_and_keepalive() {
@@ -92,7 +138,30 @@ mod tests {
         let s = SockRef::from(&accepted);
         assert!(s.tcp_nodelay().unwrap());
         assert!(s.keepalive().unwrap());
-        assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE);
+        assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
         assert_eq!(s.tcp_keepalive_retries().unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn server_sockets_have_nodelay_and_keepalive_only_when_asked() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        for on in [true, false] {
+            let stream = connect_upstream(addr, on).await.unwrap();
+            let s = SockRef::from(&stream);
+            assert!(s.tcp_nodelay().unwrap());
+            assert_eq!(s.keepalive().unwrap(), on);
+            assert_eq!(stream.peer_addr().unwrap(), addr);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_reports_why() {
+        // Bound but not listening: the connect is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let e = connect_upstream(addr, false).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     }
 }

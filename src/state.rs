@@ -4,18 +4,21 @@
 //! Live state — servers (with their counters, health and admin state) and stick tables — is
 //! carried from the old snapshot into the new one by stable keys (backend name; server name and
 //! address), so a reload keeps every connection, pin, health state and drain. A connection loads
-//! the snapshot once and holds its `Arc<Server>` for its whole life.
+//! the snapshot once and holds its `Arc<Server>` for its whole life. Only [`crate::control`]
+//! replaces the snapshot: the methods that do take its writer.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
 use crate::balance::Balancer;
-use crate::config::{self, AllDown, Config};
+use crate::config::{self, Config};
+use crate::server::Writer;
 use crate::server::{Server, ServerId};
 use crate::stick_table::StickTable;
 
@@ -38,17 +41,6 @@ pub struct RepinLog {
     pub last: Mutex<Option<Repin>>,
 }
 
-/// How a connection's server was chosen, for the log and the re-pin counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Choice {
-    /// A live pin to a usable server.
-    Pinned,
-    /// No pin (or the backend has no stick table): the balancer chose.
-    Balanced,
-    /// The pin pointed at this server, which is DOWN, in MAINT or gone: the client moves.
-    Repinned(ServerId),
-}
-
 /// The last client moved off its server, for the stats page.
 #[derive(Debug, Clone)]
 pub struct Repin {
@@ -65,7 +57,7 @@ impl Backend {
 
     pub fn note_repin(&self, client: IpAddr, from: ServerId, to: ServerId) {
         self.repins.count.fetch_add(1, Relaxed);
-        *self.repins.last.lock().unwrap() = Some(Repin {
+        *self.repins.last.lock() = Some(Repin {
             client,
             from,
             to,
@@ -75,57 +67,6 @@ impl Backend {
 
     pub fn server_by_name(&self, name: &str) -> Option<&Arc<Server>> {
         self.servers.iter().find(|s| &*s.name == name)
-    }
-
-    /// Chooses a server for a new connection from `client`, skipping `tried`:
-    /// a live pin wins while its server takes pinned clients; otherwise the balancer picks
-    /// among servers that take new clients, backups only when no active server does.
-    pub fn choose(&self, client: IpAddr, tried: &[ServerId]) -> Option<(Arc<Server>, Choice)> {
-        let pin = self.stick.as_ref().and_then(|stick| stick.lookup(client));
-        self.choose_pinned(pin, client, tried)
-    }
-
-    /// [`Backend::choose`] with the pin given by the caller (the gateway's session registry)
-    /// instead of the stick table. `client` feeds `balance = "source"`.
-    pub fn choose_pinned(
-        &self,
-        pin: Option<ServerId>,
-        client: IpAddr,
-        tried: &[ServerId],
-    ) -> Option<(Arc<Server>, Choice)> {
-        let mut choice = Choice::Balanced;
-        if let Some(id) = pin {
-            if let Some(s) = self.server(id)
-                && !tried.contains(&id)
-                && s.takes_pinned_clients()
-            {
-                return Some((s.clone(), Choice::Pinned));
-            }
-            choice = Choice::Repinned(id);
-        }
-        let pick = |backup: bool| {
-            self.balancer.pick(&self.servers, client, tried, |s| {
-                s.is_backup() == backup && s.takes_new_clients()
-            })
-        };
-        if let Some(s) = pick(false).or_else(|| pick(true)) {
-            return Some((s, choice));
-        }
-        // Every server is DOWN (or drained). Fail open: a check can be wrong where the server
-        // is not, and refusing every client is the worst outcome. MAINT and DRAIN still hold.
-        if self.config.all_down == AllDown::FailOpen
-            && !self.servers.iter().any(|s| s.takes_new_clients())
-        {
-            return self
-                .balancer
-                .pick(&self.servers, client, tried, |s| {
-                    s.admin_state() == crate::server::AdminState::Ready
-                        && s.weight() > 0
-                        && !s.health.is_up()
-                })
-                .map(|s| (s, choice));
-        }
-        None
     }
 }
 
@@ -169,13 +110,28 @@ pub struct FrontendCounters {
     pub bytes_out: AtomicU64,
     /// Connections closed because no server could take them.
     pub denied: AtomicU64,
+    /// Connections accepted per second (`rate`, `conn_rate` and their max).
+    pub rate: crate::rate::Rate,
 }
 
 impl FrontendCounters {
+    /// `clear counters [all]`, as for a server's counters.
+    pub fn clear(&self, _: &crate::server::Writer, all: bool) {
+        self.max.store(self.cur.load(Relaxed), Relaxed);
+        self.rate.clear_max();
+        if all {
+            for c in [&self.total, &self.bytes_in, &self.bytes_out, &self.denied] {
+                c.store(0, Relaxed);
+            }
+        }
+    }
+
     pub fn connection_started(&self) {
         let cur = self.cur.fetch_add(1, Relaxed) + 1;
         self.max.fetch_max(cur, Relaxed);
         self.total.fetch_add(1, Relaxed);
+        self.rate.hit();
+        crate::rate::PROCESS_CONNS.hit();
     }
 }
 
@@ -187,25 +143,31 @@ pub struct State {
     /// snapshot and replaces it, and two must not interleave.
     apply_lock: Mutex<()>,
     /// Servers reported by discovery sources, merged into each snapshot.
-    pub discovered: crate::discovery::Registry,
-    /// State-file entries waiting for their (discovered) servers.
-    pub pending_restore: Mutex<Option<crate::state_file::Pending>>,
+    pub discovered: crate::discovered::Registry,
     /// Per-frontend maxconn slots, by frontend name: (maxconn, slots).
     frontend_slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    /// `set maxconn frontend`: a frontend's maxconn set at run time, over its config's.
+    frontend_maxconn: Mutex<HashMap<String, usize>>,
+    /// `add server`: servers added at run time, per backend, after the config's and the
+    /// discovered ones. A reload keeps them (unless the file now has a server of that name, or
+    /// no longer the backend); a restart does not.
+    pub dynamic: Mutex<HashMap<String, Vec<config::ServerConfig>>>,
 }
 
 impl State {
-    pub fn new(config: Config) -> Arc<Self> {
+    /// The state for a first config (see [`crate::control::initial_state`]).
+    pub fn new(w: &Writer, config: Config) -> Arc<Self> {
         let state = Arc::new(State {
             current: ArcSwap::from_pointee(Snapshot::empty()),
             next_server_id: AtomicU64::new(1),
             frontend_counters: Mutex::new(HashMap::new()),
             frontend_slots: Mutex::new(HashMap::new()),
+            frontend_maxconn: Mutex::new(HashMap::new()),
+            dynamic: Mutex::new(HashMap::new()),
             discovered: Default::default(),
-            pending_restore: Mutex::new(None),
             apply_lock: Mutex::new(()),
         });
-        let snap = state.build(config, &Snapshot::empty());
+        let snap = state.build(w, config, &Snapshot::empty());
         state.current.store(Arc::new(snap));
         state
     }
@@ -214,20 +176,45 @@ impl State {
         self.current.load_full()
     }
 
+    /// Every frontend's counters, by name.
+    pub fn all_frontend_counters(&self) -> Vec<Arc<FrontendCounters>> {
+        self.frontend_counters.lock().values().cloned().collect()
+    }
+
     pub fn frontend_counters(&self, name: &str) -> Arc<FrontendCounters> {
         self.frontend_counters
             .lock()
-            .unwrap()
             .entry(name.to_string())
             .or_default()
             .clone()
     }
 
-    /// The connection slots of a frontend with `maxconn`; kept while maxconn is unchanged, so
-    /// a reload does not reset the count of live connections.
-    pub fn frontend_slots(&self, fe: &config::Frontend) -> Arc<Semaphore> {
-        let n = fe.maxconn.unwrap_or(Semaphore::MAX_PERMITS);
-        let mut map = self.frontend_slots.lock().unwrap();
+    /// A frontend's maxconn in force: `set maxconn frontend`'s, else the config's.
+    pub fn frontend_maxconn(&self, fe: &config::Frontend) -> Option<usize> {
+        self.frontend_maxconn
+            .lock()
+            .get(&fe.name)
+            .copied()
+            .or(fe.maxconn)
+    }
+
+    /// `set maxconn frontend`: the slots of a frontend that has some are resized in place (its
+    /// live connections keep counting); a frontend that had no limit gets slots for the
+    /// connections it accepts from now on. Kept until sclb restarts.
+    pub fn set_frontend_maxconn(&self, fe: &config::Frontend, n: usize) {
+        self.frontend_maxconn.lock().insert(fe.name.clone(), n);
+        let mut map = self.frontend_slots.lock();
+        if let Some(e) = map.get_mut(&fe.name) {
+            crate::server::resize_semaphore(&e.1, e.0, n);
+            e.0 = n;
+        }
+    }
+
+    /// The `n` connection slots of a frontend; kept while `n` is unchanged, so a reload does
+    /// not reset the count of live connections.
+    pub fn frontend_slots(&self, fe: &config::Frontend, n: usize) -> Arc<Semaphore> {
+        let n = n.min(Semaphore::MAX_PERMITS);
+        let mut map = self.frontend_slots.lock();
         let e = map
             .entry(fe.name.clone())
             .or_insert_with(|| (n, Arc::new(Semaphore::new(n))));
@@ -242,13 +229,19 @@ impl State {
     }
 
     /// Builds a snapshot for `config`, carrying live state over from `old`.
-    fn build(&self, config: Config, old: &Snapshot) -> Snapshot {
+    fn build(&self, w: &Writer, config: Config, old: &Snapshot) -> Snapshot {
         let backends = config
             .backends
             .iter()
             .map(|bc| {
                 let prev = old.backend(&bc.name);
                 let discovered = self.discovered.servers(&bc.name);
+                let dynamic = self
+                    .dynamic
+                    .lock()
+                    .get(&bc.name)
+                    .cloned()
+                    .unwrap_or_default();
                 let configs: Vec<config::ServerConfig> = bc
                     .servers
                     .iter()
@@ -263,6 +256,7 @@ impl State {
                         backup: false,
                         check: bc.check.clone(),
                     }))
+                    .chain(dynamic)
                     .collect();
                 let mut servers = Vec::with_capacity(configs.len());
                 for (i, sc) in configs.iter().enumerate() {
@@ -277,7 +271,7 @@ impl State {
                         Some(s) => {
                             s.sid.store(i as u32 + 1, Relaxed);
                             if *s.config() != *sc {
-                                s.update_config(sc.clone());
+                                s.update_config(w, sc.clone());
                             }
                             s.clone()
                         }
@@ -288,15 +282,13 @@ impl State {
                             sc.clone(),
                         )),
                     };
-                    if sc.uid.is_some()
+                    // A terminating pod: its pinned sessions finish, no new ones start. This is
+                    // discovery's own flag: the operator's word about the server stays as it is.
+                    let draining = sc.uid.is_some()
                         && discovered
                             .iter()
-                            .any(|d| Some(&d.uid) == sc.uid.as_ref() && d.draining)
-                        && server.admin_state() == crate::server::AdminState::Ready
-                    {
-                        // A terminating pod: its pinned sessions finish, no new ones start.
-                        server.set_admin_state(crate::server::AdminState::Drain);
-                    }
+                            .any(|d| Some(&d.uid) == sc.uid.as_ref() && d.draining);
+                    server.set_discovery_drain(w, draining);
                     servers.push(server);
                 }
                 let leaving = prev
@@ -348,26 +340,26 @@ impl State {
     }
 
     /// Replaces the running config, carrying live state. Returns the old and new snapshots.
-    pub fn apply(&self, config: Config) -> (Arc<Snapshot>, Arc<Snapshot>) {
-        let _one = self.apply_lock.lock().unwrap();
+    pub fn apply(&self, w: &Writer, config: Config) -> (Arc<Snapshot>, Arc<Snapshot>) {
+        let _one = self.apply_lock.lock();
         let old = self.snapshot();
-        let new = Arc::new(self.build(config, &old));
+        let new = Arc::new(self.build(w, config, &old));
         self.current.store(new.clone());
         (old, new)
     }
 
     /// Puts back a snapshot (a reload that could not finish).
-    pub fn restore(&self, snap: Arc<Snapshot>) {
-        let _one = self.apply_lock.lock().unwrap();
+    pub fn restore(&self, _: &Writer, snap: Arc<Snapshot>) {
+        let _one = self.apply_lock.lock();
         self.current.store(snap);
     }
 
     /// Rebuilds the snapshot from the running config: discovered servers changed, or servers
     /// removed by a reload have finished draining.
-    pub fn refresh(&self) -> (Arc<Snapshot>, Arc<Snapshot>) {
-        let _one = self.apply_lock.lock().unwrap();
+    pub fn refresh(&self, w: &Writer) -> (Arc<Snapshot>, Arc<Snapshot>) {
+        let _one = self.apply_lock.lock();
         let old = self.snapshot();
-        let new = Arc::new(self.build((*old.config).clone(), &old));
+        let new = Arc::new(self.build(w, (*old.config).clone(), &old));
         self.current.store(new.clone());
         (old, new)
     }
@@ -391,6 +383,7 @@ impl Snapshot {
                     splice: true,
                     run_as: None,
                     threads: 0,
+                    store: Default::default(),
                 },
                 frontends: Vec::new(),
                 backends: Vec::new(),

@@ -1,10 +1,11 @@
-//! `[global] state_file`: what must survive a restart — stick entries (client → server pins)
-//! and admin states (drain, maint, runtime weight) — written atomically on graceful stop and
-//! every 30 s, read once at start.
+//! `[global] state_file`: what must survive a restart — stick entries (client → server pins),
+//! the gateway's live Spark sessions (session → server) and the operator's admin states (drain,
+//! maint, runtime weight; never a drain that discovery set, which the orchestrator says again)
+//! — written atomically on graceful stop, every 30 s, within a second of a session starting or
+//! ending, and before an operator's command answers; read once at start. This module owns the file's format, writing and reading;
+//! [`crate::control`] applies what was read.
 //!
-//! Servers are matched by backend, name and address (a changed address is a new server, as on
-//! reload). A missing file is normal (first start); a corrupt one is reported and ignored; pins
-//! are restored with the time they had left, less the time the file has aged.
+//! A missing file is normal (first start); a corrupt one is reported and ignored.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -14,39 +15,89 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::gateway::registry::Registry;
 use crate::server::AdminState;
-use crate::state::State;
+use crate::state::Snapshot;
 
 const VERSION: u32 = 1;
 
+/// What the state file holds.
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
-struct File {
-    version: u32,
+pub struct Saved {
+    pub version: u32,
     /// Seconds since the Unix epoch.
-    written_at: u64,
-    backends: BTreeMap<String, BackendState>,
+    pub written_at: u64,
+    pub backends: BTreeMap<String, BackendState>,
 }
 
 #[derive(Serialize, Deserialize, Debug, PartialEq, Default)]
-struct BackendState {
-    servers: Vec<ServerState>,
-    pins: Vec<Pin>,
+pub struct BackendState {
+    pub servers: Vec<ServerState>,
+    pub pins: Vec<Pin>,
+    /// Gateway sessions placed on this backend's servers (absent in files of older versions).
+    #[serde(default)]
+    pub sessions: Vec<SavedSession>,
+}
+
+/// A live gateway session: its key, where it runs, and what the reaper needs.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+pub struct SavedSession {
+    pub session_id: String,
+    #[serde(default)]
+    pub user_id: String,
+    pub frontend: String,
+    pub server: String,
+    pub server_addr: SocketAddr,
+    /// When the session started, in ms since the Unix epoch.
+    pub created_ms: u64,
+    /// How long it had been idle when the file was written.
+    pub idle_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    /// sclb created this session's driver (and deletes it when the session ends).
+    #[serde(default)]
+    pub created_driver: bool,
+}
+
+/// A server is matched by name and address (a changed address is a new server, as on reload).
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+pub struct ServerState {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// The operator's word: "ready", "drain" or "maint".
+    pub admin: String,
+    pub weight: u32,
 }
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
-struct ServerState {
-    name: String,
-    addr: SocketAddr,
-    admin: String,
-    weight: u32,
+pub struct Pin {
+    pub client: IpAddr,
+    pub server: String,
+    pub server_addr: SocketAddr,
+    pub expires_in_ms: u64,
 }
 
-#[derive(Serialize, Deserialize, Debug, PartialEq)]
-struct Pin {
-    client: IpAddr,
-    server: String,
-    server_addr: SocketAddr,
-    expires_in_ms: u64,
+impl Saved {
+    /// How long ago the file was written.
+    pub fn age(&self) -> Duration {
+        Duration::from_secs(now_secs().saturating_sub(self.written_at))
+    }
+}
+
+impl ServerState {
+    pub fn admin_state(&self) -> AdminState {
+        match self.admin.as_str() {
+            "drain" => AdminState::Drain,
+            "maint" => AdminState::Maint,
+            _ => AdminState::Ready,
+        }
+    }
 }
 
 fn admin_word(s: AdminState) -> &'static str {
@@ -65,8 +116,7 @@ fn now_secs() -> u64 {
 }
 
 /// Writes the state file (temp file + rename, so a crash never leaves half a file).
-pub fn save(state: &State, path: &Path) -> std::io::Result<()> {
-    let snap = state.snapshot();
+pub fn save(snap: &Snapshot, sessions: &Registry, path: &Path) -> std::io::Result<()> {
     let mut backends = BTreeMap::new();
     for b in &snap.backends {
         let mut bs = BackendState::default();
@@ -74,7 +124,7 @@ pub fn save(state: &State, path: &Path) -> std::io::Result<()> {
             bs.servers.push(ServerState {
                 name: s.name.to_string(),
                 addr: s.config_addr(),
-                admin: admin_word(s.admin_state()).into(),
+                admin: admin_word(s.admin_flags().operator()).into(),
                 weight: s.weight(),
             });
         }
@@ -92,164 +142,122 @@ pub fn save(state: &State, path: &Path) -> std::io::Result<()> {
         }
         backends.insert(b.config.name.clone(), bs);
     }
-    let file = File {
+    for s in sessions.list() {
+        let p = s.placement();
+        let (Some(b), Some(bs)) = (snap.backend(&s.backend), backends.get_mut(&*s.backend)) else {
+            continue;
+        };
+        let Some(server) = b.server(p.server) else {
+            continue;
+        };
+        bs.sessions.push(SavedSession {
+            session_id: s.key.session_id.clone(),
+            user_id: s.key.user_id.clone(),
+            frontend: s.frontend.to_string(),
+            server: server.name.to_string(),
+            server_addr: server.config_addr(),
+            created_ms: s
+                .created
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            idle_ms: s.idle_for().as_millis() as u64,
+            namespace: s.meta.namespace.clone(),
+            app: s.meta.app.clone(),
+            team: s.meta.team.clone(),
+            environment: s.meta.environment.clone(),
+            created_driver: s.meta.created,
+        });
+    }
+    let file = Saved {
         version: VERSION,
         written_at: now_secs(),
         backends,
     };
     let json = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, path)
+    write_atomically(path, &json)
 }
 
-/// What a restore found, for the log and the tests.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Restored {
-    pub pins: usize,
-    pub admin_states: usize,
-    pub skipped: usize,
+/// Writes `bytes` to a new temp file beside `path` and renames it into place, as a careful
+/// daemon does: the temp file is created exclusively (a file or symlink planted at its name
+/// makes the write fail instead of being followed), readable by sclb's user only, and
+/// flushed to disk before the rename, so a crash leaves the old file or the new one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
+    // A temp file left by a crash of this same process id: ours to replace.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    drop(f);
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
 }
 
-/// Entries whose servers were not there yet (servers that discovery has not listed yet).
-pub struct Pending {
-    file: File,
-    read_at: std::time::Instant,
-}
-
-/// How long unmatched entries wait for their servers to be discovered.
-const PENDING_FOR: Duration = Duration::from_secs(600);
-
-/// Reads the state file into the running state. Never fails the start: problems are logged.
-/// Entries for servers not (yet) in the pool are kept and applied by [`retry_pending`] when
-/// discovery brings their servers.
-pub fn restore(state: &State, path: &Path) -> Restored {
-    let bytes = match std::fs::read(path) {
+/// Reads the state file. Never fails the start: a missing file is the first start, and a file
+/// that cannot be read or parsed is reported and ignored.
+pub fn read(path: &Path) -> Option<Saved> {
+    if let Err(e) = crate::config::check_state_file(path) {
+        warn!("state file: {e}: ignoring it");
+        return None;
+    }
+    // At most 256 MiB: a million pins take about 100 MB.
+    let bytes = match crate::files::read_regular(path, 256 << 20, false) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             info!(path = %path.display(), "no state file yet: starting with empty stick tables");
-            return Restored::default();
+            return None;
         }
         Err(e) => {
             warn!(path = %path.display(), "cannot read the state file ({e}): ignoring it");
-            return Restored::default();
+            return None;
         }
     };
-    let file: File = match serde_json::from_slice(&bytes) {
+    let file: Saved = match serde_json::from_slice(&bytes) {
         Ok(f) => f,
         Err(e) => {
             warn!(path = %path.display(), "state file is corrupt ({e}): ignoring it");
-            return Restored::default();
+            return None;
         }
     };
     if file.version != VERSION {
         warn!(path = %path.display(), version = file.version, "state file has an unknown version: ignoring it");
-        return Restored::default();
+        return None;
     }
-    let aged = Duration::from_secs(now_secs().saturating_sub(file.written_at));
-    let (r, left) = apply(state, file);
-    info!(
-        path = %path.display(),
-        pins = r.pins,
-        admin_states = r.admin_states,
-        waiting = r.skipped,
-        "state restored (written {}s ago)",
-        aged.as_secs()
-    );
-    if r.skipped > 0 {
-        *state.pending_restore.lock().unwrap() = Some(Pending {
-            file: left,
-            read_at: std::time::Instant::now(),
-        });
-    }
-    r
+    Some(file)
 }
 
-/// Applies the entries that wait for discovered servers, once those servers exist.
-pub fn retry_pending(state: &State) -> Restored {
-    let mut slot = state.pending_restore.lock().unwrap();
-    let Some(p) = slot.take() else {
-        return Restored::default();
-    };
-    if p.read_at.elapsed() > PENDING_FOR {
-        info!("state file entries for servers never discovered are dropped");
-        return Restored::default();
-    }
-    let (r, left) = apply(state, p.file);
-    if r.pins + r.admin_states > 0 {
-        info!(
-            pins = r.pins,
-            admin_states = r.admin_states,
-            "state restored for discovered servers"
-        );
-    }
-    if r.skipped > 0 {
-        *slot = Some(Pending {
-            file: left,
-            read_at: p.read_at,
-        });
-    }
-    r
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Applies what matches the running servers; returns the counts and what did not match.
-fn apply(state: &State, file: File) -> (Restored, File) {
-    let aged = Duration::from_secs(now_secs().saturating_sub(file.written_at));
-    let snap = state.snapshot();
-    let mut r = Restored::default();
-    let mut left = File {
-        version: file.version,
-        written_at: file.written_at,
-        backends: BTreeMap::new(),
-    };
-    for (name, bs) in file.backends {
-        let Some(b) = snap.backend(&name) else {
-            r.skipped += bs.pins.len() + bs.servers.len();
-            left.backends.insert(name, bs);
-            continue;
-        };
-        let find = |n: &str, a: SocketAddr| {
-            b.servers
-                .iter()
-                .find(|s| &*s.name == n && s.config_addr() == a)
-        };
-        let mut keep = BackendState::default();
-        for ss in bs.servers {
-            let Some(s) = find(&ss.name, ss.addr) else {
-                r.skipped += 1;
-                keep.servers.push(ss);
-                continue;
-            };
-            let admin = match ss.admin.as_str() {
-                "drain" => AdminState::Drain,
-                "maint" => AdminState::Maint,
-                _ => AdminState::Ready,
-            };
-            s.set_admin_state(admin);
-            s.set_weight(ss.weight.min(crate::config::MAX_WEIGHT));
-            r.admin_states += 1;
-        }
-        if let Some(t) = &b.stick {
-            for p in bs.pins {
-                let left_ms = Duration::from_millis(p.expires_in_ms).saturating_sub(aged);
-                if left_ms.is_zero() {
-                    continue;
-                }
-                match find(&p.server, p.server_addr) {
-                    Some(s) => {
-                        t.restore(p.client, s.id, left_ms);
-                        r.pins += 1;
-                    }
-                    None => {
-                        r.skipped += 1;
-                        keep.pins.push(p);
-                    }
-                }
-            }
-        }
-        if !keep.servers.is_empty() || !keep.pins.is_empty() {
-            left.backends.insert(name, keep);
-        }
+    /// A link planted at the temp file's name is replaced, never written through.
+    #[test]
+    fn a_planted_link_at_the_temp_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let tmp = dir
+            .path()
+            .join(format!("state.json.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        write_atomically(&path, b"{}").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}");
+        assert!(!tmp.exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
-    (r, left)
 }

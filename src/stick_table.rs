@@ -5,9 +5,9 @@
 //! Each use refreshes the expiry; when the table is full the entry unused for longest goes.
 //! One short mutex guards it; it is touched once per new connection, never on the copy path.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -88,20 +88,20 @@ impl StickTable {
     /// The server `ip` is pinned to, if the pin is still live. Refreshes its expiry.
     pub fn lookup(&self, ip: IpAddr) -> Option<ServerId> {
         let now = Instant::now();
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         let e = *inner.map.get(&ip)?;
         if e.expires <= now {
             inner.remove(&ip);
             return None;
         }
-        inner.insert(ip, e.server, now + self.expire);
+        inner.insert(ip, e.server, deadline(now, self.expire));
         Some(e.server)
     }
 
     /// Pins `ip` to `server` (a new pin or a move). Evicts the oldest entries when full.
     pub fn pin(&self, ip: IpAddr, server: ServerId) {
         let now = Instant::now();
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         if !inner.map.contains_key(&ip) {
             while inner.map.len() >= self.size {
                 let Some((_, oldest)) = inner.by_expiry.pop_first() else {
@@ -110,23 +110,23 @@ impl StickTable {
                 inner.map.remove(&oldest);
             }
         }
-        inner.insert(ip, server, now + self.expire);
+        inner.insert(ip, server, deadline(now, self.expire));
     }
 
     /// Drops one pin (`clear table <t> key <ip>`). Returns whether it existed.
     pub fn unpin(&self, ip: IpAddr) -> bool {
-        self.inner.lock().unwrap().remove(&ip).is_some()
+        self.inner.lock().remove(&ip).is_some()
     }
 
     pub fn clear(&self) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         inner.map.clear();
         inner.by_expiry.clear();
     }
 
     /// Drops every pin to `server` (the server is gone for good).
     pub fn forget_server(&self, server: ServerId) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         let ips: Vec<IpAddr> = inner
             .map
             .iter()
@@ -141,7 +141,7 @@ impl StickTable {
     /// Removes expired entries; returns how many.
     pub fn purge(&self) -> usize {
         let now = Instant::now();
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         let mut n = 0;
         while let Some((&(expires, _), _)) = inner.by_expiry.first_key_value() {
             if expires > now {
@@ -155,7 +155,7 @@ impl StickTable {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap().map.len()
+        self.inner.lock().map.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -165,7 +165,7 @@ impl StickTable {
     /// Live entries, soonest to expire first.
     pub fn entries(&self) -> Vec<StickEntry> {
         let now = Instant::now();
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock();
         inner
             .by_expiry
             .iter()
@@ -183,21 +183,32 @@ impl StickTable {
         if expires_in.is_zero() {
             return;
         }
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         if inner.map.len() >= self.size && !inner.map.contains_key(&ip) {
             return;
         }
-        inner.insert(ip, server, Instant::now() + expires_in.min(self.expire));
+        inner.insert(
+            ip,
+            server,
+            deadline(Instant::now(), expires_in.min(self.expire)),
+        );
     }
 
     /// How many live pins each server has.
     pub fn count_by_server(&self) -> HashMap<ServerId, usize> {
         let mut out = HashMap::new();
-        for e in self.inner.lock().unwrap().map.values() {
+        for e in self.inner.lock().map.values() {
             *out.entry(e.server).or_insert(0) += 1;
         }
         out
     }
+}
+
+/// `now + d`, saturating far in the future instead of panicking on overflow (config values are
+/// bounded, but a pin's expiry must never be where a panic can take the table's lock).
+fn deadline(now: Instant, d: std::time::Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86400))
 }
 
 #[cfg(test)]

@@ -275,3 +275,95 @@ fn maxconn_is_capped_to_what_the_fd_limit_holds() {
         "{log}"
     );
 }
+
+/// A state-file path that is not a regular file is refused by `sclb check` and at start, with
+/// the file, line and field, instead of hanging the start on a FIFO or writing through a link.
+#[test]
+fn a_state_file_that_is_not_a_regular_file_is_refused_at_check_and_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("state.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let link = dir.path().join("state.link");
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), &link).unwrap();
+    for (path, what) in [(&fifo, "not a regular file"), (&link, "symbolic link")] {
+        let conf = dir.path().join("sclb.toml");
+        let global = format!("state_file = \"{}\"", path.display());
+        std::fs::write(&conf, binary_config(&global, "")).unwrap();
+        for args in [vec!["check", "-c"], vec!["-c"]] {
+            let child = KillOnDrop::spawn(
+                Command::new(SCLB)
+                    .args(&args)
+                    .arg(&conf)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped()),
+            );
+            let started = Instant::now();
+            let out = child.wait_with_output();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} {}: {err}", path.display());
+            assert!(
+                err.contains("sclb.toml:3:")
+                    && err.contains("global.state_file")
+                    && err.contains(what),
+                "{args:?}: {err}"
+            );
+            eprintln!("{args:?} refused in {:?}", started.elapsed());
+        }
+    }
+}
+
+/// `sclb ctl "wait <t> srv-removable ..."` waits as long as the wait asks, not the client's
+/// reply timeout (the README's drain runbook waits hours); and a ctl whose sclb goes away
+/// before answering exits non-zero.
+#[test]
+fn ctl_waits_as_long_as_the_wait_and_fails_when_sclb_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("a.sock");
+    let cfg = dir.path().join("sclb.toml");
+    let global = format!("admin = {{ path = \"{}\" }}", sock.display());
+    std::fs::write(&cfg, binary_config(&global, "")).unwrap();
+    let mut child = KillOnDrop::spawn(Command::new(SCLB).arg("-c").arg(&cfg).stderr(Stdio::null()));
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no admin socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The server stays READY, so the wait ends on its own 2 s timeout — past ctl's -t 1.
+    let out = Command::new(SCLB)
+        .args(["ctl", "-t", "1", "-s"])
+        .arg(&sock)
+        .arg("wait 2s srv-removable b/s")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("Timeout waiting for b/s"), "{text}");
+
+    // sclb stops while a wait is pending: ctl says so and exits 2.
+    let waiting = KillOnDrop::spawn(
+        Command::new(SCLB)
+            .args(["ctl", "-s"])
+            .arg(&sock)
+            .arg("wait 60s srv-removable b/s")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+    let out = waiting.wait_with_output();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -97,3 +97,37 @@ servers = [ { name = "s", addr = "127.0.0.1:1" } ]
     assert_eq!(c.backends[0].servers[0].check.rise, 2);
     assert_eq!(c.backends[0].servers[0].check.fall, 3);
 }
+
+/// `tcp_keepalive` (HAProxy `option srvtcpka`): on by default where a connection can sit idle
+/// long enough for a probe (idle timeout over the 60 s before the first one), off where sclb's
+/// own idle timeout closes it first; an explicit value wins.
+#[test]
+fn server_tcp_keepalive_defaults_on_only_where_connections_idle_past_a_probe() {
+    let keepalive = |backend_extra: &str| {
+        let text = format!(
+            r#"
+[[frontend]]
+name = "fe"
+bind = ["127.0.0.1:0"]
+backend = "be"
+[[backend]]
+name = "be"
+servers = [ {{ name = "s1", addr = "127.0.0.1:1" }} ]
+{backend_extra}
+"#
+        );
+        let c = config::parse(Path::new("t.toml"), &text).unwrap();
+        c.backends[0].tcp_keepalive
+    };
+    assert!(
+        keepalive(""),
+        "4 h idle timeouts: Spark sessions idle for hours"
+    );
+    assert!(!keepalive(r#"timeout = { server = "30s" }"#));
+    assert!(!keepalive(r#"timeout = { tunnel = "60s" }"#));
+    assert!(keepalive(r#"timeout = { server = "30s", tunnel = "1h" }"#));
+    assert!(!keepalive("tcp_keepalive = false"));
+    assert!(keepalive(
+        "tcp_keepalive = true\ntimeout = { server = \"10s\" }"
+    ));
+}

@@ -248,7 +248,13 @@ async fn unknown_methods_get_unimplemented_and_the_metrics_count_rpcs() {
         m.contains("sclb_frontend_"),
         "sclb's own metrics are still there"
     );
-    assert!(m.trim_end().ends_with("# EOF"));
+    // Prometheus text 0.0.4 (the default): a counter's TYPE names its `_total` samples, and
+    // there is no OpenMetrics `# EOF`.
+    assert!(
+        m.contains("# TYPE spark_connect_proxy_requests_total counter"),
+        "{m}"
+    );
+    assert!(!m.contains("# EOF"));
 
     // show stat: the gateway is an HTTP proxy to HAProxy's eyes; a server counts RPC streams.
     let stat = gw.admin("show stat").await;

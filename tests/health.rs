@@ -209,8 +209,8 @@ check = { type = "tcp", inter = "2s", fastinter = "500ms", downinter = "5s", ris
 servers = [ { name = "s1", addr = "127.0.0.1:1" } ]
 "#;
     let config = sclb::config::parse(Path::new("t.toml"), toml).unwrap();
-    let state = sclb::state::State::new(config);
-    let server = state.snapshot().backends[0].servers[0].clone();
+    let shared = sclb::Shared::new(config, Vec::new(), 1024);
+    let server = shared.state.snapshot().backends[0].servers[0].clone();
     let probe = Scripted::default();
     probe
         .answers
@@ -222,7 +222,7 @@ servers = [ { name = "s1", addr = "127.0.0.1:1" } ]
     sclb::health::spawn_with(
         server.clone(),
         Box::new(probe.clone()),
-        state.clone(),
+        sclb::control::checker_report(&shared),
         stop.clone(),
     );
 

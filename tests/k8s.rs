@@ -459,6 +459,29 @@ async fn the_shipped_manifests_are_accepted_by_the_api_server() {
     let d = c.backends[0].discovery.as_ref().unwrap();
     assert_eq!(d.kind, sclb::config::KubernetesKind::Pods);
     assert_eq!(d.namespaces, ["spark"]);
+    // The replicated kit's config shares sessions and pins through a postgres store.
+    let c = sclb::config::load(Path::new("deploy/kubernetes/replicated/sclb.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        c.global.store,
+        sclb::config::StoreConfig::Postgres(_)
+    ));
+    assert!(c.backends[0].stick.as_ref().unwrap().shared);
+    // Its PodDisruptionBudget (policy/v1, which the test API server does not serve) is a
+    // well-formed one that selects sclb's pods.
+    let pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget = serde_saphyr::from_str(
+        &std::fs::read_to_string("deploy/kubernetes/replicated/pdb.yaml").unwrap(),
+    )
+    .unwrap();
+    let spec = pdb.spec.unwrap();
+    assert_eq!(
+        spec.min_available,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    assert_eq!(
+        spec.selector.unwrap().match_labels.unwrap()["app.kubernetes.io/name"],
+        "sclb"
+    );
 
     let Some(api) = shared() else { return };
     let k = Cluster::new(api, "spark").await;
@@ -878,4 +901,75 @@ async fn the_gateway_creates_a_driver_per_new_session_and_deletes_it_when_the_se
     })
     .await;
     lb.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Two gateway replicas get the first RPC of one new session at once (behind one Service,
+/// a client's retry can land on either). With `{session}` in the name pattern both derive the
+/// same driver name: exactly one driver is created, the loser's create finds it (the
+/// annotation says it is this session's) and both RPCs are served by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_on_a_new_session_create_one_driver() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "sjns-race-dev").await;
+    let connects = k.crd("v1alpha1", "SparkConnect", "sparkconnects");
+    let driver =
+        grpc::FakeGrpc::start_on("driver", "127.0.0.42".parse().unwrap(), Default::default()).await;
+    let mut replicas = Vec::new();
+    let mut dirs = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = on_demand_config(dir.path(), api, driver.addr.port(), &k.ns);
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("spark-connect-{team}-{random}", "spark-connect-{session}");
+        std::fs::write(&cfg, text).unwrap();
+        let lb = sclb::Sclb::start(sclb::config::load(&cfg).unwrap_or_else(|e| panic!("{e}")))
+            .await
+            .unwrap();
+        replicas.push(lb);
+        dirs.push(dir);
+    }
+    let team = [("x-spark-team", "race"), ("x-spark-environment", "dev")];
+    let s = grpc::session(44);
+    let first: Vec<_> = replicas
+        .iter()
+        .map(|lb| {
+            let (gw, body) = (
+                lb.local_addrs("gw")[0],
+                grpc::request("01_Config_set.bin", &s),
+            );
+            tokio::spawn(async move {
+                let mut c = grpc::Client::connect(gw).await;
+                grpc::finish(c.start_with("Config", body, &team).await).await
+            })
+        })
+        .collect();
+    let name = eventually("a SparkConnect for the session", || {
+        let connects = connects.clone();
+        async move {
+            let list = connects.list(&Default::default()).await.unwrap();
+            list.items
+                .first()
+                .map(|o| o.metadata.name.clone().unwrap())
+                .ok_or_else(|| "none yet".to_string())
+        }
+    })
+    .await;
+    assert!(name.starts_with("spark-connect-"), "{name}");
+    let ready = json!({"status": {"state": "Ready", "server": {
+        "podIp": "127.0.0.42", "podName": format!("{name}-server")}}});
+    connects
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&ready))
+        .await
+        .unwrap();
+    for rpc in first {
+        let r = tokio::time::timeout(Duration::from_secs(30), rpc)
+            .await
+            .expect("the held RPC completes")
+            .unwrap();
+        assert_eq!((r.status, r.server()), (0, "driver"), "{r:?}");
+    }
+    let list = connects.list(&Default::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1, "one driver for one session");
+    assert_eq!(driver.methods(&s), ["Config", "Config"]);
 }

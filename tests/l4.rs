@@ -376,7 +376,8 @@ async fn wait_until(cond: impl Fn() -> bool) {
 
 /// An idle connection's memory is mostly its task, so the connection future must stay small.
 /// (The gateway's HTTP/2 server, a frontend mode away, once sized every L4 connection's task
-/// and cost 1.3 KB per idle connection.)
+/// and cost 1.3 KB per idle connection.) 1088: the client is a socket or a TLS session
+/// (`ClientStream`, 40 bytes beside the accepted socket); TLS and gateway state are boxed.
 #[tokio::test]
 async fn an_l4_connection_task_stays_small() {
     let a = Backend::start("s1").await;
@@ -390,5 +391,45 @@ async fn an_l4_connection_task_stays_small() {
     let counters = shared.state.frontend_counters("fe");
     let task = sclb::forward::handle(accepted, peer, "fe".into(), counters, shared);
     let size = std::mem::size_of_val(&task);
-    assert!(size <= 1024, "a connection task takes {size} bytes");
+    assert!(size <= 1088, "a connection task takes {size} bytes");
+}
+
+/// The kernel's timer field ("tr" in /proc/net/tcp) of the established socket connected to
+/// `server`: 2 while a keepalive timer is armed on an idle connection, 0 without keepalive.
+fn timer_of_socket_to(server: std::net::SocketAddr) -> Option<u32> {
+    let std::net::IpAddr::V4(ip) = server.ip() else {
+        panic!("IPv4 only");
+    };
+    let remote = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(ip.octets()),
+        server.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f[2] == remote && f[3] == "01").then(|| f[5].split(':').next().unwrap().parse().unwrap())
+    })
+}
+
+/// `tcp_keepalive = false` (HAProxy without `option srvtcpka`): sclb's socket to the server
+/// has no keepalive timer; with `true` it has one. Read from the kernel, not from the config.
+#[tokio::test]
+async fn tcp_keepalive_false_leaves_the_server_socket_without_keepalive() {
+    for on in [true, false] {
+        let b = Backend::start("s1").await;
+        let sclb = start_sclb(&config(&[&b], &format!("tcp_keepalive = {on}"), "")).await;
+        let (server, _conn) = which_server(2, frontend_addr(&sclb)).await;
+        assert_eq!(server, "s1");
+        let mut timer = None;
+        for _ in 0..500 {
+            timer = timer_of_socket_to(b.addr);
+            if timer.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let want = if on { 2 } else { 0 };
+        assert_eq!(timer, Some(want), "tcp_keepalive = {on}");
+    }
 }

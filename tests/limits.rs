@@ -535,12 +535,15 @@ async fn clients_that_never_send_are_closed_by_the_idle_timeout() {
         "closed late: {:?}",
         times[SILENT - 1]
     );
-    let idle_lines = sclb
-        .log_lines()
-        .iter()
-        .filter(|l| field(l, "end") == "idle_timeout")
-        .count();
-    assert_eq!(idle_lines, SILENT, "log lines with end=idle_timeout");
+    // The access log writes its lines in batches (every 100 ms): wait for them.
+    let idle_lines = |s: &SclbProcess| {
+        s.log_lines()
+            .iter()
+            .filter(|l| field(l, "end") == "idle_timeout")
+            .count()
+    };
+    sclb.wait_for(Duration::from_secs(10), |s| idle_lines(s) >= SILENT);
+    assert_eq!(idle_lines(&sclb), SILENT, "log lines with end=idle_timeout");
     silent.abort();
 }
 

@@ -167,7 +167,7 @@ async fn a_bad_file_keeps_connections_pins_and_drains_then_a_good_one_applies() 
     let (server, mut live) = which_server(2, fe).await;
     let snap = sclb.state().snapshot();
     let s2 = snap.backends[0].server_by_name("s2").unwrap().clone();
-    s2.set_admin_state(sclb::server::AdminState::Drain);
+    set_state(&sclb, &s2, sclb::server::AdminState::Drain);
 
     write(
         &path,
@@ -195,7 +195,7 @@ async fn a_bad_file_keeps_connections_pins_and_drains_then_a_good_one_applies() 
     assert!(Arc::ptr_eq(s2_now, &s2), "same server, same live state");
     assert_eq!(s2_now.status(), "DRAIN");
     assert_eq!(s2_now.config().check.inter, Duration::from_secs(2));
-    assert!(sclb.shared().reloads.last_error.lock().unwrap().is_none());
+    assert!(sclb.shared().reloads.last_error.lock().is_none());
 }
 
 #[tokio::test]
@@ -316,13 +316,14 @@ async fn a_removed_server_drains_its_live_connections_then_disappears() {
         &cfg("127.0.0.1:0", &[("s1", a.addr.to_string())], "", "1s"),
     );
     sclb.reload().await.unwrap();
-    let rows = sclb::stats::rows(sclb.shared());
-    let s2 = rows
+    let stats = sclb::stats::Snapshot::take(sclb.shared());
+    let s2 = stats.backends[0]
+        .servers
         .iter()
-        .find(|r| r.get("svname") == "s2")
+        .find(|s| s.name == "s2")
         .expect("still shown while draining");
-    assert_eq!(s2.get("status"), "DRAIN (removed)");
-    assert_eq!(s2.get("scur"), "1");
+    assert_eq!(s2.status.to_string(), "DRAIN (removed)");
+    assert_eq!(s2.counters.scur, 1);
     // Its live connection goes on...
     conn.get_mut().write_all(b"on\n").await.unwrap();
     let mut line = String::new();
@@ -333,9 +334,10 @@ async fn a_removed_server_drains_its_live_connections_then_disappears() {
     // ...and once its last connection ends it is gone.
     drop(conn);
     wait_for(|| {
-        !sclb::stats::rows(sclb.shared())
+        !sclb::stats::Snapshot::take(sclb.shared()).backends[0]
+            .servers
             .iter()
-            .any(|r| r.get("svname") == "s2")
+            .any(|s| s.name == "s2")
     })
     .await;
 }
@@ -361,10 +363,8 @@ async fn restart_with_a_state_file_keeps_every_pin_and_drain() {
         pins.push((ip, which_server(ip, fe).await.0));
     }
     let snap = first.state().snapshot();
-    snap.backends[0]
-        .server_by_name("s2")
-        .unwrap()
-        .set_admin_state(sclb::server::AdminState::Drain);
+    let s2 = snap.backends[0].server_by_name("s2").unwrap();
+    set_state(&first, s2, sclb::server::AdminState::Drain);
     assert_eq!(first.shutdown(Duration::from_secs(5)).await, 0);
     assert!(state.exists(), "state written on stop");
 
@@ -404,8 +404,7 @@ async fn a_corrupt_state_file_is_reported_and_ignored() {
     );
     let sclb = start_from(&path).await;
     assert_eq!(which_server(2, sclb.local_addrs("fe")[0]).await.0, "s1");
-    let r = sclb::state_file::restore(sclb.state(), &state);
-    assert_eq!(r, sclb::state_file::Restored::default());
+    assert!(sclb::state_file::read(&state).is_none());
 }
 
 async fn wait_for(cond: impl Fn() -> bool) {
@@ -444,17 +443,15 @@ async fn pins_and_drains_of_discovered_servers_come_back_once_discovery_lists_th
         }])
     };
     let first = start_from(&path).await;
-    first.shared().discovery_update("be", discovered());
+    discovery_update(&first, "be", discovered());
     let snap = first.state().snapshot();
     let s1 = snap.backends[0].server_by_name("s1").unwrap().clone();
-    s1.set_admin_state(AdminState::Maint);
+    set_state(&first, &s1, AdminState::Maint);
     assert_eq!(which_server(2, first.local_addrs("fe")[0]).await.0, "pod-a");
-    s1.set_admin_state(AdminState::Ready);
+    set_state(&first, &s1, AdminState::Ready);
     let snap = first.state().snapshot();
-    snap.backends[0]
-        .server_by_name("pod-a")
-        .unwrap()
-        .set_admin_state(AdminState::Drain);
+    let pod_a = snap.backends[0].server_by_name("pod-a").unwrap();
+    set_state(&first, pod_a, AdminState::Drain);
     first.shutdown(Duration::from_secs(5)).await;
 
     // Restart: the state file is read before discovery has listed anything...
@@ -465,7 +462,7 @@ async fn pins_and_drains_of_discovered_servers_come_back_once_discovery_lists_th
             .is_none()
     );
     // ...and applied when it does.
-    second.shared().discovery_update("be", discovered());
+    discovery_update(&second, "be", discovered());
     let snap = second.state().snapshot();
     assert_eq!(
         snap.backends[0].server_by_name("pod-a").unwrap().status(),
@@ -475,4 +472,102 @@ async fn pins_and_drains_of_discovered_servers_come_back_once_discovery_lists_th
         which_server(2, second.local_addrs("fe")[0]).await.0,
         "pod-a"
     );
+}
+
+/// Discovery's drain (a terminating pod) and the operator's drain are separate flags, as
+/// HAProxy keeps one per source: neither undoes the other, and the state file keeps only the
+/// operator's word. (With one shared flag, the operator's `ready` on a terminating pod held
+/// until the next discovery refresh, a pod that served again stayed DRAIN for ever, and a
+/// restart restored discovery's drain as if the operator had set it.)
+#[tokio::test]
+async fn discovery_drain_and_operator_drain_are_separate_sources() {
+    use sclb::discovery::{Discovered, Update};
+    let (a, pod) = (Backend::start("s1").await, Backend::start("pod-a").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sclb.toml");
+    let state = dir.path().join("state.json");
+    let sock = dir.path().join("admin.sock");
+    let global = format!(
+        "state_file = \"{}\"\nadmin = {{ path = \"{}\" }}",
+        state.display(),
+        sock.display()
+    );
+    write(
+        &path,
+        &cfg("127.0.0.1:0", &[("s1", a.addr.to_string())], &global, "1s"),
+    );
+    let pod_a = |draining| {
+        Update::Reset(vec![Discovered {
+            name: "pod-a".into(),
+            uid: "uid-1".into(),
+            addr: pod.addr,
+            draining,
+        }])
+    };
+    let status = |sclb: &sclb::Sclb| {
+        let snap = sclb.state().snapshot();
+        let server = snap.backends[0].server_by_name("pod-a").unwrap().clone();
+        server.admin_state().word()
+    };
+    let first = start_from(&path).await;
+
+    // The pod terminates: discovery drains it. The operator's "ready" cannot override the
+    // orchestrator, and says so; the next discovery refresh changes nothing.
+    discovery_update(&first, "be", pod_a(true));
+    assert_eq!(status(&first), "DRAIN");
+    // `show servers state` has HAProxy's srv_admin_state bits: 0x10, drained by discovery.
+    let admin_bits = |text: String| {
+        let line = text
+            .lines()
+            .find(|l| l.contains(" pod-a "))
+            .unwrap()
+            .to_string();
+        line.split_whitespace().nth(6).unwrap().to_string()
+    };
+    assert_eq!(
+        admin_bits(admin(&sock, "show servers state be").await),
+        "16"
+    );
+    let reply = admin(&sock, "set server be/pod-a state ready").await;
+    assert!(reply.contains("stays DRAIN"), "{reply:?}");
+    assert_eq!(status(&first), "DRAIN");
+    discovery_update(&first, "be", pod_a(true));
+    assert_eq!(status(&first), "DRAIN");
+
+    // The endpoint serves again: discovery's drain goes, and with it the DRAIN.
+    discovery_update(&first, "be", pod_a(false));
+    assert_eq!(status(&first), "READY", "discovery's drain was lifted");
+
+    // The operator drains it; discovery's updates, draining or not, leave that alone.
+    assert_eq!(admin(&sock, "set server be/pod-a state drain").await, "\n");
+    discovery_update(&first, "be", pod_a(true));
+    discovery_update(&first, "be", pod_a(false));
+    assert_eq!(status(&first), "DRAIN", "the operator's drain stays");
+    let flags = |sclb: &sclb::Sclb| {
+        let snap = sclb.state().snapshot();
+        let flags = snap.backends[0]
+            .server_by_name("pod-a")
+            .unwrap()
+            .admin_flags();
+        flags.bits()
+    };
+    assert_eq!(flags(&first), sclb::server::AdminFlags::FORCED_DRAIN);
+    assert_eq!(admin_bits(admin(&sock, "show servers state be").await), "8");
+
+    // Back to ready by the operator, then the pod terminates again before a restart: the
+    // state file keeps the operator's "ready", not discovery's drain.
+    assert_eq!(admin(&sock, "set server be/pod-a state ready").await, "\n");
+    discovery_update(&first, "be", pod_a(true));
+    assert_eq!(status(&first), "DRAIN");
+    first.shutdown(Duration::from_secs(5)).await;
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(
+        saved.contains(r#""name":"pod-a""#) && !saved.contains(r#""admin":"drain""#),
+        "{saved}"
+    );
+
+    // Restarted, with the same endpoint serving: READY, because nobody drains it now.
+    let second = start_from(&path).await;
+    discovery_update(&second, "be", pod_a(false));
+    assert_eq!(status(&second), "READY");
 }

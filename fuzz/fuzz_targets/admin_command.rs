@@ -16,10 +16,23 @@ fuzz_target!(|data: &[u8]| {
             Ok(c) => {
                 let _ = c.level();
             }
-            Err(reply) => assert!(
-                is_error(&reply),
-                "{cmd:?} -> {reply:?} does not read as an error"
-            ),
+            Err(e) => {
+                let reply = e.to_string();
+                assert!(
+                    is_error(&reply),
+                    "{cmd:?} -> {reply:?} does not read as an error"
+                );
+                // Error replies quote a bounded part of what they got, on one line.
+                assert!(
+                    reply.len() <= 512,
+                    "{cmd:?} -> a reply of {} bytes",
+                    reply.len()
+                );
+                assert!(
+                    !reply.contains('\n'),
+                    "{cmd:?} -> a reply of several lines: {reply:?}"
+                );
+            }
         }
     }
 });

@@ -61,7 +61,8 @@ impl Diag {
         }
     }
 
-    /// Records an error at byte offset `at`.
+    /// Records an error at byte offset `at`. Whatever value the message quotes, the message
+    /// stays one line of bounded length (a megabyte key or value is not echoed back whole).
     pub fn error(&self, at: usize, field: &str, message: impl Into<String>) {
         let line = self.line_starts.partition_point(|&s| s <= at).max(1);
         let column = at - self.line_starts[line - 1] + 1;
@@ -69,8 +70,8 @@ impl Diag {
             file: self.file.clone(),
             line,
             column,
-            field: field.to_string(),
-            message: message.into(),
+            field: one_line(field, 160),
+            message: one_line(&message.into(), 600),
         });
     }
 
@@ -378,14 +379,56 @@ impl<'a, 'i> Table<'a, 'i> {
 
 /// Parses "2s", "500ms", "4h", "1h 30m"; a bare number is refused so that units are explicit.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let shown = bounded(s);
     if s.trim().chars().all(|c| c.is_ascii_digit()) {
         return Err(format!(
-            "\"{s}\" has no unit; write a duration such as \"500ms\", \"2s\", \"30m\" or \"4h\""
+            "\"{shown}\" has no unit; write a duration such as \"500ms\", \"2s\", \"30m\" or \"4h\""
         ));
     }
-    humantime::parse_duration(s).map_err(|e| {
-        format!("invalid duration \"{s}\" ({e}); write e.g. \"500ms\", \"2s\", \"30m\" or \"4h\"")
-    })
+    let d = humantime::parse_duration(s).map_err(|e| {
+        format!(
+            "invalid duration \"{shown}\" ({}); write e.g. \"500ms\", \"2s\", \"30m\" or \"4h\"",
+            bounded(&e.to_string())
+        )
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "\"{shown}\" is longer than {}, the longest duration sclb accepts (HAProxy's limit, 2^31 ms)",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(d)
+}
+
+/// The longest duration any setting or command takes: HAProxy's, 2^31 - 1 ms (24.8 days).
+/// Everything derived from a duration (deadlines, expiry instants) stays far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// A value quoted in an error: at most 64 characters of it, control characters escaped, so
+/// that a hostile value is never echoed back whole or as several lines.
+pub fn bounded(s: &str) -> String {
+    const MAX: usize = 64;
+    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// `s` with control characters escaped, cut at `max` characters.
+fn one_line(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for c in s.chars().take(max) {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    if s.chars().nth(max).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 /// The allowed word closest to `word`, if it is close enough to be a typo.
@@ -415,6 +458,45 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_bounded_and_errors_quote_a_bounded_prefix() {
+        assert_eq!(
+            parse_duration("24d").unwrap(),
+            Duration::from_secs(24 * 86400)
+        );
+        for huge in ["25d", "100y", "584542046090y", "18446744073709551615s"] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(
+                e.contains("longest duration") || e.contains("invalid duration"),
+                "{huge}: {e}"
+            );
+        }
+        let long = "9".repeat(1_000_000) + "x";
+        let e = parse_duration(&long).unwrap_err();
+        assert!(
+            e.len() < 400,
+            "the error quotes a bounded prefix: {} bytes",
+            e.len()
+        );
+        let e = parse_duration("1s\nfake line").unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn every_error_is_one_bounded_line_whatever_it_quotes() {
+        let src = format!(
+            "[global]\n{} = 1\nstate_file = 7\n[[frontend]]\nname = \"{}\"\nbind = [\"a\\nb\"]\n",
+            "k".repeat(100_000),
+            "n\\n".repeat(100_000)
+        );
+        let errors = crate::config::parse(Path::new("x.toml"), &src).unwrap_err();
+        for e in errors {
+            let text = e.to_string();
+            assert!(text.len() < 1000, "{} bytes", text.len());
+            assert!(!text.contains('\n'), "{text}");
+        }
+    }
 
     #[test]
     fn durations_need_units() {

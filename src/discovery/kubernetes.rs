@@ -5,7 +5,7 @@
 //! (list, then watch from the list's resourceVersion with bookmarks), each in its own small
 //! task (`pump`). The backend task keeps a `View` of the objects they report, turns them
 //! into [`super::Discovered`] servers, and hands the changes to
-//! [`crate::Shared::discovery_update`]: a `Reset` after every complete (re)list, `Upsert` and
+//! [`crate::control`]: a `Reset` after every complete (re)list, `Upsert` and
 //! `Remove` for single events in between.
 //!
 //! Faults never take servers away: a watch that fails (API server down, 403, 410 Gone, dropped
@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource};
 use tokio::sync::mpsc;
@@ -28,10 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 mod objects;
-mod selector;
 mod view;
-
-pub use selector::check_selector;
 
 use objects::{AppInfo, ConnectInfo, Object, PodInfo, SliceInfo};
 use view::View;
@@ -39,6 +36,7 @@ use view::View;
 use super::Update;
 use crate::Shared;
 use crate::config::{KubernetesDiscovery, KubernetesKind, PortRef};
+use crate::k8s_api::{chain, client, spark_applications, spark_connects};
 
 /// Starts the discovery task of `backend`; it runs until `stop` is cancelled.
 pub fn spawn(
@@ -192,36 +190,8 @@ async fn run(source: Source, settings: KubernetesDiscovery) {
     }
 }
 
-/// A kube client from `kubeconfig`, else the in-cluster service account, else `$KUBECONFIG`
-/// (or `~/.kube/config`).
-pub(crate) async fn client(s: &KubernetesDiscovery) -> Result<Client, String> {
-    use kube::config::{KubeConfigOptions, Kubeconfig};
-    let mut config = match &s.kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .map_err(|e| format!("kubeconfig {}: {}", path.display(), chain(&e)))?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| format!("kubeconfig {}: {}", path.display(), chain(&e)))?
-        }
-        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => kube::Config::incluster()
-            .map_err(|e| format!("in-cluster service account: {}", chain(&e)))?,
-        None => kube::Config::from_kubeconfig(&KubeConfigOptions::default())
-            .await
-            .map_err(|e| {
-                format!(
-                    "not in a cluster, and no kubeconfig ($KUBECONFIG or ~/.kube/config): {}",
-                    chain(&e)
-                )
-            })?,
-    };
-    // A hung API server must not hang a list forever; watches are renewed well before this.
-    config.read_timeout = Some(Duration::from_secs(WATCH_TIMEOUT_SECS as u64 + 60));
-    Client::try_from(config).map_err(|e| chain(&e))
-}
-
 /// How long one watch request lasts before it is renewed (the API server ends it).
-const WATCH_TIMEOUT_SECS: u32 = 240;
+const WATCH_TIMEOUT_SECS: u32 = crate::k8s_api::WATCH_TIMEOUT_SECS;
 
 /// One watch: a kind of object in one namespace (or all).
 #[derive(Debug, Clone)]
@@ -318,23 +288,6 @@ impl Watch {
             None => Api::all_with(client, ar),
         }
     }
-}
-
-/// spark-operator's SparkApplication (v1beta2).
-pub(crate) fn spark_applications() -> ApiResource {
-    crd("v1beta2", "SparkApplication", "sparkapplications")
-}
-
-/// spark-operator's SparkConnect (v1alpha1).
-pub(crate) fn spark_connects() -> ApiResource {
-    crd("v1alpha1", "SparkConnect", "sparkconnects")
-}
-
-fn crd(version: &str, kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("sparkoperator.k8s.io", version, kind),
-        plural,
-    )
 }
 
 /// Maps a watcher's objects through `f`.
@@ -553,21 +506,6 @@ fn forbidden(verb: &str, w: &Watch, message: &str) -> String {
         w.what(),
         w.role.resource()
     )
-}
-
-/// An error and its sources, on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -90,6 +90,7 @@ pub async fn pump(
     mut tx: SendStream<Bytes>,
     track: Arc<Track>,
     mut kill: Kill,
+    mut inject: Option<super::rewrite::UserInjector>,
 ) {
     use http_body_util::BodyExt;
     loop {
@@ -116,7 +117,21 @@ pub async fn pump(
                 Ok(d) => {
                     track.upstream(d.len() as u64);
                     let eos = body.is_end_stream();
-                    let r = tx.send_data(d, eos);
+                    let r = match &mut inject {
+                        None => tx.send_data(d, eos),
+                        Some(inj) => {
+                            let pieces = inj.feed(d);
+                            let n = pieces.len();
+                            let mut r = Ok(());
+                            for (i, p) in pieces.into_iter().enumerate() {
+                                r = r.and_then(|()| tx.send_data(p, eos && i + 1 == n));
+                            }
+                            if n == 0 && eos {
+                                r = tx.send_data(Bytes::new(), true);
+                            }
+                            r
+                        }
+                    };
                     if eos {
                         return;
                     }
@@ -161,6 +176,46 @@ pub struct DownStream {
     pub guard: Option<RpcGuard>,
     pub server_stream: ServerStream,
     pub done: bool,
+    /// Config responses from servers that hold sclb's backend token: each message is
+    /// assembled and passed through [`super::rewrite::redact_config`] before the client sees it.
+    pub redact: Option<Redact>,
+}
+
+/// The backend token, and the bytes of a response message being assembled.
+pub struct Redact {
+    pub token: crate::config::Secret,
+    pub buf: bytes::BytesMut,
+}
+
+/// Largest Config response message sclb assembles to check (Spark's are a few KiB).
+const MAX_REDACT: usize = 16 << 20;
+
+impl Redact {
+    /// The next complete message, redacted, with its gRPC prefix; `Err` if it cannot be
+    /// checked (then it is withheld).
+    fn next(&mut self) -> Result<Option<Bytes>, &'static str> {
+        let Some(&[flag, a, b, c, d]) = self.buf.get(..5) else {
+            return Ok(None);
+        };
+        if flag != 0 {
+            return Err("the server sent a compressed Config response");
+        }
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if len > MAX_REDACT {
+            return Err("the server's Config response is too large to check");
+        }
+        if self.buf.len() < 5 + len {
+            return Ok(None);
+        }
+        let msg = self.buf.split_to(5 + len);
+        let clean = super::rewrite::redact_config(&msg[5..], &self.token.0)
+            .ok_or("the server's Config response does not parse")?;
+        let mut out = Vec::with_capacity(5 + clean.len());
+        out.push(0);
+        out.extend_from_slice(&(clean.len() as u32).to_be_bytes());
+        out.extend_from_slice(&clean);
+        Ok(Some(Bytes::from(out)))
+    }
 }
 
 /// Counts one stream on a server (`scur`) until dropped.
@@ -192,6 +247,15 @@ impl DownStream {
             Duration::from_millis(100),
         );
         self.cut(st, "upstream_reset")
+    }
+
+    /// A Config response that could not be checked for the backend token is not passed on.
+    fn withheld(&mut self, why: &str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let st = Status::new(
+            super::status::Code::Internal,
+            format!("sclb: {why}; withheld, as it might hold the backend token"),
+        );
+        self.cut(st, "config_withheld")
     }
 
     /// Ends the client's stream with sclb's own status.
@@ -227,17 +291,30 @@ impl Body for DownBody {
         if let Poll::Ready(st) = s.kill.as_mut().poll(cx) {
             return s.cut(st, "session_closed");
         }
-        if !s.data_done {
+        while !s.data_done {
             match ready!(s.inner.poll_data(cx)) {
                 Some(Ok(d)) => {
                     // Handed on: the server may send this much more. hyper polls this body only
                     // when the client's window has room, so that is where backpressure starts.
                     let _ = s.inner.flow_control().release_capacity(d.len());
                     s.track.downstream(d.len() as u64);
-                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                    let Some(r) = &mut s.redact else {
+                        return Poll::Ready(Some(Ok(Frame::data(d))));
+                    };
+                    r.buf.extend_from_slice(&d);
+                    match r.next() {
+                        Ok(Some(m)) => return Poll::Ready(Some(Ok(Frame::data(m)))),
+                        Ok(None) => {}
+                        Err(why) => return s.withheld(why),
+                    }
                 }
                 Some(Err(e)) => return s.broken(e),
-                None => s.data_done = true,
+                None => {
+                    s.data_done = true;
+                    if s.redact.as_ref().is_some_and(|r| !r.buf.is_empty()) {
+                        return s.withheld("the server's Config response ended mid-message");
+                    }
+                }
             }
         }
         match ready!(s.inner.poll_trailers(cx)) {

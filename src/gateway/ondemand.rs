@@ -7,9 +7,9 @@
 //! up waiting, or got UNAVAILABLE at `ready_timeout`) waits for the same driver instead of
 //! creating another.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
@@ -35,8 +35,9 @@ pub struct OnDemandState {
     clients: tokio::sync::Mutex<HashMap<Option<PathBuf>, kube::Client>>,
 }
 
-/// Fills `{team}`, `{environment}` and `{random}` (8 characters from a-z0-9).
-pub fn fill(pattern: &str, team: &str, environment: &str) -> String {
+/// Fills `{team}`, `{environment}`, `{random}` (8 characters from a-z0-9) and `{session}`
+/// ([`session_tag`]).
+pub fn fill(pattern: &str, team: &str, environment: &str, session: &SessionKey) -> String {
     let random: String = uuid::Uuid::new_v4()
         .simple()
         .to_string()
@@ -47,12 +48,26 @@ pub fn fill(pattern: &str, team: &str, environment: &str) -> String {
         .replace("{team}", team)
         .replace("{environment}", environment)
         .replace("{random}", &random)
+        .replace("{session}", &session_tag(session))
+}
+
+/// 12 hex digits that every sclb derives alike from a session (FNV-1a over its id and user):
+/// with `{session}` in the name pattern, replicas that race on one new session create one
+/// driver (the loser's create finds it there). Hand-written: FNV is five lines, and the
+/// value must not change with a library's or the compiler's hasher.
+pub fn session_tag(key: &SessionKey) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.session_id.bytes().chain([0]).chain(key.user_id.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{:012x}", h >> 16)
 }
 
 impl OnDemandState {
     /// The pending driver of `key`, or a new one (not yet created) from `make`.
     pub fn pending_or(&self, key: &SessionKey, make: impl FnOnce() -> Pending) -> (Pending, bool) {
-        let mut p = self.pending.lock().unwrap();
+        let mut p = self.pending.lock();
         if let Some(existing) = p.get(key) {
             return (existing.clone(), false);
         }
@@ -62,14 +77,13 @@ impl OnDemandState {
     }
 
     pub fn done(&self, key: &SessionKey) {
-        self.pending.lock().unwrap().remove(key);
+        self.pending.lock().remove(key);
     }
 
     /// Drivers being created for `team`.
     pub fn pending_for_team(&self, team: &str) -> usize {
         self.pending
             .lock()
-            .unwrap()
             .values()
             .filter(|p| p.team == team)
             .count()
@@ -79,7 +93,7 @@ impl OnDemandState {
     /// deletion.
     pub fn abandoned(&self, age: Duration) -> Vec<Pending> {
         let mut out = Vec::new();
-        self.pending.lock().unwrap().retain(|_, p| {
+        self.pending.lock().retain(|_, p| {
             let keep = p.since.elapsed() < age;
             if !keep {
                 out.push(p.clone());
@@ -94,7 +108,7 @@ impl OnDemandState {
         if let Some(c) = clients.get(&settings.kubeconfig) {
             return Ok(c.clone());
         }
-        let c = crate::discovery::kubernetes::client(settings).await?;
+        let c = crate::k8s_api::client(settings).await?;
         clients.insert(settings.kubeconfig.clone(), c.clone());
         Ok(c)
     }
@@ -105,8 +119,8 @@ impl OnDemandState {
         namespace: &str,
     ) -> Result<Api<DynamicObject>, String> {
         let ar = match kind {
-            KubernetesKind::SparkConnects => crate::discovery::kubernetes::spark_connects(),
-            KubernetesKind::SparkApplications => crate::discovery::kubernetes::spark_applications(),
+            KubernetesKind::SparkConnects => crate::k8s_api::spark_connects(),
+            KubernetesKind::SparkApplications => crate::k8s_api::spark_applications(),
             other => {
                 return Err(format!(
                     "cannot create {other}: only sparkconnects or sparkapplications"
@@ -124,7 +138,7 @@ impl OnDemandState {
         p: &Pending,
         key: &SessionKey,
     ) -> Result<(), String> {
-        let text = std::fs::read_to_string(&od.template)
+        let text = crate::files::read_text(&od.template, crate::files::MAX_CONFIG)
             .map_err(|e| format!("template {}: {e}", od.template.display()))?;
         let text = text
             .replace("{name}", &p.name)
@@ -152,13 +166,40 @@ impl OnDemandState {
         let obj: DynamicObject = serde_json::from_value(value)
             .map_err(|e| format!("template {}: {e}", od.template.display()))?;
         let api = Self::api(self.client(settings).await?, settings.kind, &p.namespace)?;
-        api.create(&PostParams::default(), &obj)
-            .await
-            .map_err(|e| crate::discovery::kubernetes::chain(&e))?;
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => {}
+            // Another sclb (a replica, or this one before a restart) created this session's
+            // driver first: it is the session's, if its annotation says so.
+            Err(kube::Error::Api(ae)) if ae.code == 409 => {
+                let existing = api
+                    .get(&p.name)
+                    .await
+                    .map_err(|e| crate::k8s_api::chain(&e))?;
+                let owner = existing
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("sclb.io/spark-session"));
+                if owner != Some(&key.session_id) {
+                    return Err(format!(
+                        "{}/{} exists and belongs to another session",
+                        p.namespace, p.name
+                    ));
+                }
+                info!(
+                    session = %key.session_id,
+                    namespace = %p.namespace,
+                    name = %p.name,
+                    "the session's driver was created by another sclb: using it"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(crate::k8s_api::chain(&e)),
+        }
         info!(
             target: "sclb::audit",
-            session = %key.session_id,
-            user = %key.user_id,
+            session = %crate::escape::token(&key.session_id),
+            user = %crate::escape::token(&key.user_id),
             namespace = %p.namespace,
             name = %p.name,
             team = %p.team,
@@ -177,7 +218,7 @@ impl OnDemandState {
             let api = Self::api(self.client(settings).await?, settings.kind, namespace)?;
             api.delete(name, &DeleteParams::default())
                 .await
-                .map_err(|e| crate::discovery::kubernetes::chain(&e))?;
+                .map_err(|e| crate::k8s_api::chain(&e))?;
             Ok::<_, String>(())
         };
         match r.await {
@@ -199,15 +240,27 @@ mod tests {
 
     #[test]
     fn names_are_filled_and_labels_checked() {
-        let n = fill("spark-connect-{team}-{random}", "data", "dev");
+        let key = |id: &str| SessionKey {
+            session_id: id.into(),
+            user_id: "alice".into(),
+        };
+        let k = key("5c1b0000-0000-4000-8000-000000000001");
+        let n = fill("spark-connect-{team}-{random}", "data", "dev", &k);
         assert!(n.starts_with("spark-connect-data-"), "{n}");
         assert_eq!(n.len(), "spark-connect-data-".len() + 8);
         assert!(crate::config::is_dns_label(&n));
-        assert_ne!(n, fill("spark-connect-{team}-{random}", "data", "dev"));
+        assert_ne!(n, fill("spark-connect-{team}-{random}", "data", "dev", &k));
         assert_eq!(
-            fill("sjns-{team}-{environment}", "data", "dev"),
+            fill("sjns-{team}-{environment}", "data", "dev", &k),
             "sjns-data-dev"
         );
+        // {session}: the same for the same session everywhere, another for another.
+        let s = fill("spark-connect-{session}", "data", "dev", &k);
+        assert!(crate::config::is_dns_label(&s), "{s}");
+        assert_eq!(s, fill("spark-connect-{session}", "data", "dev", &k));
+        assert_ne!(s, fill("spark-connect-{session}", "data", "dev", &key("x")));
+        // Pinned: replicas of different versions must agree during a rolling upgrade.
+        assert_eq!(s, "spark-connect-c6fe91c1398e");
         for bad in [
             "",
             "Data",

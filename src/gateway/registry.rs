@@ -8,10 +8,11 @@
 //! that a client still using it is told what happened instead of being silently given a new,
 //! empty session somewhere else.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use super::quota::{ClientKey, Limits, Quotas, Refused};
 use crate::server::ServerId;
 
 /// What a Spark server keys a session by.
@@ -90,6 +92,8 @@ pub struct SessionMeta {
 
 pub struct Session {
     pub key: SessionKey,
+    /// Who the session counts against (its creator), for the per-client limits.
+    pub client_key: ClientKey,
     pub meta: SessionMeta,
     pub frontend: Arc<str>,
     pub backend: Arc<str>,
@@ -103,6 +107,8 @@ pub struct Session {
     pub streams: AtomicU64,
     /// RPCs so far.
     pub rpcs: AtomicU64,
+    /// `last_activity` as last written to a shared store.
+    synced_activity: AtomicU64,
     kill: CancellationToken,
     ended: Mutex<Option<EndReason>>,
     epoch: Instant,
@@ -110,21 +116,28 @@ pub struct Session {
 
 impl Session {
     pub fn placement(&self) -> Placement {
-        self.placement.lock().unwrap().clone()
+        self.placement.lock().clone()
     }
 
     pub fn move_to(&self, p: Placement) {
-        *self.placement.lock().unwrap() = p;
+        *self.placement.lock() = p;
     }
 
     pub fn client(&self) -> SocketAddr {
-        *self.client.lock().unwrap()
+        *self.client.lock()
     }
 
     /// Records a message (either way) now.
     pub fn touch(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.last_activity.fetch_max(ms, Relaxed);
+    }
+
+    /// Activity another process recorded `idle` ago (from a shared store).
+    pub fn seen(&self, idle: Duration) {
+        let ms = (self.epoch.elapsed().saturating_sub(idle)).as_millis() as u64;
+        self.last_activity.fetch_max(ms, Relaxed);
+        self.synced_activity.fetch_max(ms, Relaxed);
     }
 
     pub fn idle_for(&self) -> Duration {
@@ -142,16 +155,26 @@ impl Session {
     }
 
     pub fn end_reason(&self) -> Option<EndReason> {
-        *self.ended.lock().unwrap()
+        *self.ended.lock()
     }
 
     /// Counts one RPC in flight until the guard drops.
     pub fn rpc_started(self: &Arc<Self>, client: SocketAddr) -> RpcGuard {
         self.rpcs.fetch_add(1, Relaxed);
         self.streams.fetch_add(1, Relaxed);
-        *self.client.lock().unwrap() = client;
+        *self.client.lock() = client;
         self.touch();
         RpcGuard(self.clone())
+    }
+}
+
+impl Session {
+    /// An RPC the server never answered is no history: the session may still move, as one
+    /// whose first RPC could not connect does.
+    pub fn unanswered(&self) {
+        let _ = self
+            .rpcs
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
     }
 }
 
@@ -168,6 +191,25 @@ impl Drop for RpcGuard {
 /// Label sets of static words: counting an RPC allocates nothing.
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
+
+/// The reasons the gateway counts its own errors under (`spark_connect_proxy_errors_total`).
+pub const ERROR_REASONS: [&str; 15] = [
+    "bad_header",
+    "bad_path",
+    "client_timeout",
+    "connect_failed",
+    "create_failed",
+    "no_frontend",
+    "not_found",
+    "not_ready",
+    "on_demand",
+    "session_closed",
+    "sessions_full",
+    "team_full",
+    "unimplemented",
+    "upstream_failed",
+    "upstream_reset",
+];
 
 pub struct Metrics {
     pub registry: PromRegistry,
@@ -228,6 +270,23 @@ impl Default for Metrics {
             "Time from an RPC's request to its response headers from the server, by method.",
             message_latency.clone(),
         );
+        // Every series a dashboard graphs exists from the start, at zero: a rate() over a
+        // series that appears only at its first event misses that event.
+        for reason in [
+            EndReason::Released,
+            EndReason::Idle,
+            EndReason::Ttl,
+            EndReason::Killed,
+        ] {
+            let _ = sessions_expired.get_or_create(&[("reason", reason.as_str())]);
+        }
+        for reason in ERROR_REASONS {
+            let _ = errors.get_or_create(&[("reason", reason)]);
+        }
+        for m in crate::gateway::decode::Method::ALL {
+            let _ = requests.get_or_create(&[("method", m.name()), ("code", "OK")]);
+            let _ = message_latency.get_or_create(&[("method", m.name())]);
+        }
         Metrics {
             registry,
             sessions_active,
@@ -269,20 +328,48 @@ struct Inner {
     /// Ended sessions: why, when, and the server that held them.
     ended: HashMap<SessionKey, (EndReason, Instant, Placement)>,
     ended_order: VecDeque<(SessionKey, Instant)>,
+    /// Live sessions and creation rate per client.
+    quotas: Quotas,
+    /// Who opened each live session id first: with authentication on, its owner.
+    owners: HashMap<String, String>,
+}
+
+impl Inner {
+    /// Makes `s` live and, if it is the first with its id, the id's owner: a session a new
+    /// RPC created and one a state file or store put back are owned alike.
+    fn insert_live(&mut self, s: Arc<Session>) {
+        self.owners
+            .entry(s.key.session_id.clone())
+            .or_insert_with(|| s.key.user_id.clone());
+        self.live.insert(s.key.clone(), s);
+    }
 }
 
 pub struct Registry {
     inner: Mutex<Inner>,
     epoch: Instant,
     pub metrics: Metrics,
+    /// Woken when a session starts or ends (the state file saves it).
+    pub changed: tokio::sync::Notify,
+    /// Sessions ended here, kept for a shared store to write (`None`: no shared store).
+    journal: Mutex<Option<Vec<(SessionKey, EndReason)>>>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
+        // Activity is kept as ms since the epoch: an epoch in the past lets a restored session
+        // keep the idle time it had before a restart (as far back as the machine's uptime).
+        let now = Instant::now();
+        let epoch = [30 * 86_400, 86_400, 3_600, 60]
+            .into_iter()
+            .find_map(|s| now.checked_sub(Duration::from_secs(s)))
+            .unwrap_or(now);
         Registry {
             inner: Mutex::default(),
-            epoch: Instant::now(),
+            epoch,
             metrics: Metrics::default(),
+            changed: tokio::sync::Notify::new(),
+            journal: Mutex::new(None),
         }
     }
 }
@@ -295,6 +382,19 @@ pub enum Admit {
     Ended(EndReason),
     /// `max` sessions are live.
     Full,
+    /// The client is at one of its own limits.
+    ClientLimit(Refused),
+}
+
+/// A session to put back ([`Registry::restore`]).
+pub struct Restore {
+    pub key: SessionKey,
+    pub meta: SessionMeta,
+    pub frontend: Arc<str>,
+    pub backend: Arc<str>,
+    pub placement: Placement,
+    pub created: SystemTime,
+    pub idle: Duration,
 }
 
 /// Identity of a new session.
@@ -304,24 +404,33 @@ pub struct NewSession<'a> {
     pub backend: &'a str,
     pub client: SocketAddr,
     pub max: usize,
+    /// Who it counts against, and that client's limits (`sessions.max_per_client`,
+    /// `sessions.rate_per_client`).
+    pub client_key: ClientKey,
+    pub per_client: Limits,
 }
 
 impl Registry {
     /// A live session, or why it ended and where it was; `None` if never seen (or long
     /// forgotten).
     pub fn find(&self, key: &SessionKey) -> Option<Result<Arc<Session>, (EndReason, Placement)>> {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock();
         if let Some(s) = inner.live.get(key) {
             return Some(Ok(s.clone()));
         }
         inner.ended.get(key).map(|(r, _, p)| Err((*r, p.clone())))
     }
 
+    /// The user who opened the live session `session_id` (the first, if several users share
+    /// the id on a frontend without authentication).
+    pub fn owner(&self, session_id: &str) -> Option<String> {
+        self.inner.lock().owners.get(session_id).cloned()
+    }
+
     /// Live sessions whose driver sclb created for `team`.
     pub fn created_for_team(&self, team: &str) -> usize {
         self.inner
             .lock()
-            .unwrap()
             .live
             .values()
             .filter(|s| s.meta.created && s.meta.team.as_deref() == Some(team))
@@ -337,7 +446,7 @@ impl Registry {
         place: impl FnOnce() -> Option<Placement>,
     ) -> Option<Admit> {
         {
-            let inner = self.inner.lock().unwrap();
+            let inner = self.inner.lock();
             if let Some(s) = inner.live.get(key) {
                 return Some(Admit::Live {
                     session: s.clone(),
@@ -352,15 +461,20 @@ impl Registry {
             }
         }
         let placement = place()?;
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         if let Some(s) = inner.live.get(key) {
             return Some(Admit::Live {
                 session: s.clone(),
                 new: false,
             });
         }
+        let client_key = new.client_key;
+        if let Err(why) = inner.quotas.take(&client_key, new.per_client) {
+            return Some(Admit::ClientLimit(why));
+        }
         let s = Arc::new(Session {
             key: key.clone(),
+            client_key,
             meta: new.meta,
             frontend: new.frontend.clone(),
             backend: new.backend.into(),
@@ -371,18 +485,20 @@ impl Registry {
             last_activity: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
             streams: AtomicU64::new(0),
             rpcs: AtomicU64::new(0),
+            synced_activity: AtomicU64::new(0),
             kill: CancellationToken::new(),
             ended: Mutex::new(None),
             epoch: self.epoch,
         });
-        inner.live.insert(key.clone(), s.clone());
+        inner.insert_live(s.clone());
         self.metrics.sessions_created.inc();
         self.metrics.sessions_active.set(inner.live.len() as i64);
         drop(inner);
+        self.changed.notify_one();
         let p = s.placement();
         info!(
-            session = %key.session_id,
-            user = %key.user_id,
+            session = %crate::escape::token(&key.session_id),
+            user = %crate::escape::token(&key.user_id),
             client = %new.client,
             backend = %new.backend,
             server = %p.server_name,
@@ -394,13 +510,54 @@ impl Registry {
         })
     }
 
+    /// Puts back a session a state file or store kept, on the server it ran on: `created`
+    /// keeps its TTL running from its real start, `idle` its idle time. False if a session
+    /// with that key is already live or has ended here since.
+    pub fn restore(&self, r: Restore) -> bool {
+        let mut inner = self.inner.lock();
+        if inner.live.contains_key(&r.key) || inner.ended.contains_key(&r.key) {
+            return false;
+        }
+        let now = Instant::now();
+        let age = r.created.elapsed().unwrap_or_default();
+        let since_epoch = self.epoch.elapsed().as_millis() as u64;
+        let s = Arc::new(Session {
+            key: r.key.clone(),
+            // Counted against nobody: its client is not known until it speaks again.
+            client_key: ClientKey::of(SocketAddr::from(([0, 0, 0, 0], 0)), None),
+            meta: r.meta,
+            frontend: r.frontend,
+            backend: r.backend,
+            placement: Mutex::new(r.placement),
+            client: Mutex::new(SocketAddr::from(([0, 0, 0, 0], 0))),
+            created: r.created,
+            born: now.checked_sub(age).unwrap_or(now),
+            last_activity: AtomicU64::new(
+                since_epoch.saturating_sub(r.idle.as_millis().min(u64::MAX as u128) as u64),
+            ),
+            streams: AtomicU64::new(0),
+            rpcs: AtomicU64::new(0),
+            synced_activity: AtomicU64::new(0),
+            kill: CancellationToken::new(),
+            ended: Mutex::new(None),
+            epoch: self.epoch,
+        });
+        inner.insert_live(s);
+        self.metrics.sessions_active.set(inner.live.len() as i64);
+        true
+    }
+
     /// Ends a session: closes its streams (unless its client released it: what it still has
     /// in flight is its own cleanup), remembers why, logs the audit line. `None` if it had
     /// already ended.
     pub fn end(&self, key: &SessionKey, reason: EndReason) -> Option<Arc<Session>> {
         let now = Instant::now();
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         let s = inner.live.remove(key)?;
+        inner.quotas.release(&s.client_key);
+        if inner.owners.get(&key.session_id) == Some(&key.user_id) {
+            inner.owners.remove(&key.session_id);
+        }
         inner
             .ended
             .insert(key.clone(), (reason, now, s.placement()));
@@ -420,7 +577,13 @@ impl Registry {
         }
         self.metrics.sessions_active.set(inner.live.len() as i64);
         drop(inner);
-        *s.ended.lock().unwrap() = Some(reason);
+        self.changed.notify_one();
+        if let Some(j) = self.journal.lock().as_mut()
+            && j.len() < 1_000_000
+        {
+            j.push((key.clone(), reason));
+        }
+        *s.ended.lock() = Some(reason);
         if reason != EndReason::Released {
             s.kill.cancel();
         }
@@ -432,8 +595,8 @@ impl Registry {
         let p = s.placement();
         info!(
             target: "sclb::audit",
-            session = %key.session_id,
-            user = %key.user_id,
+            session = %crate::escape::token(&key.session_id),
+            user = %crate::escape::token(&key.user_id),
             client = %s.client(),
             backend = %s.backend,
             server = %p.server_name,
@@ -447,47 +610,44 @@ impl Registry {
         Some(s)
     }
 
-    /// Ends every live session whose id is `session_id` (any user); returns them.
-    pub fn kill(&self, session_id: &str) -> Vec<Arc<Session>> {
-        let keys: Vec<SessionKey> = self
-            .inner
+    /// From now on, keeps the sessions that end for a shared store to write.
+    pub fn keep_journal(&self) {
+        self.journal.lock().get_or_insert_with(Vec::new);
+    }
+
+    /// The sessions ended since the last call.
+    pub fn take_journal(&self) -> Vec<(SessionKey, EndReason)> {
+        self.journal
             .lock()
-            .unwrap()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Sessions active since their activity was last written, with when (ms since the Unix
+    /// epoch), marked written.
+    pub fn activity_to_write(&self) -> Vec<(SessionKey, i64)> {
+        let now_wall = crate::store::now_ms();
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.inner
+            .lock()
             .live
-            .keys()
-            .filter(|k| k.session_id == session_id)
-            .cloned()
-            .collect();
-        keys.iter()
-            .filter_map(|k| self.end(k, EndReason::Killed))
+            .values()
+            .filter_map(|s| {
+                let la = s.last_activity.load(Relaxed);
+                let was = s.synced_activity.swap(la, Relaxed);
+                (la > was).then(|| (s.key.clone(), now_wall - now.saturating_sub(la) as i64))
+            })
             .collect()
     }
 
-    /// Live sessions, oldest first.
-    pub fn list(&self) -> Vec<Arc<Session>> {
-        let mut v: Vec<Arc<Session>> = self.inner.lock().unwrap().live.values().cloned().collect();
-        v.sort_by_key(|s| (s.created, s.key.clone()));
-        v
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap().live.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Ends the sessions past their limits; `limits` gives (idle_timeout, max_ttl) for a
-    /// session's frontend. Returns the ended sessions.
-    pub fn reap(
+    /// Sessions due to end (idle or over their TTL), without ending them.
+    pub fn due(
         &self,
         limits: impl Fn(&str) -> (Duration, Duration),
-    ) -> Vec<(Arc<Session>, EndReason)> {
-        let due: Vec<(SessionKey, EndReason)> = self
-            .inner
+    ) -> Vec<(SessionKey, EndReason)> {
+        self.inner
             .lock()
-            .unwrap()
             .live
             .values()
             .filter_map(|s| {
@@ -500,8 +660,48 @@ impl Registry {
                     None
                 }
             })
+            .collect()
+    }
+
+    /// Ends every live session whose id is `session_id` (any user); returns them.
+    pub fn kill(&self, session_id: &str) -> Vec<Arc<Session>> {
+        let keys: Vec<SessionKey> = self
+            .inner
+            .lock()
+            .live
+            .keys()
+            .filter(|k| k.session_id == session_id)
+            .cloned()
             .collect();
-        due.into_iter()
+        keys.iter()
+            .filter_map(|k| self.end(k, EndReason::Killed))
+            .collect()
+    }
+
+    /// Live sessions, oldest first.
+    pub fn list(&self) -> Vec<Arc<Session>> {
+        let mut v: Vec<Arc<Session>> = self.inner.lock().live.values().cloned().collect();
+        v.sort_by_key(|s| (s.created, s.key.clone()));
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ends the sessions past their limits; `limits` gives (idle_timeout, max_ttl) for a
+    /// session's frontend. Returns the ended sessions.
+    pub fn reap(
+        &self,
+        limits: impl Fn(&str) -> (Duration, Duration),
+    ) -> Vec<(Arc<Session>, EndReason)> {
+        self.inner.lock().quotas.forget_idle(Instant::now());
+        self.due(limits)
+            .into_iter()
             .filter_map(|(k, r)| self.end(&k, r).map(|s| (s, r)))
             .collect()
     }
@@ -533,8 +733,32 @@ mod tests {
             backend: &be,
             client: "127.0.0.1:1".parse().unwrap(),
             max: 2,
+            client_key: ClientKey::of("127.0.0.1:1".parse().unwrap(), None),
+            per_client: Limits {
+                max_live: 2,
+                per_second: 100,
+            },
         };
         r.admit(&key(id), new, || place(n)).unwrap()
+    }
+
+    /// A session put back after a restart (state file or store) is owned by its user, as one
+    /// its first RPC created: another identity using its id is refused as before the restart.
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_session_has_its_owner() {
+        let r = Registry::default();
+        assert!(r.restore(Restore {
+            key: key("kept"),
+            meta: SessionMeta::default(),
+            frontend: "gw".into(),
+            backend: "spark".into(),
+            placement: place(1).unwrap(),
+            created: SystemTime::now(),
+            idle: Duration::from_secs(5),
+        }));
+        assert_eq!(r.owner("kept").as_deref(), Some("alice"));
+        assert!(matches!(admit(&r, "new", 1), Admit::Live { new: true, .. }));
+        assert_eq!(r.owner("new").as_deref(), Some("alice"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,10 +10,11 @@
 //! GOAWAY, network error). Two RPCs that find no connection at once open only one: the second
 //! waits for the first's handshake.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::Duration;
 
@@ -24,10 +25,16 @@ use tracing::debug;
 use crate::server::ServerId;
 use crate::sockopt;
 
-/// Per-stream receive window: what a server may send ahead of a slow client.
-const STREAM_WINDOW: u32 = 4 << 20;
-/// Per-connection receive window, shared by every session's streams to the server.
-const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Per-stream receive window: what a server may send ahead of a slow client, and so all sclb
+/// holds for a client that stops reading (with one frame on its way down). 256 KiB keeps a
+/// stream at full speed up to ~2 ms of round trip at 1 Gbit/s.
+const STREAM_WINDOW: u32 = 256 << 10;
+/// Per-connection receive window, shared by every session's streams to the server: the most
+/// HTTP/2 allows, so that stalled streams (each holding at most its own window) can never use
+/// it up and stall the other clients' streams on the connection.
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// Largest DATA frame a server may send: the unit handed down to a client at a time.
+const MAX_FRAME: u32 = 64 << 10;
 
 pub type Sender = SendRequest<Bytes>;
 
@@ -46,6 +53,8 @@ pub enum UpstreamError {
     Connect(#[from] io::Error),
     #[error("HTTP/2 handshake failed: {0}")]
     Handshake(h2::Error),
+    #[error("no HTTP/2 answer within {0:?} (it accepts TCP but does not speak HTTP/2)")]
+    Silent(Duration),
 }
 
 impl Upstreams {
@@ -59,7 +68,6 @@ impl Upstreams {
         let slot = self
             .conns
             .lock()
-            .unwrap()
             .entry((server, addr, std::thread::current().id()))
             .or_default()
             .clone();
@@ -77,9 +85,7 @@ impl Upstreams {
             debug!(server = %addr, "upstream HTTP/2 connection closed; reconnecting");
             *held = None;
         }
-        let s = tokio::time::timeout(connect_timeout, connect(addr))
-            .await
-            .map_err(|_| UpstreamError::Timeout(connect_timeout))??;
+        let s = connect(addr, connect_timeout).await?;
         *held = Some(s.clone());
         Ok(s)
     }
@@ -88,32 +94,59 @@ impl Upstreams {
     pub fn retain(&self, keep: impl Fn(ServerId, SocketAddr) -> bool) {
         self.conns
             .lock()
-            .unwrap()
             .retain(|(id, addr, _), _| keep(*id, *addr));
     }
 }
 
-async fn connect(addr: SocketAddr) -> Result<Sender, UpstreamError> {
-    let stream = sockopt::upstream_socket(addr)?.connect(addr).await?;
+/// Connects and makes sure the server speaks HTTP/2, all within `timeout`: the TCP connect,
+/// then a PING answered (which comes after the server's SETTINGS). A server that accepts TCP
+/// but never answers would otherwise take every RPC sent to it, each hanging until its client
+/// gives up.
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, UpstreamError> {
+    let deadline = tokio::time::Instant::now() + timeout.min(crate::config::reader::MAX_DURATION);
+    // Keepalive always: one shared connection per server and thread, and nothing else
+    // watches it (see below).
+    let stream = tokio::time::timeout_at(deadline, sockopt::connect_upstream(addr, true))
+        .await
+        .map_err(|_| UpstreamError::Timeout(timeout))??;
     // h2 directly rather than through hyper's client: a request's HEADERS and its first DATA
     // then leave in one write (hyper pipes the body after the headers are flushed, which
     // wakes the server twice per unary RPC).
     //
     // No HTTP/2 keep-alive pings: Spark's gRPC (Netty) server answers pings more frequent than
     // its permitKeepAliveTime (5 min) with GOAWAY too_many_pings, which would end every
-    // session's streams on this connection. TCP keepalive (set on the socket) watches it.
-    let (send, conn) = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(1 << 20)
-        .enable_push(false)
-        .handshake(stream)
-        .await
-        .map_err(UpstreamError::Handshake)?;
-    tokio::spawn(async move {
+    // session's streams on this connection. TCP keepalive (set on the socket) watches it. The
+    // one PING of the handshake is within what it allows (two strikes).
+    let (send, mut conn) = tokio::time::timeout_at(
+        deadline,
+        h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .enable_push(false)
+            .handshake(stream),
+    )
+    .await
+    .map_err(|_| UpstreamError::Silent(timeout))?
+    .map_err(UpstreamError::Handshake)?;
+    let ping = conn.ping_pong();
+    let driver = tokio::spawn(async move {
         if let Err(e) = conn.await {
             debug!(server = %addr, "upstream HTTP/2 connection ended: {e}");
         }
     });
+    if let Some(mut ping) = ping {
+        match tokio::time::timeout_at(deadline, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                driver.abort();
+                return Err(UpstreamError::Handshake(e));
+            }
+            Err(_) => {
+                driver.abort();
+                return Err(UpstreamError::Silent(timeout));
+            }
+        }
+    }
     Ok(send)
 }

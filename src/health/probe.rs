@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 
 use super::spark_proto::{self, AnalyzePlanResponse};
-use crate::config::CheckType;
+use crate::config::{CheckType, Secret};
 use crate::server::{CheckStatus, LastCheck};
 
 pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = LastCheck> + Send + 'a>>;
@@ -28,10 +28,19 @@ pub trait Probe: Send + Sync {
 
 /// The probe for a check type; `None` for `type = "none"`.
 pub fn for_type(kind: CheckType) -> Option<Box<dyn Probe>> {
+    for_check(kind, None)
+}
+
+/// The probe for a check type, the spark probe sending `token` as `authorization: Bearer`.
+pub fn for_check(kind: CheckType, token: Option<&Secret>) -> Option<Box<dyn Probe>> {
     match kind {
         CheckType::Tcp => Some(Box::new(TcpProbe)),
         CheckType::H2 => Some(Box::new(H2Probe)),
-        CheckType::Spark => Some(Box::new(SparkProbe::new())),
+        CheckType::Spark => {
+            let mut p = SparkProbe::new();
+            p.token = token.cloned();
+            Some(Box::new(p))
+        }
         CheckType::None => None,
     }
 }
@@ -137,12 +146,14 @@ impl Probe for H2Probe {
 /// never releases its session, so the server keeps it warm and the check stays cheap.
 pub struct SparkProbe {
     session_id: String,
+    token: Option<Secret>,
 }
 
 impl SparkProbe {
     pub fn new() -> Self {
         SparkProbe {
             session_id: uuid::Uuid::new_v4().to_string(),
+            token: None,
         }
     }
 
@@ -174,7 +185,9 @@ impl Probe for SparkProbe {
             };
             let body =
                 spark_proto::grpc_frame(&spark_proto::spark_version_request(&self.session_id));
-            let reply = match timeout_at(deadline, grpc_unary(tcp, addr, body)).await {
+            let reply = match timeout_at(deadline, grpc_unary(tcp, addr, body, self.token.as_ref()))
+                .await
+            {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => Reply::Malformed(format!("HTTP/2: {e}")),
                 Err(_) => {
@@ -229,15 +242,26 @@ fn grpc_status(map: &http::HeaderMap) -> Option<(u32, String)> {
 }
 
 /// One unary gRPC call over a fresh HTTP/2 connection.
-async fn grpc_unary(tcp: TcpStream, addr: SocketAddr, body: Bytes) -> Result<Reply, h2::Error> {
+async fn grpc_unary(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    body: Bytes,
+    token: Option<&Secret>,
+) -> Result<Reply, h2::Error> {
     let (send, _ping, _task) = h2_connect(tcp).await?;
     let mut send = send.ready().await?;
-    let req = http::Request::post(format!("http://{addr}{}", spark_proto::ANALYZE_PLAN_PATH))
+    let mut req = http::Request::post(format!("http://{addr}{}", spark_proto::ANALYZE_PLAN_PATH))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("user-agent", concat!("sclb/", env!("CARGO_PKG_VERSION")))
         .body(())
         .expect("static request is valid");
+    if let Some(t) = token
+        && let Ok(mut v) = http::HeaderValue::from_str(&format!("Bearer {}", t.0))
+    {
+        v.set_sensitive(true);
+        req.headers_mut().insert(http::header::AUTHORIZATION, v);
+    }
     let (response, mut stream) = send.send_request(req, false)?;
     stream.send_data(body, true)?;
     let response = response.await?;

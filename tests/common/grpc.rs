@@ -37,6 +37,10 @@ pub struct Seen {
     pub sent: usize,
     /// Streams the client (through the gateway) reset before their end.
     pub cancelled: usize,
+    /// Each RPC's `authorization` header, as received.
+    pub authorization: Vec<Option<String>>,
+    /// Each RPC's request body, as received.
+    pub bodies: Vec<Bytes>,
 }
 
 pub struct FakeGrpc {
@@ -165,6 +169,11 @@ async fn answer(
 ) -> Response<BoxBody> {
     let path = req.uri().path().to_string();
     let method = decode::method(&path);
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let mut headers = Response::builder()
         .header("content-type", "application/grpc")
         .header("x-fake-server", name);
@@ -184,6 +193,8 @@ async fn answer(
     {
         let mut s = seen.lock().unwrap();
         s.rpcs += 1;
+        s.authorization.push(authorization);
+        s.bodies.push(data.clone());
         if let Some(k) = &key {
             s.by_session
                 .entry(k.session_id.clone())
@@ -292,6 +303,14 @@ impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
         let tcp = TcpStream::connect(addr).await.unwrap();
         Self::over(tcp, addr).await
+    }
+
+    /// A client over a connection made elsewhere (a TLS session).
+    pub fn from_sender(
+        send: hyper::client::conn::http2::SendRequest<BoxBody>,
+        addr: SocketAddr,
+    ) -> Client {
+        Client { send, addr }
     }
 
     pub async fn over(tcp: TcpStream, addr: SocketAddr) -> Client {

@@ -219,3 +219,21 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Puts a server in an admin state as an operator does: through the control plane.
+pub fn set_state(sclb: &Sclb, server: &Arc<sclb::server::Server>, state: sclb::server::AdminState) {
+    use sclb::control::{Change, Operator, apply};
+    let server = server.clone();
+    apply(
+        sclb.shared(),
+        Change::Operator(Operator::SetState { server, state }),
+    )
+    .unwrap();
+}
+
+/// Hands a discovery update for `backend` to the control plane, as a discovery source does.
+pub fn discovery_update(sclb: &Sclb, backend: &str, update: sclb::discovery::Update) {
+    use sclb::control::{Change, apply};
+    let backend = backend.to_string();
+    apply(sclb.shared(), Change::Discovery { backend, update }).unwrap();
+}

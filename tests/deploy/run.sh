@@ -157,7 +157,8 @@ unit_has() { # unit_has UNIT LINE...: each line present verbatim
 }
 t "sclb.service: notify, check before start, HUP reload, restart 10s, user, dirs" unit_has sclb.service \
     Type=notify "ExecStartPre=/usr/local/bin/sclb check -c /etc/sclb/sclb.toml" \
-    "ExecStart=/usr/local/bin/sclb -c /etc/sclb/sclb.toml" "ExecReload=/bin/kill -HUP \$MAINPID" \
+    "ExecStart=/usr/local/bin/sclb -c /etc/sclb/sclb.toml" \
+    "ExecReload=/usr/local/bin/sclb check -c /etc/sclb/sclb.toml" "ExecReload=/bin/kill -HUP \$MAINPID" \
     Restart=on-failure RestartSec=10s User=sclb StateDirectory=sclb RuntimeDirectory=sclb \
     "CapabilityBoundingSet=" NoNewPrivileges=yes ProtectSystem=strict ProtectHome=yes PrivateTmp=yes \
     PrivateDevices=yes ProtectKernelTunables=yes ProtectKernelModules=yes ProtectKernelLogs=yes \
@@ -169,6 +170,12 @@ t "sparkconnect.service: hadoop, env file, script path, restart 10s, JVM exit 14
     User=hadoop EnvironmentFile=-/etc/default/sparkconnect \
     ExecStart=/usr/local/lib/sclb/start-connect-server.sh Restart=on-failure RestartSec=10s \
     SuccessExitStatus=143 RestartPreventExitStatus=78
+# A bad file must fail `systemctl reload sclb` (systemd runs ExecReload lines in order and stops
+# at the first failure), so the check comes before the HUP.
+reload_checks_first() {
+    grep '^ExecReload=' "$repo/systemd/sclb.service" | head -1 | grep -q 'sclb check'
+}
+t "sclb.service: reload checks the config before HUP" reload_checks_first
 
 # seconds of a systemd/humantime span like "5min 30s", "5m", "90s", "2h"
 span_secs() {

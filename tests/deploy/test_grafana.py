@@ -55,11 +55,20 @@ METRICS = {
     "sclb_reloads_total": (),
     "sclb_reload_failures_total": (),
     "sclb_process_start_time_seconds": (),
+    # The gateway's Spark session metrics.
+    "spark_connect_sessions_active": (),
+    "spark_connect_sessions_created_total": (),
+    "spark_connect_sessions_expired_total": ("reason",),
+    "spark_connect_proxy_requests_total": ("method", "code"),
+    "spark_connect_proxy_errors_total": ("reason",),
+    "spark_connect_session_duration_seconds_bucket": ("le",),
+    "spark_connect_message_latency_seconds_bucket": ("method", "le"),
 }
 SCRAPE_LABELS = ("instance", "job")
 STATES = {"sclb_server_status": {"UP", "DOWN", "MAINT", "DRAIN"},
           "sclb_backend_status": {"UP", "DOWN"}}
-ROWS = ["Overview", "Sessions per server", "Health", "Traffic", "Queue & errors", "Stick table"]
+ROWS = ["Overview", "Sessions per server", "Health", "Traffic", "Queue & errors", "Stick table",
+        "Spark sessions (gateway)"]
 REQUIRED_VARS = {"proxy", "server"}
 DS_UID = "${DS_PROMETHEUS}"
 
@@ -89,9 +98,9 @@ def finish():
 
 # ---------------------------------------------------------------- PromQL helpers
 STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
-METRIC_NAME = re.compile(r"(?<![\w:$])(?:sclb|haproxy)_[A-Za-z0-9_:]*")
+METRIC_NAME = re.compile(r"(?<![\w:$])(?:sclb|haproxy|spark_connect)_[A-Za-z0-9_:]*")
 # a metric name followed by a {label selector}
-SELECTOR = re.compile(r"(?<![\w:$])(sclb_[A-Za-z0-9_:]*)\s*\{([^{}]*)\}")
+SELECTOR = re.compile(r"(?<![\w:$])((?:sclb|spark_connect)_[A-Za-z0-9_:]*)\s*\{([^{}]*)\}")
 MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*")\s*(?:,|$)')
 
 
@@ -386,7 +395,7 @@ for pn, _ in leaves:
             if n.endswith("_total") and not re.search(
                     rf"\b(rate|irate|increase|changes|resets)\s*\(\s*{n}\b", strip_strings(expr)):
                 p.append(f"{label(pn)}: counter {n} is not wrapped in rate()/increase()")
-            if n in METRICS and not n.endswith("_total") and re.search(
+            if n in METRICS and not n.endswith(("_total", "_bucket")) and re.search(
                     rf"\b(rate|irate|increase)\s*\(\s*{n}\b", strip_strings(expr)):
                 p.append(f"{label(pn)}: gauge {n} is wrapped in rate()/increase()")
 check("counters are read with rate()/increase(), gauges are not", p)

@@ -15,6 +15,7 @@ import os
 import re
 import resource
 import signal
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -25,6 +26,12 @@ from pyspark.sql import SparkSession
 
 import harness
 from harness import Admin, Proc
+
+# The CA that test_security.py's certificates chain to. grpc reads this variable once, when it
+# makes its first TLS channel, so it is set here, before any test runs; the file is written by
+# the fixture that makes the CA.
+E2E_CA_FILE = Path(tempfile.gettempdir()) / f"sclb-e2e-ca-{os.getpid()}.pem"
+os.environ["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] = str(E2E_CA_FILE)
 
 SPARK_START_BUDGET = 60.0   # seconds per server, both start in parallel
 SCLB_START_BUDGET = 15.0

@@ -158,8 +158,9 @@ def _spawn(name: str, argv: list[str], log: Path, cwd: Path, env: dict | None = 
     return Proc(name, popen, log)
 
 
-def start_spark_server(name: str, port: int, workdir: Path) -> Proc:
-    """Start a Spark Connect server from the pyspark package (see spark-connect-facts.md).
+def start_spark_server(name: str, port: int, workdir: Path, token: str | None = None) -> Proc:
+    """Start a Spark Connect server from the pyspark package (see spark-connect-facts.md);
+    with `token`, it requires `authorization: Bearer <token>` (spark.connect.authenticate.token).
 
     spark-submit execs spark-class which execs java, so the PID is the JVM's.
     The working directory (spark-warehouse, derby files) is `workdir`.
@@ -181,6 +182,8 @@ def start_spark_server(name: str, port: int, workdir: Path) -> Proc:
         + SPARK_SENDER_MAX_STREAM_DURATION,
         "--conf", f"spark.local.dir={workdir}",
     ]
+    if token is not None:
+        argv += ["--conf", f"spark.connect.authenticate.token={token}"]
     return _spawn(name, argv, workdir / f"{name}.log", workdir, env)
 
 

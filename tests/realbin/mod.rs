@@ -2,7 +2,7 @@
 //! process guard that kills sclb by its PID when dropped (a failing test included), its JSON log
 //! read back line by line, its RSS and open fds from /proc, its admin socket, and the loopback
 //! helpers the clients need (source addresses 127.0.0.2.., ports outside the ephemeral range,
-//! the file-descriptor limit).
+//! the file-descriptor limit), and an echo backend with an L4 round trip through sclb.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// A running `sclb` process, killed (SIGKILL, by PID) when dropped.
@@ -220,10 +221,25 @@ pub fn sclb_bin() -> std::ffi::OsString {
     std::env::var_os("SCLB_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sclb").into())
 }
 
-/// Sends one line to an admin socket and reads the reply (10 s at most).
+/// Sends one line to an admin socket and reads the reply (10 s at most). sclb binds its
+/// frontends before its admin socket: a socket not there yet (or not listening yet) is waited
+/// for, up to 10 s.
 pub fn admin(path: &Path, line: &str) -> String {
-    let mut s = UnixStream::connect(path)
-        .unwrap_or_else(|e| panic!("admin socket {}: {e}", path.display()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("admin socket {}: {e}", path.display()),
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(format!("{line}\n").as_bytes()).unwrap();
     let mut out = String::new();
@@ -306,4 +322,35 @@ fn splitmix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// An echo backend that greets each connection with "hi\n".
+pub async fn echo_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if s.write_all(b"hi\n").await.is_ok() {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One L4 round trip: greeted, and an echo. Within `within`.
+pub async fn l4_serves(addr: SocketAddr, within: Duration) -> bool {
+    let once = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        let mut b = [0u8; 3];
+        s.read_exact(&mut b).await.ok()?;
+        s.write_all(b"ping").await.ok()?;
+        let mut p = [0u8; 4];
+        s.read_exact(&mut p).await.ok()?;
+        Some(&b == b"hi\n" && &p == b"ping")
+    };
+    matches!(tokio::time::timeout(within, once).await, Ok(Some(true)))
 }

@@ -5,8 +5,8 @@ use kube::runtime::watcher::Event;
 
 use super::describe;
 use super::objects::{AppInfo, ConnectInfo, EndpointInfo, Object, PodInfo, SliceInfo};
-use super::selector::check_selector;
 use super::view::{Change, View};
+use crate::config::selector::check_selector;
 use crate::config::{KubernetesDiscovery, KubernetesKind, PortRef};
 use crate::discovery::{Discovered, Update};
 

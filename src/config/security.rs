@@ -1,0 +1,316 @@
+//! Who may connect and as whom: a frontend's `tls` and `auth` tables and a backend's
+//! `backend_token`. Every file they name is read here too, so that a missing certificate, a
+//! key that does not match it, a malformed token file or JWKS is reported at load time with
+//! the file, line and field of the key that names it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::reader::{Table, join};
+
+/// `tls = { cert, key, client_ca, verify, identity }` on a frontend: sclb terminates TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM bundle of the CAs that sign client certificates (mTLS).
+    pub client_ca: Option<PathBuf>,
+    pub verify: ClientVerify,
+    /// Which name of a verified client certificate is the connection's identity.
+    pub identity: IdentityFrom,
+}
+
+/// Whether a client certificate is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientVerify {
+    /// No `client_ca`: no client certificate is asked for.
+    None,
+    /// A certificate, if sent, must verify against `client_ca`; clients without one connect.
+    Optional,
+    /// Every client must present a certificate that verifies against `client_ca`.
+    Required,
+}
+
+/// Where a client certificate's identity is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdentityFrom {
+    /// The first SAN URI, else the first SAN DNS name, else the subject CN.
+    Auto,
+    SanUri,
+    SanDns,
+    Cn,
+}
+
+/// `auth` on a gateway frontend: how a client proves who it is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthConfig {
+    /// A file of SHA-256 token hashes, each with an identity.
+    Static { tokens: PathBuf },
+    /// Signed JWTs checked against keys from a PEM or JWKS file.
+    Jwt(JwtConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtConfig {
+    /// A PEM public key (or, for HMAC, a file holding the secret) or a JWKS document.
+    pub keys: PathBuf,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Algorithms accepted; HMAC ones only when named here.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    pub claims: ClaimNames,
+}
+
+/// Which claims of a token name the user, team, environment and groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimNames {
+    pub user: String,
+    pub team: String,
+    pub environment: String,
+    pub groups: String,
+}
+
+impl Default for ClaimNames {
+    fn default() -> Self {
+        ClaimNames {
+            user: "sub".into(),
+            team: "team".into(),
+            environment: "environment".into(),
+            groups: "groups".into(),
+        }
+    }
+}
+
+/// A secret read from a file or an environment variable; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Longest token sclb accepts in a file or variable.
+const MAX_SECRET: usize = 4096;
+
+/// `tls = { ... }`; the certificate and key are loaded to check them.
+pub(super) fn read_tls(t: Table<'_, '_>) -> Option<TlsConfig> {
+    t.allow(&["cert", "key", "client_ca", "verify", "identity"]);
+    let cert = t.required("cert").then(|| t.str("cert")).flatten();
+    let key = t.required("key").then(|| t.str("key")).flatten();
+    let client_ca = t.str("client_ca").map(PathBuf::from);
+    let verify = match (
+        t.choice(
+            "verify",
+            &[
+                ("required", ClientVerify::Required),
+                ("optional", ClientVerify::Optional),
+                ("none", ClientVerify::None),
+            ],
+        ),
+        &client_ca,
+    ) {
+        (Some(ClientVerify::None), Some(_)) => {
+            t.error(
+                "verify",
+                "\"none\" with a client_ca: use \"required\" or \"optional\", or drop client_ca",
+            );
+            return None;
+        }
+        (Some(ClientVerify::Required | ClientVerify::Optional), None) => {
+            t.error(
+                "verify",
+                "needs client_ca (the CAs that sign client certificates)",
+            );
+            return None;
+        }
+        (Some(v), _) => v,
+        (None, Some(_)) if t.contains("verify") => return None,
+        (None, Some(_)) => ClientVerify::Required,
+        (None, None) => ClientVerify::None,
+    };
+    let identity = t
+        .choice(
+            "identity",
+            &[
+                ("auto", IdentityFrom::Auto),
+                ("san_uri", IdentityFrom::SanUri),
+                ("san_dns", IdentityFrom::SanDns),
+                ("cn", IdentityFrom::Cn),
+            ],
+        )
+        .unwrap_or(IdentityFrom::Auto);
+    let cfg = TlsConfig {
+        cert: cert?.into(),
+        key: key?.into(),
+        client_ca,
+        verify,
+        identity,
+    };
+    if let Err(e) = crate::tls::build(&cfg, &[]) {
+        let field = match e.file() {
+            crate::tls::Which::Cert => "cert",
+            crate::tls::Which::Key => "key",
+            crate::tls::Which::ClientCa => "client_ca",
+        };
+        t.error(field, e.to_string());
+        return None;
+    }
+    Some(cfg)
+}
+
+/// `auth = { type = "static" | "jwt", ... }` on a gateway frontend.
+pub(super) fn read_auth(t: Table<'_, '_>) -> Option<AuthConfig> {
+    let kind = t
+        .required("type")
+        .then(|| t.choice("type", &[("static", false), ("jwt", true)]))??;
+    if !kind {
+        t.allow(&["type", "tokens"]);
+        let tokens = PathBuf::from(t.required("tokens").then(|| t.str("tokens")).flatten()?);
+        if let Err(e) = crate::auth::StaticTokens::load(&tokens) {
+            t.error("tokens", e.to_string());
+            return None;
+        }
+        return Some(AuthConfig::Static { tokens });
+    }
+    t.allow(&[
+        "type",
+        "keys",
+        "issuer",
+        "audience",
+        "algorithms",
+        "leeway",
+        "user_claim",
+        "team_claim",
+        "environment_claim",
+        "groups_claim",
+    ]);
+    let keys = t.required("keys").then(|| t.str("keys")).flatten();
+    let mut algorithms = Vec::new();
+    let mut algs_ok = true;
+    let apath = join(t.path, "algorithms");
+    for (i, (name, at)) in t.strings("algorithms").into_iter().enumerate() {
+        match name.parse::<jsonwebtoken::Algorithm>() {
+            Ok(a) => algorithms.push(a),
+            Err(_) => {
+                algs_ok = false;
+                t.error_at(
+                    at,
+                    &format!("{apath}[{i}]"),
+                    format!("unknown algorithm \"{}\": use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, or HS256/HS384/HS512", crate::config::reader::bounded(name)),
+                );
+            }
+        }
+    }
+    if !t.contains("algorithms") {
+        use jsonwebtoken::Algorithm::*;
+        algorithms = vec![
+            RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
+        ];
+    } else if algorithms.is_empty() && algs_ok {
+        t.error("algorithms", "needs at least one algorithm");
+        algs_ok = false;
+    }
+    let leeway = t.duration("leeway").unwrap_or(Duration::from_secs(30));
+    let mut claims = ClaimNames::default();
+    for (key, slot) in [
+        ("user_claim", &mut claims.user),
+        ("team_claim", &mut claims.team),
+        ("environment_claim", &mut claims.environment),
+        ("groups_claim", &mut claims.groups),
+    ] {
+        if let Some(v) = t.str(key) {
+            if v.is_empty() || v.len() > 128 {
+                t.error(key, "a claim name is 1-128 characters");
+            } else {
+                *slot = v.to_string();
+            }
+        }
+    }
+    let cfg = JwtConfig {
+        keys: keys?.into(),
+        issuer: t.str("issuer").map(str::to_string),
+        audience: t.str("audience").map(str::to_string),
+        algorithms,
+        leeway,
+        claims,
+    };
+    if let Err(e) = crate::auth::JwtKeys::load(&cfg) {
+        t.error("keys", e.to_string());
+        return None;
+    }
+    algs_ok.then_some(AuthConfig::Jwt(cfg))
+}
+
+/// `backend_token = { file = "..." }` or `{ env = "VAR" }`: the token sclb sends to the
+/// servers (`authorization: Bearer`), read now so a missing one fails the load.
+pub(super) fn read_backend_token(t: Table<'_, '_>) -> Option<Secret> {
+    t.allow(&["file", "env"]);
+    let raw = match (t.str("file"), t.str("env")) {
+        (Some(_), Some(_)) => {
+            t.error("env", "give either file or env, not both");
+            return None;
+        }
+        (Some(f), None) => match std::fs::read_to_string(f) {
+            Ok(s) => s,
+            Err(e) => {
+                t.error("file", format!("cannot read {f}: {e}"));
+                return None;
+            }
+        },
+        (None, Some(v)) => match std::env::var(v) {
+            Ok(s) => s,
+            Err(e) => {
+                t.error("env", format!("environment variable {v}: {e}"));
+                return None;
+            }
+        },
+        (None, None) => {
+            t.error("file", "needs file or env");
+            return None;
+        }
+    };
+    let token = raw.trim();
+    let which = if t.contains("file") { "file" } else { "env" };
+    if token.is_empty() || token.len() > MAX_SECRET {
+        t.error(which, format!("the token must be 1-{MAX_SECRET} bytes"));
+        return None;
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        t.error(
+            which,
+            "the token must be printable ASCII without spaces (it travels in a header)",
+        );
+        return None;
+    }
+    Some(Secret(token.to_string()))
+}
+
+/// A list of networks (`"10.0.0.0/8"`, `"2001:db8::/32"`, or a single address).
+pub(super) fn read_nets(t: Table<'_, '_>, key: &str) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    for (i, (text, at)) in t.strings(key).into_iter().enumerate() {
+        let net = text.parse::<ipnet::IpNet>().ok().or_else(|| {
+            text.parse::<std::net::IpAddr>()
+                .ok()
+                .map(ipnet::IpNet::from)
+        });
+        match net {
+            Some(n) => out.push(n.trunc()),
+            None => t.error_at(
+                at,
+                &format!("{}[{i}]", join(t.path, key)),
+                format!(
+                    "\"{}\" is not a network: write \"10.0.0.0/8\", \"2001:db8::/32\" or an address",
+                    crate::config::reader::bounded(text)
+                ),
+            ),
+        }
+    }
+    out
+}
