@@ -36,7 +36,8 @@ from pathlib import Path
 import bench as b
 
 TABLE = "spark_servers"
-PARTS = {"pins", "sessions"}
+PARTS = {"pins", "sessions", "servers"}
+ALGOS = ("roundrobin", "leastconn", "source")
 # Session ids of the harness's calls: the last 12 hex digits of the UUID are this + i (the
 # probe's own call, the captured request as it is, ends in ...000000000011).
 FIRST_SESSION = 1 << 32
@@ -49,6 +50,7 @@ class ScaleSettings:
     proxies: list[str]
     pin_ns: list[int]
     session_ns: list[int]
+    server_ns: list[int]
     idle_s: float          # how long sclb's idle CPU (the session reaper) is measured
     samples: int           # connections per connect-latency measurement
     stall_s: float         # length of each stall measurement (baseline and during)
@@ -66,12 +68,14 @@ def parse_args(argv: list[str]) -> ScaleSettings:
     ap = argparse.ArgumentParser(prog="bench/run --scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", action="store_true", help="(selects this driver)")
     ap.add_argument("--quick", action="store_true", help="small N for CI (the harness works; < 1 min)")
-    ap.add_argument("--parts", default="pins,sessions", help="comma list out of: pins,sessions (default: all)")
+    ap.add_argument("--parts", default="pins,sessions,servers",
+                    help="comma list out of: pins,sessions,servers (default: all)")
     ap.add_argument("--variants", default="haproxy,sclb", help="proxies: haproxy,sclb")
     ap.add_argument("--pins", help="comma list of stick-table sizes N (default 1000,10000,100000,1000000;"
                                    " --quick 300,1000)")
     ap.add_argument("--sessions", help="comma list of live gateway session counts N (default "
                                        "1000,10000,100000; --quick 300,1000)")
+    ap.add_argument("--servers", help="comma list of backend sizes N (default 10,100,1000; --quick 10,100)")
     ap.add_argument("--no-build", action="store_true", help="never run cargo build")
     ap.add_argument("--out", default=str(b.BENCH / "results"), help="results directory")
     a = ap.parse_args(argv)
@@ -95,11 +99,17 @@ def parse_args(argv: list[str]) -> ScaleSettings:
         ap.error("--sessions: a comma list of integers")
     if not sns or sns[0] < 10 or sns[-1] > 1_000_000:
         ap.error("--sessions: counts within 10..1000000")
+    try:
+        vns = sorted({int(x) for x in (a.servers or ("10,100" if a.quick else "10,100,1000")).split(",") if x})
+    except ValueError:
+        ap.error("--servers: a comma list of integers")
+    if not vns or vns[0] < 3 or vns[-1] > 2000:
+        ap.error("--servers: sizes within 3..2000")
     ports = [int(p) for p in os.environ.get("BENCH_BACKEND_PORTS", "19001,19002,19003").split(",")]
     if len(ports) != 3:
         ap.error("BENCH_BACKEND_PORTS needs exactly three ports")
     return ScaleSettings(
-        quick=a.quick, parts=parts, proxies=proxies, pin_ns=ns, session_ns=sns,
+        quick=a.quick, parts=parts, proxies=proxies, pin_ns=ns, session_ns=sns, server_ns=vns,
         idle_s=3.0 if a.quick else 15.0,
         samples=300 if a.quick else 2000, stall_s=1.0 if a.quick else 3.0,
         build=not a.no_build,
@@ -210,13 +220,13 @@ def stop_proxy(p: Proxy) -> float:
 # -------------------------------------------------------------------- loads
 
 def conns(name: str, port: int, count: int, conc: int, base: int, rng: int, order: str,
-          timeout: float, until_timeout: bool = False) -> dict:
+          timeout: float, until_timeout: bool = False, errors_ok: bool = False) -> dict:
     """benchtool conns: short connections from distinct 127.x.y.z sources; its JSON line.
     until_timeout: the count is a bound and the time is the measurement (unfinished is fine)."""
     out = b.PROCS.run(name, [b.TOOL, "conns", b.HOST, port, count, conc, base, rng, order, timeout],
                       timeout=timeout + 30)
     r = json.loads(out.strip().splitlines()[-1])
-    if r.get("errors") or (r.get("unfinished") and not until_timeout):
+    if (r.get("errors") and not errors_ok) or (r.get("unfinished") and not until_timeout):
         raise b.BenchError(f"{name}: {r['errors']} errors, {r['unfinished']} unfinished of {count}")
     return r
 
@@ -249,7 +259,7 @@ def stall_probe(s: ScaleSettings, name: str, port: int, pinned: int, during=None
         t_pp = threading.Thread(target=lambda: res.update(pp=pingpong(f"{name}-pingpong", port, s.stall_s)))
         t_pp.start()
         # new connections for as long as the ping-pong runs (bounded in count, 1 in flight)
-        res["conn"] = conns(f"{name}-conns", port, 200_000, 1, 0, pinned, "rand", s.stall_s, True)
+        res["conn"] = conns(f"{name}-conns", port, 200_000, 1, 0, pinned, "rand", s.stall_s, True, True)
         t_pp.join()
     finally:
         stop.set()
@@ -259,7 +269,8 @@ def stall_probe(s: ScaleSettings, name: str, port: int, pinned: int, during=None
         raise b.BenchError(f"{name}: the loop beside the probe failed: {errors[0]}")
     return {"pingpong_p99_us": res["pp"]["p99_us"], "pingpong_max_us": res["pp"]["max_us"],
             "conn_p99_us": res["conn"]["p99_us"], "conn_max_us": res["conn"]["max_us"],
-            "loop_runs": len(runs)}
+            "conn_errors": res["conn"]["errors"], "loop_runs": len(runs),
+            "loop_median_ms": statistics.median(runs) * 1000 if runs and isinstance(runs[0], float) else 0}
 
 
 # --------------------------------------------------------------------- pins
@@ -277,6 +288,14 @@ def sclb_save(p: Proxy) -> float:
     out, secs = admin(p.sock, f"set server {TABLE}/s1 state ready")
     if out.strip():
         raise b.BenchError(f"sclb: 'set server … state ready' answered {out.strip()[:200]!r}")
+    return secs
+
+
+def sclb_reload(sock: Path) -> float:
+    """Seconds for `reload` (the config file unchanged) to answer."""
+    out, secs = admin(sock, "reload")
+    if "fail" in out.lower():
+        raise b.BenchError(f"sclb: reload answered {out.strip()[:200]!r}")
     return secs
 
 
@@ -326,6 +345,11 @@ def run_pins(s: ScaleSettings, variant: str, rows: list[Row], direct: dict) -> N
             if variant == "sclb":
                 saving = stall_probe(s, f"{variant}-stall-save-{n}", proxy.port, n, lambda: sclb_save(proxy))
                 f.update({f"save_{k}": v for k, v in saving.items()})
+                reloading = stall_probe(s, f"{variant}-stall-reload-{n}", proxy.port, n,
+                                        lambda: sclb_reload(proxy.sock))
+                f.update({f"reload_{k}": v for k, v in reloading.items()})
+                if table_used(proxy.sock) < n:
+                    raise b.BenchError(f"sclb lost pins in a reload: {table_used(proxy.sock)} of {n}")
             admin(proxy.sock, f"clear table {TABLE} key {b.HOST}")  # the ping-pong's own pin
             if not proxy.proc.alive():
                 raise b.Broken(f"{variant} died:\n{proxy.proc.log_tail()}")
@@ -430,6 +454,9 @@ def run_sessions(s: ScaleSettings, rows: list[Row]) -> None:
                  * 1000}
             cpu = idle_cpu_ms_per_min(proxy.proc.pid, s.idle_s)
             f.update(idle_cpu_ms_per_min=cpu, reaper_cpu_ms_per_min=cpu - base_cpu)
+            f["reload_ms"] = statistics.median(sclb_reload(proxy.sock) for _ in range(3)) * 1000
+            if live_sessions(proxy.sock)[0] != live:
+                raise b.BenchError("sessions: a reload changed the live sessions")
             if not proxy.proc.alive():
                 raise b.Broken(f"sclb-gateway died:\n{proxy.proc.log_tail()}")
             rows.append(Row("sessions", "sclb", n, f))
@@ -440,6 +467,97 @@ def run_sessions(s: ScaleSettings, rows: list[Row]) -> None:
         if proxy:
             b.PROCS.stop(proxy.proc)
         b.stop_backend(be)
+
+
+# ------------------------------------------------------------------ servers
+
+SERVERS_FIRST_PORT = 20000  # the N servers listen on 127.0.0.1:20000.. (BENCH_SERVERS_PORT)
+
+
+def render_servers(s: ScaleSettings, variant: str, algo: str, ports: list[int]) -> Path:
+    """The bench's config with N servers, `algo`, no stick table and no health checks (so
+    that a connection's cost is the pick's, not a check's or a pin's)."""
+    be = b.Backend("echo1", [f"{b.HOST}:{p}" for p in ports[:3]])
+    sock, _ = proxy_files(s, variant)
+    if variant == "haproxy":
+        text = b.render(b.BENCH / "haproxy.cfg", s.haproxy_port, b.REF_HAPROXY_PORT, be)
+        text = re.sub(r"^global\n", f"global\n    stats socket {sock} mode 600 level admin\n", text,
+                      count=1, flags=re.M)
+        text = re.sub(r"^\s*(stick-table|stick on|default-server|server) .*\n", "", text, flags=re.M)
+        text = text.replace("    balance source\n", f"    balance {algo}\n", 1)
+        text += "".join(f"    server s{i + 1} {b.HOST}:{p}\n" for i, p in enumerate(ports))
+        cfg = s.workdir / f"haproxy-servers-{algo}-{len(ports)}.cfg"
+    else:
+        text = b.render(b.BENCH / "sclb.toml", s.sclb_port, b.REF_SCLB_PORT, be)
+        text = text.replace("[global]\n", f'[global]\nadmin = {{ path = "{sock}" }}\n', 1)
+        text = re.sub(r"^(stick|check|servers) = .*\n", "", text, flags=re.M)
+        text = text.replace('balance = "source"\n', f'balance = "{algo}"\n', 1)
+        text += "servers = [\n" + "".join(f'  {{ name = "s{i + 1}", addr = "{b.HOST}:{p}" }},\n'
+                                        for i, p in enumerate(ports)) + "]\n"
+        cfg = s.workdir / f"sclb-servers-{algo}-{len(ports)}.toml"
+    if algo not in text:
+        raise b.BenchError(f"{variant}: could not set balance {algo} in {cfg}")
+    cfg.write_text(text)
+    return cfg
+
+
+def listening_ports() -> set[int]:
+    """Every TCP port in LISTEN state, from one read of /proc/net/tcp (bench.listening reads
+    the file per port: slow with a thousand ports and the fills' TIME_WAIT sockets)."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A":
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def run_servers(s: ScaleSettings, variant: str, rows: list[Row], direct: dict) -> None:
+    first = int(os.environ.get("BENCH_SERVERS_PORT", SERVERS_FIRST_PORT))
+    ports = list(range(first, first + max(s.server_ns)))
+    busy = sorted(set(ports) & listening_ports())
+    if busy:
+        raise b.BenchError(f"servers: ports {busy[:5]} in use (set BENCH_SERVERS_PORT)")
+    backend = b.PROCS.start("backend-echo1-servers", [b.TOOL, "echo1", 3600, *ports])
+    count = 3000 if s.quick else 20000
+    try:
+        deadline = time.monotonic() + 30
+        while not set(ports) <= listening_ports():
+            if time.monotonic() > deadline or not backend.alive():
+                raise b.Broken(f"servers: the echo1 backend does not listen:\n{backend.log_tail()}")
+            time.sleep(0.1)
+        for n in s.server_ns:
+            for algo in ALGOS:
+                cfg = render_servers(s, variant, algo, ports[:n])
+                proxy, start_s = start_proxy(s, variant, cfg, f"{variant}-servers-{algo}-{n}")
+                try:
+                    conns(f"{variant}-servers-warm-{algo}-{n}", proxy.port, 500, 16, 0, 0, "seq", 60)
+                    cpu0 = b.cpu_seconds(proxy.proc.pid)
+                    load = conns(f"{variant}-servers-{algo}-{n}", proxy.port, count, 32, 1000, 0, "seq", 600)
+                    cpu = b.cpu_seconds(proxy.proc.pid) - cpu0
+                    lat = conns(f"{variant}-servers-lat-{algo}-{n}", proxy.port, s.samples // 2, 1, 0,
+                                10_000_000, "rand", 600)
+                    f = {"cpu_us_per_conn": cpu * 1e6 / count, "conns_per_s": load["per_s"],
+                         "conn_added_p50_us": lat["p50_us"] - direct["p50_us"],
+                         "conn_added_p99_us": lat["p99_us"] - direct["p99_us"],
+                         "start_ms": start_s * 1000}
+                    if variant == "sclb":  # reload with nothing changed: the admin answer
+                        f["reload_ms"] = statistics.median(admin(proxy.sock, "reload")[1] for _ in range(3)) * 1000
+                    if not proxy.proc.alive():
+                        raise b.Broken(f"{variant} died:\n{proxy.proc.log_tail()}")
+                finally:
+                    b.PROCS.stop(proxy.proc)
+                rows.append(Row(f"servers-{algo}", variant, n, f))
+                print(f"  servers {variant} {algo} N={n}: {f['cpu_us_per_conn']:.0f} µs CPU/conn, "
+                      f"added p50 {f['conn_added_p50_us']:+.0f} µs"
+                      + (f", reload {f['reload_ms']:.0f} ms" if 'reload_ms' in f else ""), flush=True)
+    finally:
+        b.PROCS.stop(backend)
 
 
 def direct_baseline(s: ScaleSettings) -> dict:
@@ -475,6 +593,10 @@ PIN_COLUMNS = [  # (figure key, header, format)
     ("base_conn_max_us", "new conn max µs: alone", lambda v: f"{v:.0f}"),
     ("show_conn_max_us", "… during show table", lambda v: f"{v:.0f}"),
     ("save_conn_max_us", "… during saves", lambda v: f"{v:.0f}"),
+    ("reload_loop_median_ms", "reload ms (median)", lambda v: f"{v:.1f}"),
+    ("reload_conn_p99_us", "new conn p99 µs during reloads", lambda v: f"{v:.0f}"),
+    ("reload_conn_errors", "new conns refused/failed during reloads", lambda v: f"{v:.0f}"),
+    ("reload_loop_runs", "reloads run", lambda v: f"{v:.0f}"),
     ("show_loop_runs", "show tables run", lambda v: f"{v:.0f}"),
     ("save_loop_runs", "saves run", lambda v: f"{v:.0f}"),
 ]
@@ -518,7 +640,18 @@ def chart(s: ScaleSettings, rows: list[Row], png: Path) -> str | None:
         ("sessions", "first RPC of a new session, µs (log)", True,
          [("sclb", "first_rpc_p50_us", "p50 (16 in flight)", 2), ("sclb", "first_rpc_p99_us", "p99", 1)]),
     ]
+    panels += [
+        ("servers-" + algo, f"balance {algo}: proxy CPU per connection, µs", False,
+         [(v, "cpu_us_per_conn", v, 1) for v in s.proxies]) for algo in ALGOS]
+    panels.append(("servers-roundrobin", "sclb reload with nothing changed, ms", False,
+                   [("sclb", "reload_ms", "N servers (roundrobin)", 1)]))
+    panels.append(("pins", "sclb reload with N pins: ms, and new connections failed", False,
+                   [("sclb", "reload_loop_median_ms", "reload ms (median)", 1),
+                    ("sclb", "reload_conn_errors", "connections failed during reloads", 2)]))
+    panels.append(("sessions", "sclb reload with N sessions, ms", False,
+                   [("sclb", "reload_ms", "reload ms (median of 3)", 1)]))
     xlabel = {"pins": "N (stick entries)", "sessions": "N (live sessions)"}
+    xlabel.update({"servers-" + a: "N (servers in the backend)" for a in ALGOS})
     plots = []
     for i, (part, title, ylog, series) in enumerate(panels):
         curves = []
@@ -565,6 +698,17 @@ SESSION_COLUMNS = [
     ("show_sessions_ms", "show sessions ms", lambda v: f"{v:.1f}"),
     ("idle_cpu_ms_per_min", "idle CPU ms/min", lambda v: f"{v:.0f}"),
     ("reaper_cpu_ms_per_min", "… above N=0", lambda v: f"{v:+.0f}"),
+    ("reload_ms", "reload ms", lambda v: f"{v:.1f}"),
+]
+
+
+SERVER_COLUMNS = [
+    ("cpu_us_per_conn", "CPU µs per connection", lambda v: f"{v:.0f}"),
+    ("conns_per_s", "conns/s (32 in flight)", lambda v: f"{v:.0f}"),
+    ("conn_added_p50_us", "added p50 µs (1 at a time)", lambda v: f"{v:+.0f}"),
+    ("conn_added_p99_us", "added p99 µs", lambda v: f"{v:+.0f}"),
+    ("start_ms", "start ms", lambda v: f"{v:.0f}"),
+    ("reload_ms", "reload (nothing changed) ms", lambda v: f"{v:.1f}"),
 ]
 
 
@@ -589,6 +733,8 @@ def write_report(s: ScaleSettings, rows: list[Row], errors: list[str], envlog: l
     problem = chart(s, rows, png)
     pins = figures_table(rows, "pins", PIN_COLUMNS)
     sessions = figures_table(rows, "sessions", SESSION_COLUMNS)
+    servers = "\n\n".join(f"`balance {a}`:\n\n" + figures_table(rows, "servers-" + a, SERVER_COLUMNS)
+                          for a in ALGOS if any(r.part == "servers-" + a for r in rows))
     doc = [f"# sclb scale curves {s.stamp}{' (quick: small N, the harness works)' if s.quick else ''}", "",
            "How the cost grows with the work held. See bench/README.md (Scale curves).", "",
            "## Stick table pins (stick on src, type ip, server id + expiry)", "",
@@ -599,15 +745,23 @@ def write_report(s: ScaleSettings, rows: list[Row], errors: list[str], envlog: l
                                          f"{direct['p99_us']:.0f} µs)" if direct else "") + ". "
            "Save: an admin change, which answers once the state file is on disk (sclb only; "
            "HAProxy keeps no stick-table file). Start with the file: sclb start to listening "
-           "(and its admin socket answering) with that file; minus an empty start = the load. Stall probes: {s.stall_s:g} s of ping-pong (one connection, 64 B) and new "
-           "connections one at a time, alone, then while `show table` (or a save) runs in a loop.",
+           "(and its admin socket answering) with that file; minus an empty start = the load. "
+           f"Stall probes: {s.stall_s:g} s of ping-pong (one connection, 64 B) and new "
+           "connections one at a time, alone, then while `show table` (or a save, or a `reload`) "
+           "runs in a loop.",
            "", pins, "",
            "## Live gateway sessions (sclb `mode = \"grpc\"`; HAProxy has no equivalent)", "",
            "Opened by unary Config calls (one new Spark session id each, 16 in flight, one h2c "
            "connection) through the gateway to `benchtool grpc`. B/session = (RSS − RSS before) ÷ N. "
            f"Idle CPU: the process's CPU over {s.idle_s:g} s with no traffic and `cleanup_interval = 1s` "
            "(nothing expires: idle_timeout 30m); '… above N=0' is what the N sessions add, i.e. the "
-           "session reaper's cost of finding nothing to do.", "", sessions, ""]
+           "session reaper's cost of finding nothing to do.", "", sessions, "",
+           "## Servers in a backend", "",
+           "N servers (all `benchtool echo1`, one port each), no stick table, no health checks, so "
+           "a connection's cost is the pick's. CPU per connection over 20,000 connections (32 in "
+           "flight, distinct sources); added latency of connections one at a time; reload: sclb's "
+           "`reload` on the admin socket with the file unchanged (median of 3).", "",
+           servers or "(no servers figures)", ""]
     if errors:
         doc += ["## Errors", ""] + [f"- {e.splitlines()[0]}" for e in errors] + [""]
     doc += ["## Environment", "", "```"] + envlog + ["```", ""]
@@ -615,7 +769,7 @@ def write_report(s: ScaleSettings, rows: list[Row], errors: list[str], envlog: l
     md = base.with_suffix(".md")
     md.write_text("\n".join(doc) + "\n")
     (s.workdir / "scale-rows.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
-    print("\n" + pins + "\n\n" + sessions + "\n")
+    print("\n" + pins + "\n\n" + sessions + "\n\n" + servers + "\n")
     for e in errors:
         print(f"ERROR: {e}", file=sys.stderr)
     print(f"bench: wrote {md}" + (f" and {png}" if problem is None else f" ({problem})"))
@@ -673,6 +827,15 @@ def main(argv: list[str]) -> int:
                 except b.BenchError as exc:
                     errors.append(f"pins {variant}: {exc}")
                 print(f"  pins {variant}: {time.monotonic() - t0:.0f} s", flush=True)
+        if "servers" in s.parts:
+            direct = direct or direct_baseline(s)
+            for variant in proxies:
+                t0 = time.monotonic()
+                try:
+                    run_servers(s, variant, rows, direct)
+                except b.BenchError as exc:
+                    errors.append(f"servers {variant}: {exc}")
+                print(f"  servers {variant}: {time.monotonic() - t0:.0f} s", flush=True)
         if "sessions" in s.parts and sclb_ok and "sclb" in s.proxies:
             t0 = time.monotonic()
             try:
