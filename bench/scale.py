@@ -336,8 +336,10 @@ def run_pins(s: ScaleSettings, variant: str, rows: list[Row], direct: dict) -> N
             f["show_table_ms"] = secs * 1000
             if variant == "sclb":
                 f["save_ms"] = statistics.median(sclb_save(proxy) for _ in range(3)) * 1000
+                # each N's file is loaded after the run; the largest is the one written at stop
                 saves.append((n, s.workdir / f"sclb-state-{n}.json"))
-                shutil.copyfile(proxy.state, saves[-1][1])
+                if n != s.pin_ns[-1]:
+                    shutil.copyfile(proxy.state, saves[-1][1])
             base = stall_probe(s, f"{variant}-stall-base-{n}", proxy.port, n)
             during = stall_probe(s, f"{variant}-stall-show-{n}", proxy.port, n, lambda: show_table(proxy.sock))
             f.update({f"base_{k}": v for k, v in base.items() if k != "loop_runs"})
@@ -361,11 +363,15 @@ def run_pins(s: ScaleSettings, variant: str, rows: list[Row], direct: dict) -> N
         stop_proxy(proxy)
         proxy = None
         if variant == "sclb":
-            proxy_files(s, variant)[1].unlink(missing_ok=True)
+            state = proxy_files(s, variant)[1]
+            last = saves[-1][1] if saves else None
+            if last and state.exists():
+                state.replace(last)  # written at the graceful stop: the largest N
+            state.unlink(missing_ok=True)
             p, empty = start_proxy(s, variant, cfg, "sclb-start-empty")
             stop_proxy(p)
             for n, path in saves:  # load time: start to listening with that state file
-                shutil.copyfile(path, proxy_files(s, variant)[1])
+                path.replace(proxy_files(s, variant)[1])  # moved, not copied: 10^6 pins are 100 MB
                 p, secs = start_proxy(s, variant, cfg, f"sclb-load-{n}")
                 try:
                     used = table_used(p.sock)
