@@ -182,6 +182,9 @@ def render_proxy(s: ScaleSettings, variant: str, be: b.Backend) -> Path:
         text = b.render(b.BENCH / "sclb.toml", s.sclb_port, b.REF_SCLB_PORT, be)
         text = text.replace("[global]\n", f'[global]\nadmin = {{ path = "{sock}" }}\n'
                                           f'state_file = "{state}"\n', 1)
+        # HAProxy's "size 1m" is 1,048,576 entries: the same here, so that a million pins and
+        # the probes' own (127.0.0.1) fit in both without an eviction.
+        text = text.replace("size = 1000000 }", "size = 1048576 }", 1)
         cfg = s.workdir / "sclb-scale.toml"
     cfg.write_text(text)
     return cfg
