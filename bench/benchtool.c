@@ -563,6 +563,22 @@ static int cmd_pingpong(int argc, char **argv) {
 
 /* ------------------------------------------- many-source connection client */
 
+/* The JSON line of the conns and grpccalls clients; sorts lat. Exit status: 1 if nothing got
+ * through. */
+static int print_load_result(int64_t *lat, long done, long unfinished, long errors, double elapsed) {
+    if (done == 0) {
+        printf("{\"count\": 0, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.3f}\n", errors,
+               unfinished, elapsed);
+        return 1;
+    }
+    qsort(lat, (size_t)done, sizeof(int64_t), cmp_i64);
+    printf("{\"count\": %ld, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.3f, \"per_s\": %.1f, "
+           "\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f}\n",
+           done, errors, unfinished, elapsed, done / elapsed, pct_us(lat, done, 50), pct_us(lat, done, 90),
+           pct_us(lat, done, 99), pct_us(lat, done, 99.9), lat[done - 1] / 1000.0);
+    return 0;
+}
+
 #define CONNS_MAX_COUNT 20000000L
 #define CONNS_FIRST_ADDR 0x7F010000u /* 127.1.0.0: address number 0 */
 #define CONNS_MAX_ADDRS (0x7FFFFFFEu - CONNS_FIRST_ADDR)
@@ -672,18 +688,7 @@ static int cmd_conns(int argc, char **argv) {
         }
     }
     double elapsed = (now_ns() - t_start) / 1e9;
-    long unfinished = count - done - errors;
-    if (done == 0) {
-        printf("{\"count\": 0, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.3f}\n", errors,
-               unfinished, elapsed);
-        return 1;
-    }
-    qsort(lat, (size_t)done, sizeof(int64_t), cmp_i64);
-    printf("{\"count\": %ld, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.3f, \"per_s\": %.1f, "
-           "\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f}\n",
-           done, errors, unfinished, elapsed, done / elapsed, pct_us(lat, done, 50), pct_us(lat, done, 90),
-           pct_us(lat, done, 99), pct_us(lat, done, 99.9), lat[done - 1] / 1000.0);
-    return 0;
+    return print_load_result(lat, done, count - done - errors, errors, elapsed);
 }
 
 /* -------------------------------------------------------- gRPC call client */
@@ -825,17 +830,7 @@ static int cmd_grpccalls(int argc, char **argv) {
     }
     close(fd);
     double elapsed = (now_ns() - t_start) / 1e9;
-    long unfinished = count - done - errors;
-    if (done == 0) {
-        printf("{\"count\": 0, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.3f}\n", errors, unfinished, elapsed);
-        return 1;
-    }
-    qsort(lat, (size_t)done, sizeof(int64_t), cmp_i64);
-    printf("{\"count\": %ld, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.3f, \"per_s\": %.1f, "
-           "\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f}\n",
-           done, errors, unfinished, elapsed, done / elapsed, pct_us(lat, done, 50), pct_us(lat, done, 90),
-           pct_us(lat, done, 99), pct_us(lat, done, 99.9), lat[done - 1] / 1000.0);
-    return 0;
+    return print_load_result(lat, done, count - done - errors, errors, elapsed);
 }
 
 /* ---------------------------------------------------------------- memcpy */

@@ -510,33 +510,17 @@ def render_servers(s: ScaleSettings, variant: str, algo: str, ports: list[int]) 
     return cfg
 
 
-def listening_ports() -> set[int]:
-    """Every TCP port in LISTEN state, from one read of /proc/net/tcp (bench.listening reads
-    the file per port: slow with a thousand ports and the fills' TIME_WAIT sockets)."""
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "0A":
-                ports.add(int(f[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
 def run_servers(s: ScaleSettings, variant: str, rows: list[Row], direct: dict) -> None:
     first = int(os.environ.get("BENCH_SERVERS_PORT", SERVERS_FIRST_PORT))
     ports = list(range(first, first + max(s.server_ns)))
-    busy = sorted(set(ports) & listening_ports())
+    busy = sorted(set(ports) & b.listening_ports())
     if busy:
         raise b.BenchError(f"servers: ports {busy[:5]} in use (set BENCH_SERVERS_PORT)")
     backend = b.PROCS.start("backend-echo1-servers", [b.TOOL, "echo1", 3600, *ports])
     count = 3000 if s.quick else 20000
     try:
         deadline = time.monotonic() + 30
-        while not set(ports) <= listening_ports():
+        while not set(ports) <= b.listening_ports():
             if time.monotonic() > deadline or not backend.alive():
                 raise b.Broken(f"servers: the echo1 backend does not listen:\n{backend.log_tail()}")
             time.sleep(0.1)
@@ -827,31 +811,21 @@ def main(argv: list[str]) -> int:
               f"proxies {','.join(proxies)}; sclb: {sclb_note}; logs in {s.workdir}", flush=True)
         envlog = environment(s, sclb_note)
         direct = None
-        if "pins" in s.parts:
-            direct = direct_baseline(s)
-            for variant in proxies:
-                t0 = time.monotonic()
-                try:
-                    run_pins(s, variant, rows, direct)
-                except b.BenchError as exc:
-                    errors.append(f"pins {variant}: {exc}")
-                print(f"  pins {variant}: {time.monotonic() - t0:.0f} s", flush=True)
-        if "servers" in s.parts:
-            direct = direct or direct_baseline(s)
-            for variant in proxies:
-                t0 = time.monotonic()
-                try:
-                    run_servers(s, variant, rows, direct)
-                except b.BenchError as exc:
-                    errors.append(f"servers {variant}: {exc}")
-                print(f"  servers {variant}: {time.monotonic() - t0:.0f} s", flush=True)
-        if "sessions" in s.parts and sclb_ok and "sclb" in s.proxies:
+        def run(what: str, fn) -> None:  # one part for one proxy: its error is recorded, the run goes on
             t0 = time.monotonic()
             try:
-                run_sessions(s, rows)
+                fn()
             except b.BenchError as exc:
-                errors.append(f"sessions: {exc}")
-            print(f"  sessions: {time.monotonic() - t0:.0f} s", flush=True)
+                errors.append(f"{what}: {exc}")
+            print(f"  {what}: {time.monotonic() - t0:.0f} s", flush=True)
+
+        direct = direct_baseline(s) if {"pins", "servers"} & set(s.parts) else None
+        for part, runner in (("pins", run_pins), ("servers", run_servers)):
+            if part in s.parts:
+                for variant in proxies:
+                    run(f"{part} {variant}", lambda: runner(s, variant, rows, direct))
+        if "sessions" in s.parts and sclb_ok and "sclb" in s.proxies:
+            run("sessions", lambda: run_sessions(s, rows))
         d = [y - x for x, y in zip(cpu0, b.cpu_times())]
         total = sum(d) or 1
         envlog.append(f"machine busy {100 * (total - d[3] - d[4]) / total:.0f}% over the run "
