@@ -17,6 +17,9 @@ mod apiserver;
 mod fake;
 #[path = "k8s/lb.rs"]
 mod lb;
+mod realbin;
+#[path = "k8s/store.rs"]
+mod store;
 
 use std::path::Path;
 use std::time::Duration;
