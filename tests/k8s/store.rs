@@ -567,3 +567,38 @@ async fn orphaned_drivers_are_adopted_or_deleted() {
     .await;
     assert!(driver.methods(&s).contains(&"ReleaseSession".to_string()));
 }
+
+/// The replicated kit's Role (replicated/rbac-store.yaml) is all the store needs: sclb as the
+/// kit's service account records sessions in Leases and holds the reaper Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_store_role_is_enough() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "store-rbac").await;
+    for file in ["serviceaccount.yaml", "replicated/rbac-store.yaml"] {
+        for yaml in crate::apiserver::manifest(file, &k.ns) {
+            k.post_yaml(&crate::apiserver::collection(&yaml, &k.ns), &yaml)
+                .await
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+    let d = tempfile::tempdir().unwrap();
+    let kubeconfig = d.path().join("sa.kubeconfig");
+    crate::apiserver::service_account_kubeconfig(api, &k, "sclb", &kubeconfig).await;
+    let a = FakeGrpc::start("sc1", Behaviour::default()).await;
+    let cfg = static_config(d.path(), api, &k.ns, &[&a], "10m").replace(
+        &api.kubeconfig().display().to_string(),
+        &kubeconfig.display().to_string(),
+    );
+    let mut one = SclbProcess::start(d.path(), &cfg, &[]);
+    let mut c = Client::connect(one.frontend_addr("gw")).await;
+    open(&mut c, 0..3).await;
+    assert_eq!(session_leases(&k).await.len(), 3);
+    until(
+        "sclb holds the reaper Lease",
+        Duration::from_secs(20),
+        || holds_lease(&one),
+    )
+    .await;
+    let log = one.log_text();
+    assert!(!log.contains("forbidden"), "{log}");
+}
