@@ -475,7 +475,7 @@ fn read_global(t: Table<'_, '_>) -> Option<Global> {
 /// `[global] store = { kind = "memory" }`, `{ kind = "postgres", url = "...", ... }` or
 /// `{ kind = "kubernetes", namespace = "...", ... }`.
 fn read_store(t: Table<'_, '_>) -> Option<StoreConfig> {
-    const PG: &[&str] = &["url", "password_file", "timeout"];
+    const PG: &[&str] = &["url", "password_file", "ca", "timeout"];
     const KUBE: &[&str] = &[
         "namespace",
         "lease",
@@ -546,11 +546,19 @@ fn read_postgres_store(t: Table<'_, '_>) -> Option<StoreConfig> {
         return None;
     }
     let password_file = t.str("password_file").map(PathBuf::from);
+    let ca = t.str("ca").map(PathBuf::from);
+    if let Some(ca) = &ca
+        && let Err(e) = crate::tls::client_config(Some(ca))
+    {
+        t.error("ca", e.to_string());
+        return None;
+    }
     let timeout = positive(t, "timeout").unwrap_or(Duration::from_secs(2));
     let sync_interval = positive(t, "sync_interval").unwrap_or(Duration::from_secs(2));
     Some(StoreConfig::Postgres(PostgresStore {
         url: url.to_string(),
         password_file,
+        ca,
         timeout,
         sync_interval,
     }))

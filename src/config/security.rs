@@ -157,6 +157,7 @@ pub(super) fn read_tls(t: Table<'_, '_>) -> Option<TlsConfig> {
             crate::tls::Which::Cert => "cert",
             crate::tls::Which::Key => "key",
             crate::tls::Which::ClientCa => "client_ca",
+            crate::tls::Which::ServerCa => "ca",
         };
         t.error(field, e.to_string());
         return None;
