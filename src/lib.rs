@@ -286,6 +286,10 @@ impl Sclb {
         let shared = &self.shared;
         shared.life.stop_accepting.cancel();
         shared.life.stop_background.cancel();
+        // A replica that stops reaps no more: it hands the reaper Lease over at once.
+        if let Some(store) = shared.gateway.store.get() {
+            store.stop().await;
+        }
         if let Some(f) = &self.admin_file {
             admin::remove_socket(f);
         }

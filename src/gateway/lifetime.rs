@@ -206,7 +206,6 @@ pub async fn store_sync(shared: Arc<Shared>, store: crate::store::SessionStore) 
                     store.ended_here(k, r);
                 }
                 let _ = store.sync(since, gw.registry.activity_to_write()).await;
-                store.stop().await;
                 return;
             }
         }

@@ -283,6 +283,48 @@ async fn when_the_reaper_dies_another_replica_reaps() {
     );
 }
 
+/// A replica stopped gracefully (SIGTERM) hands the reaper Lease over at once: the other holds
+/// it well within the Lease's 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_hands_the_reaper_lease_over() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "store-handover").await;
+    let a = FakeGrpc::start("sc1", Behaviour::default()).await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = |d: &Path| {
+        static_config(d, api, &k.ns, &[&a], "10m")
+            .replace("lease_duration = \"3s\"", "lease_duration = \"30s\"")
+    };
+    let mut one = SclbProcess::start(d1.path(), &cfg(d1.path()), &[]);
+    one.frontend_addr("gw");
+    until(
+        "the first replica holds the reaper Lease",
+        Duration::from_secs(20),
+        || holds_lease(&one),
+    )
+    .await;
+    let mut two = SclbProcess::start(d2.path(), &cfg(d2.path()), &[]);
+    two.frontend_addr("gw");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(one.pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let stopped = Instant::now();
+    until(
+        "the second replica takes the Lease",
+        Duration::from_secs(20),
+        || holds_lease(&two),
+    )
+    .await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "taken over after {:?}, not at once",
+        stopped.elapsed()
+    );
+    assert!(one.log_text().contains("reaper lease released"));
+}
+
 /// Someone else holds the reaper Lease (renewing it): sclb deletes nothing, however idle its
 /// session; once the holder stops renewing, sclb takes the Lease over and reaps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
