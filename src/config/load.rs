@@ -567,43 +567,31 @@ fn read_postgres_store(t: Table<'_, '_>) -> Option<StoreConfig> {
 /// `{ kind = "kubernetes", namespace = "spark", lease = "sclb-reaper", ... }`.
 fn read_kubernetes_store(t: Table<'_, '_>) -> Option<StoreConfig> {
     let mut ok = true;
-    let namespace = match t.str("namespace") {
-        Some(ns) if is_dns_label(ns) => ns.to_string(),
-        Some(ns) => {
+    let mut name = |key: &str, what: &str| match t.str(key) {
+        Some(v) if is_dns_label(v) => Some(v.to_string()),
+        Some(v) => {
             t.error(
-                "namespace",
+                key,
                 format!(
-                    "\"{}\" is not a namespace name (a-z, 0-9, '-', at most 63)",
-                    crate::escape::token(ns)
+                    "\"{}\" is not a {what} name (a-z, 0-9, '-', at most 63)",
+                    crate::escape::token(v)
                 ),
             );
             ok = false;
-            String::new()
+            None
         }
-        None => {
-            t.error(
-                "namespace",
-                "a kubernetes store needs namespace (where its session Leases and the reaper's Lease live)",
-            );
-            ok = false;
-            String::new()
-        }
+        None => None,
     };
-    let lease = match t.str("lease") {
-        Some(l) if is_dns_label(l) => l.to_string(),
-        Some(l) => {
-            t.error(
-                "lease",
-                format!(
-                    "\"{}\" is not a Lease name (a-z, 0-9, '-', at most 63)",
-                    crate::escape::token(l)
-                ),
-            );
-            ok = false;
-            String::new()
-        }
-        None => "sclb-reaper".to_string(),
-    };
+    let namespace = name("namespace", "namespace");
+    let lease = name("lease", "Lease").unwrap_or_else(|| "sclb-reaper".to_string());
+    if namespace.is_none() && !t.contains("namespace") {
+        t.error(
+            "namespace",
+            "a kubernetes store needs namespace (where its session Leases and the reaper's Lease live)",
+        );
+        ok = false;
+    }
+    let namespace = namespace.unwrap_or_default();
     let lease_duration = positive(t, "lease_duration").unwrap_or(Duration::from_secs(15));
     if lease_duration < Duration::from_secs(1) {
         t.error(

@@ -723,10 +723,14 @@ impl KubeStore {
                 return;
             }
             let what = match &r.session {
-                None => "orphaned driver (labelled managed-by=sclb, no session)".to_string(),
+                None => format!(
+                    "orphaned driver (labelled managed-by=sclb, no session, older than {:?})",
+                    self.cfg.orphan_grace
+                ),
                 Some(s) => format!(
-                    "record of session {} that no replica holds",
-                    crate::escape::token(&s.key.session_id)
+                    "record of session {} that no replica holds ({})",
+                    crate::escape::token(&s.key.session_id),
+                    reason.as_str()
                 ),
             };
             match self.end_record(&r, reason, true).await {
@@ -734,10 +738,9 @@ impl KubeStore {
                     target: "sclb::audit",
                     namespace = %r.obj.namespace,
                     name = %r.obj.name,
-                    "deleted {what}: {}/{} ({})",
+                    "deleted {what}: {}/{}",
                     r.obj.namespace,
                     r.obj.name,
-                    reason.as_str()
                 ),
                 Ok(false) => debug!(name = %r.obj.name, "{what} changed since read: kept"),
                 Err(e) => {
