@@ -523,10 +523,13 @@ impl KubeStore {
     /// Binds a new session on a static or discovered server: its session Lease, created unless
     /// one exists (then that one's binding is the answer).
     pub async fn bind(&self, key: &SessionKey, b: &Binding) -> Result<Bound, StoreError> {
-        if let Some(r) = self.index.lock().find(key)
-            && let Some(s) = &r.session
-        {
-            return Ok(theirs(s));
+        if let Some(r) = self.index.lock().find(key) {
+            if let Some(reason) = r.ended {
+                return Ok(Bound::Ended(reason));
+            }
+            if let Some(s) = &r.session {
+                return Ok(theirs(s));
+            }
         }
         if key.session_id.len() > MAX_ID || key.user_id.len() > MAX_ID {
             return Err(StoreError::Kube(format!(
@@ -859,7 +862,12 @@ impl KubeStore {
                 // Not recorded (yet): its record's creation wrote its activity.
                 continue;
             };
-            if rec.session.as_ref().is_some_and(|s| s.active_ms >= *at) {
+            // Nothing newer than the record says (within the clocks' rounding).
+            if rec
+                .session
+                .as_ref()
+                .is_some_and(|s| s.active_ms + 1000 >= *at)
+            {
                 continue;
             }
             let api = self.api(rec.obj.watch, &rec.obj.namespace);
