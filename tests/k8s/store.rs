@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use crate::apiserver::{ApiServer, Cluster, shared};
+use crate::apiserver::{ApiServer, Cluster, Partition, shared};
 use crate::grpc::{self, Behaviour, Client, FakeGrpc, expect_placed, open, request, session};
 use crate::lb::eventually;
 use crate::realbin::SclbProcess;
@@ -133,6 +133,48 @@ async fn holder_then_other(
     let mut two = SclbProcess::start(d2, &config(d2), &[]);
     two.frontend_addr("gw");
     (one, two)
+}
+
+/// Cut off from the API server, a replica fails no RPC: its sessions keep their servers and
+/// new ones are bound locally; once it reaches the API server again, their Leases are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_from_the_api_server_sessions_route_and_are_recorded_after() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "store-cut").await;
+    let (a, b) = (
+        FakeGrpc::start("sc1", Behaviour::default()).await,
+        FakeGrpc::start("sc2", Behaviour::default()).await,
+    );
+    let relay = Partition::start(api.port).await;
+    let d = tempfile::tempdir().unwrap();
+    let kubeconfig = d.path().join("relay.kubeconfig");
+    relay.kubeconfig(api, &kubeconfig);
+    let cfg = static_config(d.path(), api, &k.ns, &[&a, &b], "10m").replace(
+        &api.kubeconfig().display().to_string(),
+        &kubeconfig.display().to_string(),
+    );
+    let mut one = SclbProcess::start(d.path(), &cfg, &[]);
+    let mut c = Client::connect(one.frontend_addr("gw")).await;
+    let mut placed = open(&mut c, 0..4).await;
+    assert_eq!(session_leases(&k).await.len(), 4);
+
+    relay.set(true);
+    expect_placed(&mut c, 0..4, &placed, "while cut off").await;
+    placed.extend(open(&mut c, 4..6).await);
+    expect_placed(&mut c, 0..6, &placed, "while cut off").await;
+    until("the outage is logged", Duration::from_secs(10), || {
+        one.log_text().contains("unreachable")
+    })
+    .await;
+    assert_eq!(
+        session_leases(&k).await.len(),
+        4,
+        "nothing written meanwhile"
+    );
+
+    relay.set(false);
+    leases_become(&k, 6, "the sessions bound while cut off are recorded").await;
+    expect_placed(&mut c, 0..6, &placed, "after the outage").await;
 }
 
 /// Sessions opened through one replica are recorded as Leases and reach the same servers
