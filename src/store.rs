@@ -614,7 +614,12 @@ impl Store {
         }
         cfg.connect_timeout(self.cfg.timeout);
         cfg.application_name("sclb");
-        let client = if cfg.get_ssl_mode() == SslMode::Disable {
+        // A Unix socket takes no TLS (as with libpq): PostgreSQL on the same host.
+        let local = cfg
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        let client = if cfg.get_ssl_mode() == SslMode::Disable || local {
             self.open(&cfg, NoTls).await?
         } else {
             // sslmode=prefer (libpq's default) or require: TLS when the server offers it,
