@@ -300,6 +300,40 @@ async fn when_the_reaper_dies_another_replica_reaps() {
     );
 }
 
+/// A session used only through the replica that does not reap stays alive: its activity,
+/// written to its Lease, keeps the reaper (the other replica) from ending it; once unused, it
+/// is reaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_through_another_replica_keeps_a_session_from_the_reaper() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "store-activity").await;
+    let a = FakeGrpc::start("sc1", Behaviour::default()).await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (reaper, mut other) = holder_then_other(d1.path(), d2.path(), |d| {
+        static_config(d, api, &k.ns, &[&a], "3s")
+    })
+    .await;
+    let mut c = Client::connect(other.frontend_addr("gw")).await;
+    open(&mut c, 0..1).await;
+    // 12 s of use through the other replica: idle 3 s + slack 2.3 s twice over.
+    let until_t = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until_t {
+        let r = c
+            .call(
+                "AnalyzePlan",
+                request("03_AnalyzePlan_schema.bin", &session(0)),
+            )
+            .await;
+        assert_eq!(r.status, 0, "the session is alive: {r:?}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(session_leases(&k).await.len(), 1);
+    assert!(!reaper.log_text().contains("deleted by the reaper"));
+    // Unused now: the reaper ends it.
+    leases_become(&k, 0, "the unused session is reaped").await;
+    assert!(reaper.log_text().contains("deleted by the reaper (idle)"));
+}
+
 /// A replica stopped gracefully (SIGTERM) hands the reaper Lease over at once: the other holds
 /// it well within the Lease's 30 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
