@@ -364,7 +364,7 @@ def loadavg() -> str:
 
 @dataclass
 class Backend:
-    kind: str                 # iperf3 | http1 | h2c | echo | grpc | spark
+    kind: str                 # iperf3 | http1 | h2c | echo | echo1 | grpc | spark
     addrs: list[str]          # the three server addresses (host:port)
     procs: list[Proc] = field(default_factory=list)
 
@@ -377,8 +377,8 @@ def start_backend(s: Settings, kind: str) -> Backend:
         return Backend(kind, servers)
     if kind == "iperf3":
         procs = [PROCS.start(f"backend-iperf3-{p}", ["iperf3", "-s", "-B", HOST, "-p", p]) for p in ports]
-    elif kind == "echo":
-        procs = [PROCS.start("backend-echo", [TOOL, "echo", 3600, *ports])]
+    elif kind in ("echo", "echo1"):  # echo1: closes after its first echo (bench/scale.py)
+        procs = [PROCS.start(f"backend-{kind}", [TOOL, kind, 3600, *ports])]
     elif kind == "grpc":
         procs = [PROCS.start("backend-grpc", [TOOL, "grpc", 3600, *ports])]
     elif kind in ("http1", "h2c"):
