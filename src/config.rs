@@ -19,7 +19,8 @@ use std::time::Duration;
 
 pub use reader::ConfigError;
 pub use security::{
-    AuthConfig, ClaimNames, ClientVerify, IdentityFrom, JwtConfig, Secret, TlsConfig,
+    AuthConfig, ClaimNames, ClientVerify, IdentityFrom, JwtConfig, KeySource, OidcSource, Secret,
+    TlsConfig,
 };
 
 /// A config that failed to load: every error found, in file order.

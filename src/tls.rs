@@ -23,12 +23,16 @@ use tracing::{info, warn};
 
 use crate::config::{ClientVerify, Config, IdentityFrom, TlsConfig};
 
+pub mod client;
+
 /// Which of a frontend's TLS files a problem is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Which {
     Cert,
     Key,
     ClientCa,
+    /// A CA bundle sclb trusts as a TLS client (`server_tls.ca`, `auth.ca`).
+    Ca,
 }
 
 /// Why a certificate, key or CA bundle could not be used.

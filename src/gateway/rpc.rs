@@ -95,7 +95,7 @@ pub(super) async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownB
     let grpc_cfg = fe.config.grpc.as_ref().unwrap_or(&DEFAULT_GRPC);
 
     let (parts, mut body) = req.into_parts();
-    let identity = match super::identity::authenticate(&cx, grpc_cfg, &parts.headers) {
+    let identity = match super::identity::authenticate(&cx, grpc_cfg, &parts.headers).await {
         Ok(id) => id,
         Err((reason, st)) => return cx.refuse(m, reason, st),
     };

@@ -1,0 +1,113 @@
+//! sclb as a TLS client: to an OIDC issuer (`auth.ca`) and to servers that serve TLS
+//! (`server_tls`). Trusted roots come from a PEM file when one is named, else from the
+//! system's store; a handshake checks the peer's certificate against them and the name asked
+//! for, unless `server_tls.verify = false` says otherwise.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tracing::warn;
+
+use super::{Which, certs, provider};
+
+/// The CAs in `ca`, or the system's store when `None`.
+pub fn roots(ca: Option<&Path>) -> Result<RootCertStore, String> {
+    let Some(ca) = ca else {
+        return Ok(system_roots().clone());
+    };
+    let mut roots = RootCertStore::empty();
+    for c in certs(Which::Ca, ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c)
+            .map_err(|e| format!("{}: not a usable CA certificate: {e}", ca.display()))?;
+    }
+    Ok(roots)
+}
+
+/// The system's CA store, read once (a missing or partly unreadable store is logged: only
+/// peers whose CA it holds can then be reached).
+fn system_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            warn!("reading the system CA store: {e}");
+        }
+        let mut roots = RootCertStore::empty();
+        let (_, bad) = roots.add_parsable_certificates(found.certs);
+        if bad > 0 {
+            warn!("{bad} certificates of the system CA store are not usable");
+        }
+        roots
+    })
+}
+
+/// A client config trusting `roots` (or nothing at all when `verify` is false), offering `alpn`.
+pub fn config(roots: RootCertStore, verify: bool, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3");
+    let mut cfg = if verify {
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
+            .with_no_client_auth()
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// `verify = false`: the channel is encrypted but the peer is not authenticated (signatures
+/// are still checked, so the handshake itself is sound).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
