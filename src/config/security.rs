@@ -91,6 +91,17 @@ pub struct OidcSource {
     pub timeout: Duration,
 }
 
+/// `server_tls = { ca, sni, verify }` on a backend: sclb speaks TLS to its servers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerTlsConfig {
+    /// PEM CAs that sign the servers' certificates (the system store without one).
+    pub ca: Option<PathBuf>,
+    /// The name asked for and checked; without it, the server's IP address.
+    pub sni: Option<String>,
+    /// `false`: encrypted but the server is not authenticated.
+    pub verify: bool,
+}
+
 /// Which claims of a token name the user, team, environment and groups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimNames {
@@ -431,6 +442,50 @@ pub(super) fn read_backend_token(t: Table<'_, '_>) -> Option<Secret> {
         return None;
     }
     Some(Secret(token.to_string()))
+}
+
+/// `server_tls = { ca, sni, verify }` on a backend; the CA file is read now.
+pub(super) fn read_server_tls(t: Table<'_, '_>) -> Option<crate::tls::client::ServerTls> {
+    t.allow(&["ca", "sni", "verify"]);
+    let verify = t.bool("verify").unwrap_or(true);
+    let ca = t.str("ca").map(PathBuf::from);
+    let mut ok = true;
+    if !verify && ca.is_some() {
+        t.error(
+            "verify",
+            "false with a ca: the ca would not be used (drop one of them)",
+        );
+        ok = false;
+    }
+    let sni = t.str("sni").map(str::to_string);
+    if let Some(n) = &sni
+        && rustls_pki_types::ServerName::try_from(n.as_str()).is_err()
+    {
+        t.error(
+            "sni",
+            format!(
+                "\"{}\" is not a DNS name or IP address",
+                crate::config::reader::bounded(n)
+            ),
+        );
+        ok = false;
+    }
+    if let Some(ca) = &ca
+        && let Err(e) = crate::tls::client::roots(Some(ca))
+    {
+        t.error("ca", e);
+        ok = false;
+    }
+    if !ok {
+        return None;
+    }
+    match crate::tls::client::ServerTls::new(ServerTlsConfig { ca, sni, verify }) {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            t.error("ca", e);
+            None
+        }
+    }
 }
 
 /// A list of networks (`"10.0.0.0/8"`, `"2001:db8::/32"`, or a single address).

@@ -3,12 +3,15 @@
 //! system's store; a handshake checks the peer's certificate against them and the name asked
 //! for, unless `server_tls.verify = false` says otherwise.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tracing::warn;
 
 use super::{Which, certs, provider};
@@ -109,5 +112,70 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A backend's `server_tls`, ready to connect: sclb speaks TLS to its servers.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub settings: crate::config::ServerTlsConfig,
+    config: Arc<ClientConfig>,
+}
+
+impl PartialEq for ServerTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.settings == other.settings
+    }
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.settings.fmt(f)
+    }
+}
+
+/// A connection to a server: plain, or TLS when its backend has `server_tls`.
+pub type ServerStream = tokio_util::either::Either<TcpStream, Box<TlsStream<TcpStream>>>;
+
+impl ServerTls {
+    /// Reads the CA file (the system store without one); ALPN offers `h2` (Spark Connect is
+    /// gRPC, whose TLS servers require it).
+    pub fn new(settings: crate::config::ServerTlsConfig) -> Result<ServerTls, String> {
+        let roots = if settings.verify {
+            roots(settings.ca.as_deref())?
+        } else {
+            RootCertStore::empty()
+        };
+        let config = config(roots, settings.verify, &[b"h2"]);
+        Ok(ServerTls { settings, config })
+    }
+
+    /// The TLS handshake on `tcp`, naming `sni` or else the server's address (its certificate
+    /// must then hold that IP address).
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let name = match &self.settings.sni {
+            Some(n) => ServerName::try_from(n.clone())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            None => ServerName::IpAddress(addr.ip().into()),
+        };
+        tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(name, tcp)
+            .await
+    }
+
+    /// `tcp`, wrapped in TLS when `tls` is set.
+    pub async fn wrap(
+        tls: Option<&ServerTls>,
+        tcp: TcpStream,
+        addr: SocketAddr,
+    ) -> std::io::Result<ServerStream> {
+        Ok(match tls {
+            Some(t) => tokio_util::either::Either::Right(Box::new(t.handshake(tcp, addr).await?)),
+            None => tokio_util::either::Either::Left(tcp),
+        })
     }
 }
