@@ -352,5 +352,17 @@ mod tests {
         assert!(contains(&out, b"spark.app.name"));
         assert!(contains(&out, b"server-side"));
         assert!(redact_config(&[0xff], "t").is_none());
+
+        // A pair with two keys: a client reads the last, so a later token key still redacts
+        // (what fuzz/config_redact checks).
+        let mut pair = Vec::new();
+        put_bytes_field(&mut pair, 1, b"harmless");
+        put_bytes_field(&mut pair, 1, SPARK_TOKEN_KEY.as_bytes());
+        put_bytes_field(&mut pair, 2, b"other-value");
+        let mut m = Vec::new();
+        put_bytes_field(&mut m, 2, &pair);
+        let out = redact_config(&m, "s3cr3t-backend").unwrap();
+        assert!(contains(&out, REDACTED.as_bytes()));
+        assert!(!contains(&out, b"other-value"));
     }
 }
