@@ -257,40 +257,35 @@ pub async fn handle(
         }
     };
     // Boxed: a TLS connection's copy state would otherwise size every plain one's task.
-    let end = match (client, &mut server_stream) {
-        (ClientStream::Plain(client), Either::Left(server_stream)) => {
-            pipe::pipe(
-                &client,
-                server_stream,
-                idle,
-                kill,
-                &totals,
-                &on_bytes,
-                shared.data.pipe_mode,
-            )
-            .await
-        }
-        (ClientStream::Plain(client), server_stream) => {
-            Box::pin(crate::stream_pipe::copy(
+    let end = match client {
+        ClientStream::Plain(client) => match &mut server_stream {
+            Either::Left(server_stream) => {
+                pipe::pipe(
+                    &client,
+                    server_stream,
+                    idle,
+                    kill,
+                    &totals,
+                    &on_bytes,
+                    shared.data.pipe_mode,
+                )
+                .await
+            }
+            tls => {
+                let copy = crate::stream_pipe::copy(client, tls, idle, kill, &totals, &on_bytes);
+                Box::pin(copy).await
+            }
+        },
+        ClientStream::Tls(client) => {
+            let copy = crate::stream_pipe::copy(
                 client,
-                server_stream,
+                &mut server_stream,
                 idle,
                 kill,
                 &totals,
                 &on_bytes,
-            ))
-            .await
-        }
-        (ClientStream::Tls(client), server_stream) => {
-            Box::pin(crate::stream_pipe::copy(
-                client,
-                server_stream,
-                idle,
-                kill,
-                &totals,
-                &on_bytes,
-            ))
-            .await
+            );
+            Box::pin(copy).await
         }
     };
     if end == End::Reset(Side::Server) {
@@ -414,9 +409,10 @@ async fn connect(
         let result = match result {
             Ok(Ok(tcp)) => {
                 let left = cfg.timeout_connect.saturating_sub(t0.elapsed());
+                // Boxed: the handshake's state would otherwise size every connection's task.
                 match timeout(
                     left,
-                    ServerTls::wrap(cfg.server_tls.as_ref(), tcp, server.addr()),
+                    Box::pin(ServerTls::wrap(cfg.server_tls.as_ref(), tcp, server.addr())),
                 )
                 .await
                 {
