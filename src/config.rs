@@ -78,6 +78,9 @@ pub struct PostgresStore {
     pub url: String,
     /// A file holding the password (a Kubernetes Secret, an EMR secret file).
     pub password_file: Option<PathBuf>,
+    /// The CA bundle that verifies the database's certificate (`sslmode=require` in `url`);
+    /// without it, the system's roots.
+    pub ca: Option<PathBuf>,
     /// Most time one statement may take before the store counts as unreachable.
     pub timeout: Duration,
     /// How often activity is written and other replicas' ends are read.
@@ -89,6 +92,7 @@ impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
             .field("password_file", &self.password_file)
+            .field("ca", &self.ca)
             .field("timeout", &self.timeout)
             .field("sync_interval", &self.sync_interval)
             .finish_non_exhaustive()

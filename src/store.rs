@@ -27,7 +27,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry as PromRegistry;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{Client, NoTls, Socket};
 use tracing::{info, warn};
 
 use crate::config::PostgresStore;
@@ -101,6 +103,8 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("{}", db_message(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error("TLS to the store: {0}")]
+    Tls(String),
 }
 
 type Labels = [(&'static str, &'static str); 1];
@@ -546,6 +550,24 @@ impl Store {
         Ok(())
     }
 
+    async fn open<T>(&self, cfg: &tokio_postgres::Config, tls: T) -> Result<Client, StoreError>
+    where
+        T: MakeTlsConnect<Socket> + Send,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        let (client, conn) = tokio::time::timeout(self.cfg.timeout, cfg.connect(tls))
+            .await
+            .map_err(|_| StoreError::Timeout(self.cfg.timeout))??;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                info!("session store connection closed: {e}");
+            }
+        });
+        Ok(client)
+    }
+
     /// The connection attempt at start; a failure is logged and retried by the sync loop.
     pub async fn first_connect(&self) {
         if let Err(e) = self.connect().await {
@@ -567,14 +589,21 @@ impl Store {
         }
         cfg.connect_timeout(self.cfg.timeout);
         cfg.application_name("sclb");
-        let (client, conn) = tokio::time::timeout(self.cfg.timeout, cfg.connect(NoTls))
-            .await
-            .map_err(|_| StoreError::Timeout(self.cfg.timeout))??;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                info!("session store connection closed: {e}");
-            }
-        });
+        // A Unix socket takes no TLS (as with libpq): PostgreSQL on the same host.
+        let local = cfg
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        let client = if cfg.get_ssl_mode() == SslMode::Disable || local {
+            self.open(&cfg, NoTls).await?
+        } else {
+            // sslmode=prefer (libpq's default) or require: TLS when the server offers it,
+            // verified against `ca` (re-read at every connect: a rotated bundle applies).
+            let tls = crate::tls::client::store_config(self.cfg.ca.as_deref())
+                .map_err(|e| StoreError::Tls(e.to_string()))?;
+            self.open(&cfg, tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                .await?
+        };
         // Two sclb starting together race on CREATE … IF NOT EXISTS (PostgreSQL reports a
         // unique violation on its catalog): the loser tries again and finds the table.
         let mut tries = 0;
@@ -614,7 +643,20 @@ pub struct Synced {
 fn db_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        None => {
+            // The kind ("error performing TLS handshake") and then why, from the causes.
+            let mut out = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !out.contains(&text) {
+                    out.push_str(": ");
+                    out.push_str(&text);
+                }
+                cause = c.source();
+            }
+            out
+        }
     }
 }
 

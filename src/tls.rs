@@ -31,8 +31,9 @@ pub enum Which {
     Cert,
     Key,
     ClientCa,
-    /// A CA bundle sclb trusts as a TLS client (`server_tls.ca`, `auth.ca`).
-    Ca,
+    /// A CA bundle sclb verifies a server with (`server_tls.ca`, `auth.ca`, the session
+    /// store's database).
+    ServerCa,
 }
 
 /// Why a certificate, key or CA bundle could not be used.

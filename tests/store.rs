@@ -366,3 +366,76 @@ servers = [ {list} ]
         "the second node keeps the pins too: {table}"
     );
 }
+
+/// A store that takes only TLS connections (pg_hba `hostssl`, `sslmode=require` in the url):
+/// with the CA that signed the database's certificate, sessions are written; with another CA,
+/// sclb refuses the database's certificate, says so, keeps routing on local binds and
+/// reports the store down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_is_reached_over_tls_verified_by_its_ca() {
+    let pg = postgres::Postgres::start_tls();
+    let ca = pg.ca.clone().unwrap();
+    let a = FakeGrpc::start("sc1", Behaviour::default()).await;
+    let store = |ca: &Path| {
+        format!(
+            "store = {{ kind = \"postgres\", url = \"{}\", ca = \"{}\", sync_interval = \"300ms\" }}",
+            pg.url,
+            ca.display()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut sclb = SclbProcess::start(
+        dir.path(),
+        &config_with(dir.path(), &[&a], &store(&ca)),
+        &[],
+    );
+    let mut c = Client::connect(sclb.frontend_addr("gw")).await;
+    open(&mut c, 0..3).await;
+    let rows = pg.query("SELECT count(*) FROM sclb_sessions").await;
+    assert_eq!(
+        rows[0][0].as_deref(),
+        Some("3"),
+        "sessions written over TLS"
+    );
+    let ssl = pg
+        .query("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'sclb' AND s.ssl")
+        .await;
+    assert_ne!(
+        ssl[0][0].as_deref(),
+        Some("0"),
+        "sclb's connection uses TLS"
+    );
+    drop(c);
+    drop(sclb);
+
+    // Another CA: the database's certificate is not trusted.
+    let other = postgres::TestCa::write(dir.path(), "other");
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut sclb = SclbProcess::start(
+        dir2.path(),
+        &config_with(dir2.path(), &[&a], &store(&other.ca)),
+        &[],
+    );
+    let mut c = Client::connect(sclb.frontend_addr("gw")).await;
+    open(&mut c, 10..12).await;
+    wait(
+        "sclb says why it cannot reach the store",
+        Duration::from_secs(15),
+        || {
+            let log = sclb.log_text();
+            log.contains("session store") && log.contains("certificate")
+        },
+    );
+    let rows = pg
+        .query("SELECT count(*) FROM sclb_sessions WHERE session_id LIKE '%0000000010%'")
+        .await;
+    assert_eq!(
+        rows[0][0].as_deref(),
+        Some("0"),
+        "nothing written past a bad CA"
+    );
+    assert!(
+        sclb.is_running(),
+        "a store it cannot trust does not stop sclb"
+    );
+}

@@ -474,10 +474,13 @@ fn read_global(t: Table<'_, '_>) -> Option<Global> {
 
 /// `[global] store = { kind = "memory" }` or `{ kind = "postgres", url = "...", ... }`.
 fn read_store(t: Table<'_, '_>) -> Option<StoreConfig> {
-    t.allow(&["kind", "url", "password_file", "timeout", "sync_interval"]);
+    const POSTGRES_KEYS: [&str; 5] = ["url", "password_file", "ca", "timeout", "sync_interval"];
+    let mut allowed = vec!["kind"];
+    allowed.extend(POSTGRES_KEYS);
+    t.allow(&allowed);
     let kind = t.choice("kind", &[("memory", false), ("postgres", true)])?;
     if !kind {
-        for k in ["url", "password_file", "timeout", "sync_interval"] {
+        for k in POSTGRES_KEYS {
             if t.contains(k) {
                 t.error(k, "only a postgres store takes it");
             }
@@ -497,11 +500,19 @@ fn read_store(t: Table<'_, '_>) -> Option<StoreConfig> {
         return None;
     }
     let password_file = t.str("password_file").map(PathBuf::from);
+    let ca = t.str("ca").map(PathBuf::from);
+    if let Some(ca) = &ca
+        && let Err(e) = crate::tls::client::store_config(Some(ca))
+    {
+        t.error("ca", e.to_string());
+        return None;
+    }
     let timeout = positive(t, "timeout").unwrap_or(Duration::from_secs(2));
     let sync_interval = positive(t, "sync_interval").unwrap_or(Duration::from_secs(2));
     Some(StoreConfig::Postgres(PostgresStore {
         url: url.to_string(),
         password_file,
+        ca,
         timeout,
         sync_interval,
     }))

@@ -193,7 +193,8 @@ pub(super) fn read_tls(t: Table<'_, '_>) -> Option<TlsConfig> {
         let field = match e.file() {
             crate::tls::Which::Cert => "cert",
             crate::tls::Which::Key => "key",
-            crate::tls::Which::ClientCa | crate::tls::Which::Ca => "client_ca",
+            crate::tls::Which::ClientCa => "client_ca",
+            crate::tls::Which::ServerCa => "ca",
         };
         t.error(field, e.to_string());
         return None;
@@ -282,7 +283,10 @@ fn read_oidc(t: Table<'_, '_>) -> Option<AuthConfig> {
         }
     });
     let ca = t.str("ca").map(PathBuf::from);
-    let ca_ok = match ca.as_deref().map(|ca| crate::tls::client::roots(Some(ca))) {
+    let ca_ok = match ca
+        .as_deref()
+        .map(|ca| crate::tls::client::roots(Some(ca)).map_err(|e| e.to_string()))
+    {
         Some(Err(e)) => {
             t.error("ca", e);
             false
@@ -471,7 +475,7 @@ pub(super) fn read_server_tls(t: Table<'_, '_>) -> Option<crate::tls::client::Se
         ok = false;
     }
     if let Some(ca) = &ca
-        && let Err(e) = crate::tls::client::roots(Some(ca))
+        && let Err(e) = crate::tls::client::roots(Some(ca)).map_err(|e| e.to_string())
     {
         t.error("ca", e);
         ok = false;

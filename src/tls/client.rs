@@ -1,5 +1,5 @@
-//! sclb as a TLS client: to an OIDC issuer (`auth.ca`) and to servers that serve TLS
-//! (`server_tls`). Trusted roots come from a PEM file when one is named, else from the
+//! sclb as a TLS client: to an OIDC issuer (`auth.ca`), to servers that serve TLS
+//! (`server_tls`) and to the session store's database. Trusted roots come from a PEM file when one is named, else from the
 //! system's store; a handshake checks the peer's certificate against them and the name asked
 //! for, unless `server_tls.verify = false` says otherwise.
 
@@ -14,24 +14,26 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tracing::warn;
 
-use super::{Which, certs, provider};
+use super::{TlsError, Which, certs, provider};
 
 /// The CAs in `ca`, or the system's store when `None`.
-pub fn roots(ca: Option<&Path>) -> Result<RootCertStore, String> {
+pub fn roots(ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
     let Some(ca) = ca else {
         return Ok(system_roots().clone());
     };
     let mut roots = RootCertStore::empty();
-    for c in certs(Which::Ca, ca).map_err(|e| e.to_string())? {
-        roots
-            .add(c)
-            .map_err(|e| format!("{}: not a usable CA certificate: {e}", ca.display()))?;
+    for c in certs(Which::ServerCa, ca)? {
+        roots.add(c).map_err(|e| TlsError::Bad {
+            which: Which::ServerCa,
+            path: ca.into(),
+            what: format!("not a usable CA certificate: {e}"),
+        })?;
     }
     Ok(roots)
 }
 
-/// The system's CA store, read once (a missing or partly unreadable store is logged: only
-/// peers whose CA it holds can then be reached).
+/// The system's CA store, read once. Unreadable certificates are skipped; none at all fails
+/// every handshake, which then says the server's certificate is not trusted.
 fn system_roots() -> &'static RootCertStore {
     static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
     ROOTS.get_or_init(|| {
@@ -40,19 +42,32 @@ fn system_roots() -> &'static RootCertStore {
             warn!("reading the system CA store: {e}");
         }
         let mut roots = RootCertStore::empty();
-        let (_, bad) = roots.add_parsable_certificates(found.certs);
-        if bad > 0 {
-            warn!("{bad} certificates of the system CA store are not usable");
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            warn!("no system CA certificates found: name a ca file to verify servers");
         }
         roots
     })
 }
 
+/// The protocol versions sclb speaks as a client, on the ring provider.
+fn builder() -> rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier> {
+    ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+}
+
+/// A client config for the session store's database: servers verified against `ca` (a PEM
+/// bundle) when given, else against the system's roots.
+pub fn store_config(ca: Option<&Path>) -> Result<ClientConfig, TlsError> {
+    Ok(builder()
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth())
+}
+
 /// A client config trusting `roots` (or nothing at all when `verify` is false), offering `alpn`.
 pub fn config(roots: RootCertStore, verify: bool, alpn: &[&[u8]]) -> Arc<ClientConfig> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("ring supports TLS 1.2 and 1.3");
+    let builder = builder();
     let mut cfg = if verify {
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
@@ -142,7 +157,7 @@ impl ServerTls {
     /// gRPC, whose TLS servers require it).
     pub fn new(settings: crate::config::ServerTlsConfig) -> Result<ServerTls, String> {
         let roots = if settings.verify {
-            roots(settings.ca.as_deref())?
+            roots(settings.ca.as_deref()).map_err(|e| e.to_string())?
         } else {
             RootCertStore::empty()
         };

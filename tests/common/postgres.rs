@@ -14,6 +14,45 @@ pub struct Postgres {
     bin: PathBuf,
     /// The connection string sclb and the tests use.
     pub url: String,
+    /// With TLS: the TCP port on 127.0.0.1 that takes only TLS connections.
+    tls_port: Option<u16>,
+    /// With TLS: the CA file that verifies the server's certificate.
+    pub ca: Option<PathBuf>,
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, as PEM files in `dir`.
+pub struct TestCa {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    pub fn write(dir: &Path, name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let out = TestCa {
+            ca: dir.join(format!("{name}-ca.pem")),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}-key.pem")),
+        };
+        std::fs::write(&out.ca, issuer.pem()).unwrap();
+        std::fs::write(&out.cert, cert.pem()).unwrap();
+        std::fs::write(&out.key, key.serialize_pem()).unwrap();
+        out
+    }
 }
 
 /// The directory holding `initdb` and `postgres`: on PATH, else Debian's versioned one.
@@ -50,6 +89,17 @@ fn as_db_user(bin: &Path, prog: &str) -> Command {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with(false)
+    }
+
+    /// A server that takes TCP connections on 127.0.0.1 with TLS only (pg_hba `hostssl`),
+    /// its certificate signed by a CA of the test; `url` asks for TLS (`sslmode=require`).
+    /// `ca` is the CA file that verifies it.
+    pub fn start_tls() -> Postgres {
+        Postgres::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Postgres {
         let dir = tempfile::tempdir().unwrap();
         let bin = bin_dir();
         let data = dir.path().join("data");
@@ -76,15 +126,53 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&st.stderr)
         );
-        let url = format!(
+        let mut url = format!(
             "host={} port=5432 user=sclb dbname=postgres",
             dir.path().display()
         );
+        let mut tls_port = None;
+        let mut ca_file = None;
+        if tls {
+            let ca = TestCa::write(dir.path(), "db");
+            ca_file = Some(ca.ca.clone());
+            // The server reads its key as its own user, mode 0600 (PostgreSQL insists).
+            for (from, to) in [(&ca.cert, "server.crt"), (&ca.key, "server.key")] {
+                std::fs::copy(from, data.join(to)).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(data.join(to), std::fs::Permissions::from_mode(0o600))
+                    .unwrap();
+                if nix::unistd::geteuid().is_root() {
+                    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+                    std::os::unix::fs::chown(
+                        data.join(to),
+                        Some(nobody.uid.as_raw()),
+                        Some(nobody.gid.as_raw()),
+                    )
+                    .unwrap();
+                }
+            }
+            // Unix socket for the test's own look (pg_isready, query); TCP with TLS only.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .unwrap();
+            // PostgreSQL cannot take port 0: a port the kernel just gave out and released.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            tls_port = Some(port);
+            url = format!("host=127.0.0.1 port={port} user=sclb dbname=postgres sslmode=require");
+        }
         let mut pg = Postgres {
             child: None,
             dir,
             bin,
             url,
+            tls_port,
+            ca: ca_file,
         };
         pg.resume();
         pg
@@ -94,18 +182,21 @@ impl Postgres {
     pub fn resume(&mut self) {
         assert!(self.child.is_none());
         let log = std::fs::File::create(self.dir.path().join("postgres.log")).unwrap();
-        let child = as_db_user(&self.bin, "postgres")
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args([
-                "-c",
-                "listen_addresses=",
-                "-c",
-                "fsync=off",
-                "-p",
-                "5432",
-                "-k",
-            ])
+        let mut cmd = as_db_user(&self.bin, "postgres");
+        cmd.arg("-D").arg(self.dir.path().join("data"));
+        match self.tls_port {
+            None => cmd.args(["-c", "listen_addresses=", "-p", "5432"]),
+            Some(port) => cmd.args([
+                "-c".to_string(),
+                "listen_addresses=127.0.0.1".to_string(),
+                "-c".to_string(),
+                "ssl=on".to_string(),
+                "-p".to_string(),
+                port.to_string(),
+            ]),
+        };
+        let child = cmd
+            .args(["-c", "fsync=off", "-k"])
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(log)
@@ -117,7 +208,7 @@ impl Postgres {
             Command::new(self.bin.join("pg_isready"))
                 .arg("-h")
                 .arg(self.dir.path())
-                .args(["-p", "5432", "-q"])
+                .args(["-p", &self.port().to_string(), "-q"])
                 .status()
                 .is_ok_and(|s| s.success())
         };
@@ -148,9 +239,19 @@ impl Postgres {
         }
     }
 
-    /// One query's rows, each as text columns (a test's look into the table).
+    fn port(&self) -> u16 {
+        self.tls_port.unwrap_or(5432)
+    }
+
+    /// One query's rows, each as text columns (a test's look into the table), through the
+    /// Unix socket.
     pub async fn query(&self, sql: &str) -> Vec<Vec<Option<String>>> {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+        let local = format!(
+            "host={} port={} user=sclb dbname=postgres",
+            self.dir.path().display(),
+            self.port()
+        );
+        let (client, conn) = tokio_postgres::connect(&local, tokio_postgres::NoTls)
             .await
             .expect("connect to the test postgres");
         let task = tokio::spawn(conn);

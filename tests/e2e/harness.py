@@ -43,6 +43,19 @@ def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def wait_until(predicate, budget: float, what: str):
+    """Poll `predicate()` every 100 ms until it is truthy; return its value."""
+    deadline = time.monotonic() + budget
+    last = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {budget} s (last: {last!r})")
+        time.sleep(0.1)
+
+
 def tail(path: Path, lines: int = 60) -> str:
     """Last `lines` lines of a log file (empty string if missing)."""
     try:

@@ -11,6 +11,7 @@ import pytest
 from pyspark.sql.types import LongType
 
 import harness
+from harness import wait_until
 from test_queries import SLOW_QUERY, read_from, reattached_ops, wait_for_log
 
 N_SESSIONS = 20
@@ -25,18 +26,6 @@ def endless_query(spark):
     (spark.sql() sends one of its own first)."""
     return spark.range(0, 4, 1, 4).selectExpr(
         "id", "reflect('java.lang.Thread', 'sleep', CAST(60000 AS BIGINT)) AS slept")
-
-
-def wait_until(predicate, budget, what):
-    """Poll `predicate()` every 100 ms until it is truthy; return its value."""
-    deadline = time.monotonic() + budget
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {budget} s")
-        time.sleep(0.1)
 
 
 def stop_quietly(spark):

@@ -31,7 +31,7 @@ import pytest
 from pyspark.sql import SparkSession
 
 import harness
-from harness import Admin
+from harness import Admin, wait_until
 
 K8S_SCRIPT = harness.REPO_ROOT / "scripts" / "k8s-apiserver.sh"
 NS = "sjns-data-dev"
@@ -63,19 +63,6 @@ spec:
   executor:
     instances: 1
 """
-
-
-def wait_until(predicate, budget, what):
-    """Poll `predicate()` every 200 ms until it is truthy; return its value."""
-    deadline = time.monotonic() + budget
-    last = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {budget} s (last: {last!r})")
-        time.sleep(0.2)
 
 
 class Kube:

@@ -9,11 +9,13 @@ on a Unix socket in that dir only, stopped by its PID; as root it runs as `nobod
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +23,8 @@ import pytest
 from pyspark.sql import SparkSession
 
 import harness
-from harness import Admin
+from harness import Admin, wait_until
+from test_queries import SLOW_QUERY, read_from, reattached_ops
 
 PG_BUDGET = 60.0
 
@@ -75,13 +78,19 @@ def postgres():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _replica(work: Path, backends, store_url: str):
-    """One sclb with a gateway frontend on the postgres store; returns (proc, gateway url, admin)."""
-    work.mkdir(parents=True, exist_ok=True)
+def _binary() -> Path:
     binary = Path(os.environ.get("SCLB_BIN", harness.REPO_ROOT / "target/debug/sclb"))
-    if not binary.is_absolute():
-        binary = harness.REPO_ROOT / binary
-    front, gw, stats = harness.free_port(), harness.free_port(), harness.free_port()
+    return binary if binary.is_absolute() else harness.REPO_ROOT / binary
+
+
+def _replica(work: Path, backends, store_url: str, gw: int | None = None):
+    """One sclb with a gateway frontend on the postgres store (on port `gw` if given: a
+    restarted replica comes back where its load balancer expects it); returns (proc, gateway
+    url, admin)."""
+    work.mkdir(parents=True, exist_ok=True)
+    binary = _binary()
+    front, stats = harness.free_port(), harness.free_port()
+    gw = gw or harness.free_port()
     text = harness.sclb_config(work / "admin.sock", stats, front,
                                {n: b.port for n, b in backends.items()}, gateway_port=gw)
     text = text.replace("[global]\n", f'[global]\nstore = {{ kind = "postgres", url = "{store_url}", '
@@ -131,3 +140,145 @@ def test_a_session_keeps_its_temp_view_through_either_replica(backends, postgres
     finally:
         one.stop()
         two.stop()
+
+
+def _front(work: Path, replicas: list[int]):
+    """An L4 sclb in front of the gateway replicas, as a cloud load balancer or a Kubernetes
+    Service would be: no stickiness, a refused connect retried on the other replica, a dead
+    replica found by a TCP check. Returns (proc, url)."""
+    work.mkdir(parents=True, exist_ok=True)
+    port, stats = harness.free_port(), harness.free_port()
+    servers = ", ".join(f'{{ name = "gw{i}", addr = "127.0.0.1:{p}" }}'
+                        for i, p in enumerate(replicas, 1))
+    (work / "sclb.toml").write_text(f"""\
+[global]
+maxconn = 1000
+admin = {{ path = "{work / 'admin.sock'}", mode = "0600", level = "admin" }}
+stats = {{ bind = "127.0.0.1:{stats}" }}
+
+[defaults]
+timeout = {{ connect = "1s", client = "1h", server = "1h", tunnel = "1h", queue = "10s" }}
+retries = 2
+redispatch = true
+
+[[frontend]]
+name = "nlb"
+bind = ["127.0.0.1:{port}"]
+backend = "replicas"
+
+[[backend]]
+name = "replicas"
+balance = "roundrobin"
+check = {{ type = "tcp", inter = "500ms", rise = 1, fall = 1, timeout = "1s" }}
+servers = [ {servers} ]
+""")
+    proc = harness.start_sclb(_binary(), work / "sclb.toml", work)
+    harness.wait_port(proc, port, 15.0)
+    return proc, f"sc://127.0.0.1:{port}"
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_kill_9_of_a_replica_during_a_long_collect_finishes_through_the_other(
+        backends, postgres, tmp_path):
+    """The replica carrying a long query dies (kill -9); PySpark's retry reaches the other
+    replica through the load balancer, whose ReattachExecute finds the operation on the same
+    Spark server through the store, and the query finishes with every row."""
+    one, url1, admin1 = _replica(tmp_path / "one", backends, postgres)
+    two, url2, admin2 = _replica(tmp_path / "two", backends, postgres)
+    front, url = _front(tmp_path / "front", [_port(url1), _port(url2)])
+    try:
+        spark = SparkSession.builder.remote(url).create()
+        spark.range(1).count()
+        home = _server_of(spark, backends)
+        sid = spark.client._session_id
+        carrier, survivor = (one, two) if sid in admin1.cmd("show sessions") else (two, one)
+        log = backends[home].proc.log
+        offset = log.stat().st_size
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(lambda: spark.sql(SLOW_QUERY).collect())
+            # Kill once the server runs the operation: the client's stream is mid-query.
+            deadline = time.monotonic() + 60
+            while "Starting for opId=" not in read_from(log, offset):
+                assert time.monotonic() < deadline, f"the query never started on {home}"
+                assert not fut.done(), fut.result()
+                time.sleep(0.1)
+            carrier.kill9()
+            rows = fut.result(timeout=180)
+        assert sorted(r.id for r in rows) == [0, 1, 2, 3]
+        assert survivor.alive()
+        assert _server_of(spark, backends) == home
+        text = read_from(log, offset)
+        assert reattached_ops(text), f"no ReattachExecute reached {home}; log {log}"
+        assert "SESSION_CHANGED" not in text and "OPERATION_NOT_FOUND" not in text
+        spark.stop()
+    finally:
+        front.stop()
+        one.stop()
+        two.stop()
+
+
+def test_a_rolling_restart_of_every_replica_changes_no_session(backends, postgres, tmp_path):
+    """20 live sessions, each with a temp view, keep querying while each replica in turn is
+    stopped and started again on its port: every query succeeds, no session changes server
+    or loses its view (no SESSION_CHANGED)."""
+    one, url1, _ = _replica(tmp_path / "one", backends, postgres)
+    two, url2, _ = _replica(tmp_path / "two", backends, postgres)
+    front, url = _front(tmp_path / "front", [_port(url1), _port(url2)])
+    replicas = {"one": (one, _port(url1)), "two": (two, _port(url2))}
+    sessions = []
+    try:
+        for i in range(20):
+            s = SparkSession.builder.remote(url).create()
+            s.range(i + 1).createOrReplaceTempView("mine")
+            sessions.append((s, _server_of(s, backends), i + 1))
+        assert {home for _, home, _ in sessions} == set(backends), "both servers in use"
+
+        stop = threading.Event()
+        failures: list[str] = []
+        done = [0]
+
+        def keep_querying(s, want):
+            while not stop.is_set():
+                try:
+                    got = s.table("mine").count()
+                    if got != want:
+                        failures.append(f"count {got} != {want}")
+                    done[0] += 1
+                except Exception as e:  # noqa: BLE001 - every failure is the finding
+                    failures.append(f"{type(e).__name__}: {str(e)[:300]}")
+                time.sleep(0.2)
+
+        threads = [threading.Thread(target=keep_querying, args=(s, n), daemon=True)
+                   for s, _, n in sessions]
+        for t in threads:
+            t.start()
+        try:
+            for name in ("one", "two"):
+                proc, port = replicas[name]
+                before = done[0]
+                wait_until(lambda: done[0] >= before + 20, 60, "queries run before a restart")
+                proc.stop()
+                proc, _, _ = _replica(tmp_path / f"{name}-again", backends, postgres, gw=port)
+                replicas[name] = (proc, port)
+            before = done[0]
+            wait_until(lambda: done[0] >= before + 40, 60, "queries run after the restarts")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+        assert not failures, failures[:5]
+        for s, home, n in sessions:
+            assert _server_of(s, backends) == home
+            assert s.table("mine").count() == n
+        for name in backends:
+            assert "SESSION_CHANGED" not in harness.read_log(backends[name].proc.log)
+        for s, _, _ in sessions:
+            s.stop()
+    finally:
+        front.stop()
+        for proc, _ in replicas.values():
+            proc.stop()
