@@ -23,8 +23,7 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use grpc::{Client, FakeGrpc};
 use pki::{Ca, SigningKey, now};
@@ -166,14 +165,7 @@ fn claims(issuer: &str, user: &str) -> Value {
 async fn call(client: &mut Client, token: &str) -> grpc::Reply {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(100);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let auth = format!("Bearer {token}");
-    let body = grpc::request("03_AnalyzePlan_schema.bin", &grpc::session(n));
-    grpc::finish(
-        client
-            .start_with("AnalyzePlan", body, &[("authorization", auth.as_str())])
-            .await,
-    )
-    .await
+    client.analyze_with_token(token, &grpc::session(n)).await
 }
 
 /// Calls until the reply satisfies `ok` (bounded): the last reply.
@@ -191,22 +183,6 @@ async fn call_until(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-async fn metrics(sclb: &SclbProcess) -> String {
-    let stats: SocketAddr = sclb
-        .log_lines()
-        .iter()
-        .find(|l| realbin::message(l).starts_with("stats page on"))
-        .map(|l| realbin::field(l, "addr").parse().unwrap())
-        .expect("stats listener");
-    let mut tcp = TcpStream::connect(stats).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .await
-        .unwrap();
-    let mut page = String::new();
-    tcp.read_to_string(&mut page).await.unwrap();
-    page
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,7 +318,7 @@ async fn oidc_keys_follow_the_issuer_and_survive_its_outage() {
         1,
         "one warning per outage:\n{log}"
     );
-    let page = metrics(&sclb).await;
+    let page = sclb.metrics();
     let failures = page
         .lines()
         .find(|l| l.starts_with("sclb_auth_keys_refresh_failures_total{frontend=\"gw\"}"))

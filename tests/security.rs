@@ -472,16 +472,8 @@ async fn jwt_auth_checks_each_claim_and_follows_key_rotation() {
             .extend(extra.as_object().unwrap().clone());
         c
     };
-    let mut call = async |token: String, n: u32| {
-        let auth = format!("Bearer {token}");
-        let body = grpc::request("03_AnalyzePlan_schema.bin", &grpc::session(n));
-        grpc::finish(
-            client
-                .start_with("AnalyzePlan", body, &[("authorization", auth.as_str())])
-                .await,
-        )
-        .await
-    };
+    let mut call =
+        async |token: String, n: u32| client.analyze_with_token(&token, &grpc::session(n)).await;
 
     let r = call(k1.sign(&good(serde_json::json!({})), None), 30).await;
     assert_eq!(r.status, 0, "{r:?}");
@@ -545,18 +537,7 @@ async fn jwt_auth_checks_each_claim_and_follows_key_rotation() {
 
     assert!(sclb.log_text().contains("auth file reloaded"));
     // Each refusal is counted by the check that failed.
-    let stats: SocketAddr = sclb
-        .log_lines()
-        .iter()
-        .find(|l| realbin::message(l).starts_with("stats page on"))
-        .map(|l| realbin::field(l, "addr").parse().unwrap())
-        .expect("stats listener");
-    let mut tcp = TcpStream::connect(stats).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .await
-        .unwrap();
-    let mut page = String::new();
-    tcp.read_to_string(&mut page).await.unwrap();
+    let page = sclb.metrics();
     for reason in [
         "expired",
         "audience",
@@ -581,30 +562,6 @@ fn proxy_v2(src: std::net::SocketAddrV4) -> Vec<u8> {
     h
 }
 
-/// Connects from 127.0.0.`n`, sends `first`, then `ping\n`: the echoed line after the
-/// backend's greeting, or `None` if sclb closed the connection.
-async fn through(n: u8, addr: SocketAddr, first: &[u8]) -> Option<String> {
-    let mut s = common::connect_from(n, addr).await;
-    s.write_all(first).await.ok()?;
-    s.write_all(b"ping\n").await.ok()?;
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buf = [0u8; 256];
-        while let Ok(k) = s.read(&mut buf).await {
-            if k == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..k]);
-            if got.ends_with(b"ping\n") {
-                break;
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&got).into_owned();
-    (!text.is_empty()).then_some(text)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_only_from_trusted_peers_and_source_rules() {
     let dir = tempfile::tempdir().unwrap();
@@ -622,19 +579,28 @@ async fn proxy_protocol_only_from_trusted_peers_and_source_rules() {
     // A trusted peer's v2 header: the client is the address it carries; the header itself
     // never reaches the server (the echo holds our bytes only).
     let v2 = proxy_v2("10.1.2.3:4567".parse().unwrap());
-    assert_eq!(through(2, addr, &v2).await.as_deref(), Some("b1\nping\n"));
+    assert_eq!(
+        common::through(2, addr, &v2).await.as_deref(),
+        Some("b1\nping\n")
+    );
     // v1 as well.
     let v1 = b"PROXY TCP4 10.1.2.4 127.0.0.1 5678 15002\r\n";
-    assert_eq!(through(2, addr, v1).await.as_deref(), Some("b1\nping\n"));
+    assert_eq!(
+        common::through(2, addr, v1).await.as_deref(),
+        Some("b1\nping\n")
+    );
     // The carried address meets the deny list.
     let v2_denied = proxy_v2("10.6.6.6:1000".parse().unwrap());
-    assert_eq!(through(2, addr, &v2_denied).await, None);
+    assert_eq!(common::through(2, addr, &v2_denied).await, None);
     // A trusted peer without a header, and an untrusted one with a header: refused.
-    assert_eq!(through(2, addr, b"").await, None);
-    assert_eq!(through(3, addr, &v2).await, None);
+    assert_eq!(common::through(2, addr, b"").await, None);
+    assert_eq!(common::through(3, addr, &v2).await, None);
     // An untrusted peer speaking plainly is a client like any other; a denied one is not.
-    assert_eq!(through(3, addr, b"").await.as_deref(), Some("b1\nping\n"));
-    assert_eq!(through(4, addr, b"").await, None);
+    assert_eq!(
+        common::through(3, addr, b"").await.as_deref(),
+        Some("b1\nping\n")
+    );
+    assert_eq!(common::through(4, addr, b"").await, None);
 
     assert!(sclb.wait_for(Duration::from_secs(5), |p| {
         let lines = p.log_lines();

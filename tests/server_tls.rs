@@ -19,7 +19,7 @@ use std::time::Duration;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use grpc::{Client, FakeGrpc};
 use pki::Ca;
@@ -85,29 +85,6 @@ fn global(dir: &Path) -> String {
     )
 }
 
-/// Sends `ping\n` and reads until it comes back: everything read, or `None` if sclb closed
-/// the connection first.
-async fn round_trip(addr: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect(addr).await.ok()?;
-    s.write_all(b"ping\n").await.ok()?;
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buf = [0u8; 256];
-        while let Ok(n) = s.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-            if got.ends_with(b"ping\n") {
-                break;
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&got).into_owned();
-    (!text.is_empty()).then_some(text)
-}
-
 /// The `show stat` CSV row of `server` in `backend`.
 fn stat_row(sclb: &SclbProcess, backend: &str, server: &str) -> String {
     sclb.admin("show stat")
@@ -145,7 +122,10 @@ async fn l4_copies_plain_clients_through_tls_and_a_wrong_ca_marks_servers_down()
     let bad = sclb.frontend_addr("bad");
 
     // A plain client's bytes go through TLS to the server and back; sclb asked for the sni.
-    assert_eq!(round_trip(good).await.as_deref(), Some("b1\nping\n"));
+    assert_eq!(
+        common::through(1, good, b"").await.as_deref(),
+        Some("b1\nping\n")
+    );
     assert!(sni.lock().unwrap().contains(&"spark-1.test".to_string()));
 
     // The backend that does not trust the servers' CA: its check (a TLS handshake) marks the
@@ -173,7 +153,7 @@ async fn l4_copies_plain_clients_through_tls_and_a_wrong_ca_marks_servers_down()
         );
     }
     // Its clients are refused, and the log says it was the handshake.
-    assert_eq!(round_trip(bad).await, None);
+    assert_eq!(common::through(1, bad, b"").await, None);
     assert!(
         sclb.wait_for(Duration::from_secs(5), |p| {
             p.log_lines().iter().any(|l| {
@@ -185,7 +165,10 @@ async fn l4_copies_plain_clients_through_tls_and_a_wrong_ca_marks_servers_down()
         sclb.log_text()
     );
     // The trusting frontend still serves.
-    assert_eq!(round_trip(good).await.as_deref(), Some("b1\nping\n"));
+    assert_eq!(
+        common::through(1, good, b"").await.as_deref(),
+        Some("b1\nping\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -373,6 +373,15 @@ impl Client {
         self.send.send_request(req).await.unwrap()
     }
 
+    /// The recorded AnalyzePlan on `session`, with `authorization: Bearer <token>`, read to
+    /// its end.
+    pub async fn analyze_with_token(&mut self, token: &str, session: &str) -> Reply {
+        let auth = format!("Bearer {token}");
+        let body = request("03_AnalyzePlan_schema.bin", session);
+        let headers = [("authorization", auth.as_str())];
+        finish(self.start_with("AnalyzePlan", body, &headers).await).await
+    }
+
     /// An RPC to any path, read to its end.
     pub async fn call_path(&mut self, path: &str, body: Bytes) -> Reply {
         let req = Request::post(format!("http://{}{path}", self.addr))
