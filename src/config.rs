@@ -19,7 +19,8 @@ use std::time::Duration;
 
 pub use reader::ConfigError;
 pub use security::{
-    AuthConfig, ClaimNames, ClientVerify, IdentityFrom, JwtConfig, Secret, TlsConfig,
+    AuthConfig, ClaimNames, ClientVerify, IdentityFrom, JwtConfig, KeySource, OidcSource, Secret,
+    ServerTlsConfig, TlsConfig,
 };
 
 /// A config that failed to load: every error found, in file order.
@@ -391,6 +392,8 @@ pub struct CheckConfig {
     /// The backend's `backend_token`, sent by the spark probe (servers that require a token
     /// answer a probe without one UNAUTHENTICATED).
     pub token: Option<Secret>,
+    /// The backend's `server_tls`: probes speak TLS to the server.
+    pub tls: Option<crate::tls::client::ServerTls>,
 }
 
 impl Default for CheckConfig {
@@ -407,6 +410,7 @@ impl Default for CheckConfig {
             spread: 0.05,
             init_state: InitState::Up,
             token: None,
+            tls: None,
         }
     }
 }
@@ -458,6 +462,8 @@ pub struct Backend {
     /// `backend_token`: sent as `authorization: Bearer` to the servers (gateway RPCs and the
     /// spark health probe), for Spark started with `spark.connect.authenticate.token`.
     pub backend_token: Option<Secret>,
+    /// `server_tls`: sclb speaks TLS to the servers (data, gateway and health checks).
+    pub server_tls: Option<crate::tls::client::ServerTls>,
 }
 
 /// `[backend.discovery.kubernetes]`: the backend's servers also come from a Kubernetes watch.

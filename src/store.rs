@@ -624,7 +624,7 @@ impl Store {
         } else {
             // sslmode=prefer (libpq's default) or require: TLS when the server offers it,
             // verified against `ca` (re-read at every connect: a rotated bundle applies).
-            let tls = crate::tls::client_config(self.cfg.ca.as_deref())
+            let tls = crate::tls::client::store_config(self.cfg.ca.as_deref())
                 .map_err(|e| StoreError::Tls(e.to_string()))?;
             self.open(&cfg, tokio_postgres_rustls::MakeRustlsConnect::new(tls))
                 .await?

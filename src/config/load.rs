@@ -548,7 +548,7 @@ fn read_postgres_store(t: Table<'_, '_>) -> Option<StoreConfig> {
     let password_file = t.str("password_file").map(PathBuf::from);
     let ca = t.str("ca").map(PathBuf::from);
     if let Some(ca) = &ca
-        && let Err(e) = crate::tls::client_config(Some(ca))
+        && let Err(e) = crate::tls::client::store_config(Some(ca))
     {
         t.error("ca", e.to_string());
         return None;
@@ -762,6 +762,7 @@ impl CheckPartial {
             spread: self.spread.unwrap_or(d.spread),
             init_state: self.init_state.unwrap_or(d.init_state),
             token: None,
+            tls: None,
         }
     }
 }
@@ -1115,6 +1116,7 @@ fn read_backend(t: Table<'_, '_>, d: &Defaults) -> Option<Backend> {
         "tcp_keepalive",
         "discovery",
         "backend_token",
+        "server_tls",
     ]);
     let name = check_name(t);
     let balance = if t.contains("balance") {
@@ -1216,13 +1218,25 @@ fn read_backend(t: Table<'_, '_>, d: &Defaults) -> Option<Backend> {
         }
         None => None,
     };
+    let stls_path = join(t.path, "server_tls");
+    let server_tls = match t.table("server_tls", &stls_path) {
+        Some(tt) => {
+            let tls = security::read_server_tls(tt);
+            ok &= tls.is_some();
+            tls
+        }
+        None => None,
+    };
     let mut check = check.resolve();
     check.token = backend_token.clone();
+    check.tls = server_tls.clone();
     for s in &mut servers {
         s.check.token = backend_token.clone();
+        s.check.tls = server_tls.clone();
     }
     let be = Backend {
         backend_token,
+        server_tls,
         name: name?,
         balance: balance?,
         stick,

@@ -347,15 +347,8 @@ pub fn release_sessions(shared: &Arc<Shared>, ended: &[Arc<Session>]) {
             continue;
         };
         if let Some(server) = b.server(s.placement().server).cloned() {
-            let (gw, key, timeout, token) = (
-                shared.gateway.clone(),
-                s.key.clone(),
-                b.config.timeout_connect,
-                b.config.backend_token.clone(),
-            );
-            tokio::spawn(async move {
-                release_on_server(&gw, &server, &key, timeout, token.as_ref()).await
-            });
+            let (gw, key, cfg) = (shared.gateway.clone(), s.key.clone(), b.config.clone());
+            tokio::spawn(async move { release_on_server(&gw, &server, &key, &cfg).await });
         }
     }
 }
@@ -389,18 +382,28 @@ async fn release_on_server(
     gw: &Gateway,
     server: &Server,
     key: &SessionKey,
-    timeout: Duration,
-    token: Option<&crate::config::Secret>,
+    cfg: &crate::config::Backend,
 ) {
+    let token = cfg.backend_token.as_ref();
     let msg = release_session_request(key);
     let r = async {
         let send = gw
             .upstreams
-            .get(server.id, server.addr(), timeout)
+            .get(
+                server.id,
+                server.addr(),
+                cfg.timeout_connect,
+                cfg.server_tls.as_ref(),
+            )
             .await
             .map_err(|e| e.to_string())?;
+        let scheme = if cfg.server_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let req = Request::post(format!(
-            "http://{}/spark.connect.SparkConnectService/ReleaseSession",
+            "{scheme}://{}/spark.connect.SparkConnectService/ReleaseSession",
             server.addr()
         ))
         .header(header::CONTENT_TYPE, "application/grpc")
