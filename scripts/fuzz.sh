@@ -3,8 +3,11 @@
 # crashes (panic, AddressSanitizer report), hangs (-timeout), or allocates without bound
 # (-rss_limit_mb, -malloc_limit_mb). Prints one summary line per target.
 #
-#   scripts/fuzz.sh [SECONDS]        SECONDS per target, default 30
+#   scripts/fuzz.sh [SECONDS [TARGET...]]   SECONDS per target, default 30; every target
+#                                           in fuzz/fuzz_targets, or the ones named
 #
+# SCLB_FUZZ_TARGET_DIR builds elsewhere than the shared cache (a second checkout fuzzing on
+# the same machine as CI).
 # Tools: cargo-fuzz (libFuzzer) from crates.io, installed under ~/.cache/sclb/tools when missing.
 # cargo-fuzz passes -Zsanitizer=address, a nightly flag: RUSTC_BOOTSTRAP=1 lets the stable
 # toolchain accept it (no other toolchain is needed). Builds go to ~/.cache/sclb/fuzz-target so
@@ -18,7 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 secs=${1:-30}
-[[ "$secs" =~ ^[0-9]+$ ]] || { echo "usage: $0 [seconds per target]" >&2; exit 2; }
+[[ "$secs" =~ ^[0-9]+$ ]] || { echo "usage: $0 [seconds per target [target...]]" >&2; exit 2; }
+shift || true
 cache=${SCLB_CACHE:-$HOME/.cache/sclb}
 tools=$cache/tools
 export PATH=$tools/bin:$PATH
@@ -29,7 +33,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 export RUSTC_BOOTSTRAP=1
-target_dir=$cache/fuzz-target
+target_dir=${SCLB_FUZZ_TARGET_DIR:-$cache/fuzz-target}
 host=$(rustc -vV | sed -n 's/^host: //p')
 echo "==> building fuzz targets (cargo fuzz build, AddressSanitizer) into $target_dir"
 build_log=$(mktemp)
@@ -42,6 +46,12 @@ grep -E '^ *(Finished|error|warning: unused)' "$build_log" || true
 rm -f "$build_log"
 mapfile -t targets < <(cd fuzz && cargo fuzz list)
 ((${#targets[@]})) || { echo "no fuzz targets found" >&2; exit 1; }
+if (($#)); then
+  for t in "$@"; do
+    printf '%s\n' "${targets[@]}" | grep -qx -- "$t" || { echo "no fuzz target $t" >&2; exit 2; }
+  done
+  targets=("$@")
+fi
 
 # Largest input per target: a config file, an admin line (the socket's MAX_LINE), a probe reply
 # (spark_proto::MAX_REPLY plus the 5-byte gRPC prefix and some), the start of a request body

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 pub use reader::ConfigError;
 pub use security::{
-    AuthConfig, ClaimNames, ClientVerify, IdentityFrom, JwtConfig, Secret, TlsConfig,
+    AuthConfig, ClaimNames, ClientVerify, IdentityFrom, JwtConfig, KeySource, OidcSource, Secret,
+    ServerTlsConfig, TlsConfig,
 };
 
 /// A config that failed to load: every error found, in file order.
@@ -63,12 +64,34 @@ pub struct Global {
 }
 
 /// `[global] store`: `memory` keeps sessions in this process (and its state file); `postgres`
-/// shares them between sclb processes through a PostgreSQL-compatible database.
+/// shares them between sclb processes through a PostgreSQL-compatible database; `kubernetes`
+/// through the API server (driver objects and Leases).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum StoreConfig {
     #[default]
     Memory,
     Postgres(PostgresStore),
+    Kubernetes(KubernetesStore),
+}
+
+/// `store = { kind = "kubernetes", ... }`: sessions recorded as Kubernetes objects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubernetesStore {
+    /// Where session Leases and the reaper's Lease live.
+    pub namespace: String,
+    /// The name of the reaper's Lease (one replica at a time reaps).
+    pub lease: String,
+    /// How long the reaper's Lease holds without renewal.
+    pub lease_duration: Duration,
+    /// A kubeconfig file; `None`: the in-cluster service account, then `$KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// A session's last activity is written at most this often.
+    pub activity_interval: Duration,
+    /// A driver labelled managed-by=sclb that no session owns is deleted this long after its
+    /// creation.
+    pub orphan_grace: Duration,
+    /// How often activity and ends are written and the watch applied to the registry.
+    pub sync_interval: Duration,
 }
 
 #[derive(Clone, PartialEq)]
@@ -369,6 +392,8 @@ pub struct CheckConfig {
     /// The backend's `backend_token`, sent by the spark probe (servers that require a token
     /// answer a probe without one UNAUTHENTICATED).
     pub token: Option<Secret>,
+    /// The backend's `server_tls`: probes speak TLS to the server.
+    pub tls: Option<crate::tls::client::ServerTls>,
 }
 
 impl Default for CheckConfig {
@@ -385,6 +410,7 @@ impl Default for CheckConfig {
             spread: 0.05,
             init_state: InitState::Up,
             token: None,
+            tls: None,
         }
     }
 }
@@ -436,6 +462,8 @@ pub struct Backend {
     /// `backend_token`: sent as `authorization: Bearer` to the servers (gateway RPCs and the
     /// spark health probe), for Spark started with `spark.connect.authenticate.token`.
     pub backend_token: Option<Secret>,
+    /// `server_tls`: sclb speaks TLS to the servers (data, gateway and health checks).
+    pub server_tls: Option<crate::tls::client::ServerTls>,
 }
 
 /// `[backend.discovery.kubernetes]`: the backend's servers also come from a Kubernetes watch.

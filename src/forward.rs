@@ -17,7 +17,9 @@ use crate::live_conns::ConnInfo;
 use crate::pipe::{self, End, Side, Totals};
 use crate::server::{Server, ServerId};
 use crate::state::{Backend, FrontendCounters};
+use crate::tls::client::{ServerStream, ServerTls};
 use crate::{Shared, sockopt};
+use tokio_util::either::Either;
 
 /// Why a connection never reached a server.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,8 @@ pub enum ConnectError {
     Timeout { server: Arc<str> },
     #[error("connect to {server} failed: {source}")]
     Refused { server: Arc<str>, source: io::Error },
+    #[error("TLS handshake with {server} failed: {source}")]
+    Tls { server: Arc<str>, source: io::Error },
 }
 
 impl ConnectError {
@@ -39,13 +43,14 @@ impl ConnectError {
             ConnectError::QueueTimeout { .. } => "queue_timeout",
             ConnectError::Timeout { .. } => "connect_timeout",
             ConnectError::Refused { .. } => "connect_refused",
+            ConnectError::Tls { .. } => "server_tls",
         }
     }
 }
 
 struct Connected {
     server: Arc<Server>,
-    stream: TcpStream,
+    stream: ServerStream,
     _slot: Option<OwnedSemaphorePermit>,
     connect_time: Duration,
 }
@@ -196,7 +201,13 @@ pub async fn handle(
     };
     // Boxed: its state (timeouts, retries, the queue wait) is freed once connected, so a
     // long-lived idle connection does not carry it (a task is as large as its largest state).
-    let connected = Box::pin(connect(&backend, peer, key, shared.gateway.store.get())).await;
+    let connected = Box::pin(connect(
+        &backend,
+        peer,
+        key,
+        shared.gateway.store.get().and_then(|s| s.postgres()),
+    ))
+    .await;
     let conn = match connected {
         Ok(c) => c,
         Err(e) => {
@@ -251,30 +262,36 @@ pub async fn handle(
             fe_counters.bytes_out.fetch_add(n, Relaxed);
         }
     };
+    // Boxed: a TLS connection's copy state would otherwise size every plain one's task.
     let end = match client {
-        ClientStream::Plain(client) => {
-            pipe::pipe(
-                &client,
-                &server_stream,
-                idle,
-                kill,
-                &totals,
-                &on_bytes,
-                shared.data.pipe_mode,
-            )
-            .await
-        }
-        // Boxed: a TLS connection's copy state would otherwise size every plain one's task.
+        ClientStream::Plain(client) => match &mut server_stream {
+            Either::Left(server_stream) => {
+                pipe::pipe(
+                    &client,
+                    server_stream,
+                    idle,
+                    kill,
+                    &totals,
+                    &on_bytes,
+                    shared.data.pipe_mode,
+                )
+                .await
+            }
+            tls => {
+                let copy = crate::stream_pipe::copy(client, tls, idle, kill, &totals, &on_bytes);
+                Box::pin(copy).await
+            }
+        },
         ClientStream::Tls(client) => {
-            Box::pin(crate::stream_pipe::copy(
+            let copy = crate::stream_pipe::copy(
                 client,
                 &mut server_stream,
                 idle,
                 kill,
                 &totals,
                 &on_bytes,
-            ))
-            .await
+            );
+            Box::pin(copy).await
         }
     };
     if end == End::Reset(Side::Server) {
@@ -394,6 +411,32 @@ async fn connect(
             sockopt::connect_upstream(server.addr(), cfg.tcp_keepalive),
         )
         .await;
+        // A backend with server_tls: the handshake is part of connecting (and of its timeout).
+        let result = match result {
+            Ok(Ok(tcp)) => {
+                let left = cfg.timeout_connect.saturating_sub(t0.elapsed());
+                // Boxed: the handshake's state would otherwise size every connection's task.
+                match timeout(
+                    left,
+                    Box::pin(ServerTls::wrap(cfg.server_tls.as_ref(), tcp, server.addr())),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => Ok(Ok(s)),
+                    Ok(Err(source)) => Err(ConnectError::Tls {
+                        server: server.name.clone(),
+                        source,
+                    }),
+                    Err(_) => Err(ConnectError::Timeout {
+                        server: server.name.clone(),
+                    }),
+                }
+            }
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(_) => Err(ConnectError::Timeout {
+                server: server.name.clone(),
+            }),
+        };
         if let Ok(Err(e)) = &result
             && crate::sockopt::is_resource_exhaustion(e)
             && Instant::now() < fd_deadline
@@ -439,9 +482,7 @@ async fn connect(
                 server: server.name.clone(),
                 source: e,
             },
-            Err(_) => ConnectError::Timeout {
-                server: server.name.clone(),
-            },
+            Err(e) => e,
         };
         server.counters.conn_errors.fetch_add(1, Relaxed);
         debug!(client = %peer, server = %server.name, "connect attempt failed: {err}");

@@ -30,7 +30,7 @@ pub type Report = Arc<dyn Fn(Arc<Server>, LastCheck) + Send + Sync>;
 /// retired or `stop` fires.
 pub fn spawn_checker(server: Arc<Server>, report: &Report, stop: &CancellationToken) {
     let check = server.config().check.clone();
-    let Some(probe) = probe::for_check(check.kind, check.token.as_ref()) else {
+    let Some(probe) = probe::for_check(check.kind, check.token.as_ref(), check.tls.as_ref()) else {
         return;
     };
     spawn_with(server, probe, report.clone(), stop.clone());
@@ -90,6 +90,7 @@ async fn run(
 ) {
     let mut kind = server.config().check.kind;
     let mut token = server.config().check.token.clone();
+    let mut tls = server.config().check.tls.clone();
     // The first check comes at once, moved by up to `spread` of the interval, so that sclb
     // knows the truth quickly after start without every check firing at the same instant.
     let check = server.config().check.clone();
@@ -111,10 +112,13 @@ async fn run(
             }
         }
         let check = server.config().check.clone();
-        if check.kind != kind || check.token != token {
-            // A reload changed the check type or the backend token.
-            match probe::for_check(check.kind, check.token.as_ref()) {
-                Some(p) => (probe, kind, token) = (p, check.kind, check.token.clone()),
+        if check.kind != kind || check.token != token || check.tls != tls {
+            // A reload changed the check type, the backend token or server_tls.
+            match probe::for_check(check.kind, check.token.as_ref(), check.tls.as_ref()) {
+                Some(p) => {
+                    (probe, kind, token, tls) =
+                        (p, check.kind, check.token.clone(), check.tls.clone())
+                }
                 None => return,
             }
         }

@@ -152,6 +152,12 @@ pub enum CheckStatus {
     L4Tout,
     /// TCP connect failed (refused, unreachable).
     L4Con,
+    /// TLS handshake with the server succeeded (tcp check with `server_tls`).
+    L6Ok,
+    /// TLS handshake did not complete in time.
+    L6Tout,
+    /// TLS handshake failed (certificate not trusted, wrong name, not TLS).
+    L6Rsp,
     /// Layer 7 (HTTP/2, Spark) answer was good.
     L7Ok,
     /// Layer 7 answer did not come in time.
@@ -170,6 +176,9 @@ impl CheckStatus {
             CheckStatus::L4Ok => "L4OK",
             CheckStatus::L4Tout => "L4TOUT",
             CheckStatus::L4Con => "L4CON",
+            CheckStatus::L6Ok => "L6OK",
+            CheckStatus::L6Tout => "L6TOUT",
+            CheckStatus::L6Rsp => "L6RSP",
             CheckStatus::L7Ok => "L7OK",
             CheckStatus::L7Tout => "L7TOUT",
             CheckStatus::L7Rsp => "L7RSP",
@@ -178,7 +187,10 @@ impl CheckStatus {
     }
 
     pub fn is_ok(self) -> bool {
-        matches!(self, CheckStatus::L4Ok | CheckStatus::L7Ok)
+        matches!(
+            self,
+            CheckStatus::L4Ok | CheckStatus::L6Ok | CheckStatus::L7Ok
+        )
     }
 }
 

@@ -1,5 +1,5 @@
-//! Moving bytes both ways between a client stream that is not a plain socket (a TLS session)
-//! and its server, with the same half-close, idle timeout, kill switch and live counters as
+//! Moving bytes both ways between a client and its server when either is not a plain socket
+//! (a TLS session sclb terminated, or one it opened to a server with `server_tls`), with the same half-close, idle timeout, kill switch and live counters as
 //! [`crate::pipe`] (which splices plain sockets and cannot see inside TLS).
 
 use std::future::Future;
@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::pipe::{End, Side, Totals};
@@ -54,9 +53,9 @@ where
 
 /// Copies until both directions are closed, one side fails, `idle` passes with no byte moved,
 /// or `kill` completes.
-pub async fn copy<C, K>(
+pub async fn copy<C, S, K>(
     client: C,
-    server: &mut TcpStream,
+    server: S,
     idle: Duration,
     kill: K,
     totals: &Totals,
@@ -64,12 +63,13 @@ pub async fn copy<C, K>(
 ) -> End
 where
     C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
     K: Future<Output = ()>,
 {
     let epoch = Instant::now();
     let last = AtomicU64::new(0);
     let (cr, cw) = tokio::io::split(client);
-    let (sr, sw) = server.split();
+    let (sr, sw) = tokio::io::split(server);
     let first_close = parking_lot::Mutex::new(None);
     let up = async {
         let d = one_way(

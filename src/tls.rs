@@ -23,13 +23,16 @@ use tracing::{info, warn};
 
 use crate::config::{ClientVerify, Config, IdentityFrom, TlsConfig};
 
+pub mod client;
+
 /// Which of a frontend's TLS files a problem is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Which {
     Cert,
     Key,
     ClientCa,
-    /// A CA bundle sclb verifies a server with (the session store's database).
+    /// A CA bundle sclb verifies a server with (`server_tls.ca`, `auth.ca`, the session
+    /// store's database).
     ServerCa,
 }
 
@@ -99,37 +102,6 @@ fn certs(which: Which, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsE
         return Err(bad("holds no CERTIFICATE block".into()));
     }
     Ok(certs)
-}
-
-/// A client config for connections sclb makes (the session store's database): servers are
-/// verified against `ca` (a PEM bundle) when given, else against the system's roots.
-pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(ca) => {
-            for c in certs(Which::ServerCa, ca)? {
-                roots.add(c).map_err(|e| TlsError::Bad {
-                    which: Which::ServerCa,
-                    path: ca.into(),
-                    what: format!("not a usable CA certificate: {e}"),
-                })?;
-            }
-        }
-        None => {
-            // Unreadable system certificates are skipped; none at all fails every handshake,
-            // which then says the server's certificate is not trusted.
-            let (added, _) =
-                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-            if added == 0 {
-                warn!("no system CA certificates found: name a ca file to verify servers");
-            }
-        }
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("ring supports TLS 1.2 and 1.3")
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// Builds the rustls config of a frontend from its files, checking that key and certificate

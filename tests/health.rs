@@ -59,8 +59,11 @@ async fn http1_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 #[tokio::test]
 async fn tcp_probe() {
     let ok = Backend::start("s").await;
-    assert_eq!(TcpProbe.check(ok.addr, T).await.status, CheckStatus::L4Ok);
-    let r = TcpProbe.check(closed_port().await, T).await;
+    assert_eq!(
+        TcpProbe::default().check(ok.addr, T).await.status,
+        CheckStatus::L4Ok
+    );
+    let r = TcpProbe::default().check(closed_port().await, T).await;
     assert_eq!(r.status, CheckStatus::L4Con);
     assert!(r.desc.contains("refused"), "{}", r.desc);
 
@@ -81,25 +84,33 @@ async fn tcp_probe() {
             fillers.push(s);
         }
     }
-    let r = TcpProbe.check(full, Duration::from_millis(300)).await;
+    let r = TcpProbe::default()
+        .check(full, Duration::from_millis(300))
+        .await;
     assert_eq!(r.status, CheckStatus::L4Tout, "{r:?}");
 }
 
 #[tokio::test]
 async fn h2_probe() {
     let h2 = FakeSpark::start(SparkMode::Healthy).await;
-    let r = H2Probe.check(h2.addr, T).await;
+    let r = H2Probe::default().check(h2.addr, T).await;
     assert_eq!(r.status, CheckStatus::L7Ok, "{r:?}");
 
     let (silent, _t) = silent_server().await;
-    assert_eq!(H2Probe.check(silent, T).await.status, CheckStatus::L7Tout);
+    assert_eq!(
+        H2Probe::default().check(silent, T).await.status,
+        CheckStatus::L7Tout
+    );
 
     let (http1, _t) = http1_server().await;
-    let r = H2Probe.check(http1, T).await;
+    let r = H2Probe::default().check(http1, T).await;
     assert_eq!(r.status, CheckStatus::L7Rsp, "{r:?}");
 
     assert_eq!(
-        H2Probe.check(closed_port().await, T).await.status,
+        H2Probe::default()
+            .check(closed_port().await, T)
+            .await
+            .status,
         CheckStatus::L4Con
     );
 }

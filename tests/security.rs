@@ -12,6 +12,8 @@
 mod common;
 #[path = "common/grpc.rs"]
 mod grpc;
+#[path = "common/pki.rs"]
+mod pki;
 mod realbin;
 
 use std::net::SocketAddr;
@@ -26,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use grpc::{Client, FakeGrpc};
+use pki::{Ca, SigningKey, now};
 use realbin::SclbProcess;
 
 /// A self-signed certificate for 127.0.0.1 named `cn`: (cert PEM, key PEM).
@@ -297,43 +300,6 @@ async fn static_tokens_identify_users_who_own_their_sessions() {
     drop(server);
 }
 
-/// A CA, and certificates it signs.
-struct Ca {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        Ca {
-            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A client certificate with `uri` as its SAN URI: (cert PEM, key PEM).
-    fn client(&self, uri: &str) -> (String, String) {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.subject_alt_names.push(rcgen::SanType::URI(
-            rcgen::string::Ia5String::try_from(uri).unwrap(),
-        ));
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "cn-not-used");
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 /// A TLS client trusting `server_cert`, showing `client` (cert, key) if given.
 async fn mtls_connect(
     tcp: TcpStream,
@@ -477,40 +443,12 @@ async fn mtls_identity_pins_l4_clients_and_names_gateway_users() {
     );
 }
 
-/// An ES256 key: (PKCS#8 PEM for signing, its JWK with `kid`).
-fn es256_key(kid: &str) -> (String, serde_json::Value) {
-    use base64::Engine;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let raw = key.public_key_raw(); // 0x04 || X || Y
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let jwk = serde_json::json!({
-        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
-        "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
-    });
-    (key.serialize_pem(), jwk)
-}
-
-fn jwt(pem: &str, kid: &str, claims: serde_json::Value) -> String {
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    header.kid = Some(kid.to_string());
-    let key = jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes()).unwrap();
-    jsonwebtoken::encode(&header, &claims, &key).unwrap()
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_auth_checks_each_claim_and_follows_key_rotation() {
     let dir = tempfile::tempdir().unwrap();
-    let (pem1, jwk1) = es256_key("k1");
-    let (pem2, jwk2) = es256_key("k2");
+    let (k1, k2) = (SigningKey::es256("k1"), SigningKey::es256("k2"));
     let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, serde_json::json!({ "keys": [jwk1] }).to_string()).unwrap();
+    std::fs::write(&jwks, serde_json::json!({ "keys": [k1.jwk] }).to_string()).unwrap();
     let server = FakeGrpc::start("s1", grpc::Behaviour::default()).await;
     let config = format!(
         "{}\n[[frontend]]\nname = \"gw\"\nmode = \"grpc\"\nbind = [\"127.0.0.1:0\"]\nbackend = \"be\"\n\
@@ -534,18 +472,10 @@ async fn jwt_auth_checks_each_claim_and_follows_key_rotation() {
             .extend(extra.as_object().unwrap().clone());
         c
     };
-    let mut call = async |token: String, n: u32| {
-        let auth = format!("Bearer {token}");
-        let body = grpc::request("03_AnalyzePlan_schema.bin", &grpc::session(n));
-        grpc::finish(
-            client
-                .start_with("AnalyzePlan", body, &[("authorization", auth.as_str())])
-                .await,
-        )
-        .await
-    };
+    let mut call =
+        async |token: String, n: u32| client.analyze_with_token(&token, &grpc::session(n)).await;
 
-    let r = call(jwt(&pem1, "k1", good(serde_json::json!({}))), 30).await;
+    let r = call(k1.sign(&good(serde_json::json!({})), None), 30).await;
     assert_eq!(r.status, 0, "{r:?}");
     let seen_user = server.seen.lock().unwrap().by_session[&grpc::session(30)][0]
         .1
@@ -568,12 +498,12 @@ async fn jwt_auth_checks_each_claim_and_follows_key_rotation() {
             "no usable user claim",
         ),
     ] {
-        let r = call(jwt(&pem1, "k1", good(claims.clone())), 31).await;
+        let r = call(k1.sign(&good(claims.clone()), None), 31).await;
         assert_eq!(r.status, 16, "{claims}: {r:?}");
         assert!(r.message.contains(check), "{claims}: {}", r.message);
     }
     // Signed by a key the JWKS does not hold (same kid): the signature check fails.
-    let r = call(jwt(&pem2, "k1", good(serde_json::json!({}))), 32).await;
+    let r = call(k2.sign(&good(serde_json::json!({})), Some("k1")), 32).await;
     assert!(
         r.message.contains("signature does not verify"),
         "{}",
@@ -590,10 +520,10 @@ async fn jwt_auth_checks_each_claim_and_follows_key_rotation() {
     assert!(r.message.contains("algorithm"), "{}", r.message);
 
     // Rotation: the JWKS now holds k2 only.
-    std::fs::write(&jwks, serde_json::json!({ "keys": [jwk2] }).to_string()).unwrap();
+    std::fs::write(&jwks, serde_json::json!({ "keys": [k2.jwk] }).to_string()).unwrap();
     let mut rotated = false;
     for i in 0..100 {
-        let r = call(jwt(&pem2, "k2", good(serde_json::json!({}))), 40 + i).await;
+        let r = call(k2.sign(&good(serde_json::json!({})), None), 40 + i).await;
         if r.status == 0 {
             rotated = true;
             break;
@@ -601,24 +531,13 @@ async fn jwt_auth_checks_each_claim_and_follows_key_rotation() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(rotated, "the new key was not used within 10 s");
-    let r = call(jwt(&pem1, "k1", good(serde_json::json!({}))), 200).await;
+    let r = call(k1.sign(&good(serde_json::json!({})), None), 200).await;
     assert_eq!(r.status, 16);
     assert!(r.message.contains("no key fits"), "{}", r.message);
 
     assert!(sclb.log_text().contains("auth file reloaded"));
     // Each refusal is counted by the check that failed.
-    let stats: SocketAddr = sclb
-        .log_lines()
-        .iter()
-        .find(|l| realbin::message(l).starts_with("stats page on"))
-        .map(|l| realbin::field(l, "addr").parse().unwrap())
-        .expect("stats listener");
-    let mut tcp = TcpStream::connect(stats).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .await
-        .unwrap();
-    let mut page = String::new();
-    tcp.read_to_string(&mut page).await.unwrap();
+    let page = sclb.metrics();
     for reason in [
         "expired",
         "audience",
@@ -643,30 +562,6 @@ fn proxy_v2(src: std::net::SocketAddrV4) -> Vec<u8> {
     h
 }
 
-/// Connects from 127.0.0.`n`, sends `first`, then `ping\n`: the echoed line after the
-/// backend's greeting, or `None` if sclb closed the connection.
-async fn through(n: u8, addr: SocketAddr, first: &[u8]) -> Option<String> {
-    let mut s = common::connect_from(n, addr).await;
-    s.write_all(first).await.ok()?;
-    s.write_all(b"ping\n").await.ok()?;
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buf = [0u8; 256];
-        while let Ok(k) = s.read(&mut buf).await {
-            if k == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..k]);
-            if got.ends_with(b"ping\n") {
-                break;
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&got).into_owned();
-    (!text.is_empty()).then_some(text)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_only_from_trusted_peers_and_source_rules() {
     let dir = tempfile::tempdir().unwrap();
@@ -684,19 +579,28 @@ async fn proxy_protocol_only_from_trusted_peers_and_source_rules() {
     // A trusted peer's v2 header: the client is the address it carries; the header itself
     // never reaches the server (the echo holds our bytes only).
     let v2 = proxy_v2("10.1.2.3:4567".parse().unwrap());
-    assert_eq!(through(2, addr, &v2).await.as_deref(), Some("b1\nping\n"));
+    assert_eq!(
+        common::through(2, addr, &v2).await.as_deref(),
+        Some("b1\nping\n")
+    );
     // v1 as well.
     let v1 = b"PROXY TCP4 10.1.2.4 127.0.0.1 5678 15002\r\n";
-    assert_eq!(through(2, addr, v1).await.as_deref(), Some("b1\nping\n"));
+    assert_eq!(
+        common::through(2, addr, v1).await.as_deref(),
+        Some("b1\nping\n")
+    );
     // The carried address meets the deny list.
     let v2_denied = proxy_v2("10.6.6.6:1000".parse().unwrap());
-    assert_eq!(through(2, addr, &v2_denied).await, None);
+    assert_eq!(common::through(2, addr, &v2_denied).await, None);
     // A trusted peer without a header, and an untrusted one with a header: refused.
-    assert_eq!(through(2, addr, b"").await, None);
-    assert_eq!(through(3, addr, &v2).await, None);
+    assert_eq!(common::through(2, addr, b"").await, None);
+    assert_eq!(common::through(3, addr, &v2).await, None);
     // An untrusted peer speaking plainly is a client like any other; a denied one is not.
-    assert_eq!(through(3, addr, b"").await.as_deref(), Some("b1\nping\n"));
-    assert_eq!(through(4, addr, b"").await, None);
+    assert_eq!(
+        common::through(3, addr, b"").await.as_deref(),
+        Some("b1\nping\n")
+    );
+    assert_eq!(common::through(4, addr, b"").await, None);
 
     assert!(sclb.wait_for(Duration::from_secs(5), |p| {
         let lines = p.log_lines();

@@ -1,6 +1,7 @@
 //! `auth = { type = "jwt", keys = "FILE", ... }`: signed tokens (JWS compact form) checked
 //! against keys from a JWKS document or a PEM public key (or an HMAC secret, only when an
-//! HS* algorithm is named in `algorithms`).
+//! HS* algorithm is named in `algorithms`). `type = "oidc"` checks tokens the same way, with
+//! a key set fetched from the issuer ([`super::oidc`], [`JwtKeys::from_issuer`]).
 //!
 //! Checks, in order, each a reason of its own: the header parses (`malformed`), its `alg` is
 //! allowed (`algorithm`), a key fits its `kid` and `alg` (`unknown_key`), the signature
@@ -14,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde_json::Value;
 
 use super::{AuthError, Identity, clean_name};
-use crate::config::JwtConfig;
+use crate::config::{JwtConfig, KeySource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
@@ -58,8 +59,70 @@ pub struct JwtKeys {
 }
 
 impl JwtKeys {
+    /// No keys: every token is `unknown_key` (an OIDC issuer not reached yet).
+    pub fn empty() -> JwtKeys {
+        JwtKeys { keys: Vec::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// An issuer's key set (`jwks_uri`): keys this sclb cannot use (another `kty`, `use` =
+    /// `enc`, a symmetric key, a malformed entry) are skipped, as a relying party must, since
+    /// issuers publish keys for other purposes beside the signing ones. At most 256 keys.
+    pub fn from_issuer(body: &[u8], cfg: &JwtConfig) -> Result<JwtKeys, String> {
+        #[derive(serde::Deserialize)]
+        struct Set {
+            keys: Vec<Value>,
+        }
+        let set: Set =
+            serde_json::from_slice(body).map_err(|e| format!("the key set is not a JWKS: {e}"))?;
+        let mut keys = Vec::new();
+        for v in set.keys.into_iter().take(256) {
+            let Ok(jwk) = serde_json::from_value::<jsonwebtoken::jwk::Jwk>(v) else {
+                continue;
+            };
+            if matches!(
+                jwk.common.public_key_use,
+                Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+            ) {
+                continue;
+            }
+            let fam = match jwk.algorithm {
+                AlgorithmParameters::RSA(_) => Family::Rsa,
+                AlgorithmParameters::EllipticCurve(_) => Family::Ec,
+                AlgorithmParameters::OctetKeyPair(_) => Family::Ed,
+                AlgorithmParameters::OctetKey(_) => continue,
+            };
+            let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+                continue;
+            };
+            keys.push(Key {
+                kid: jwk.common.key_id.clone(),
+                family: fam,
+                key,
+            });
+        }
+        if !keys
+            .iter()
+            .any(|k| cfg.algorithms.iter().any(|a| family(*a) == k.family))
+        {
+            return Err("the key set holds no key for any of the allowed algorithms".into());
+        }
+        Ok(JwtKeys { keys })
+    }
+
+    /// Keys from the file `keys = "..."` names.
     pub fn load(cfg: &JwtConfig) -> Result<JwtKeys, KeysError> {
-        let path: &Path = &cfg.keys;
+        let KeySource::File(path) = &cfg.keys else {
+            return Ok(JwtKeys::empty());
+        };
+        let path: &Path = path;
         let p = path.display().to_string();
         let invalid = |message: String| KeysError::Invalid {
             path: p.clone(),
@@ -270,7 +333,10 @@ fn identity(claims: &Value, cfg: &JwtConfig) -> Result<Identity, AuthError> {
         team: claim(claims, &c.team),
         environment: claim(claims, &c.environment),
         groups,
-        via: "jwt",
+        via: match cfg.keys {
+            KeySource::File(_) => "jwt",
+            KeySource::Oidc(_) => "oidc",
+        },
         expires_at: claims
             .get("exp")
             .and_then(Value::as_u64)

@@ -1,14 +1,17 @@
 //! Who a gateway client is: the token of every RPC (`authorization: Bearer`) checked against
 //! the frontend's `auth` ([`static_tokens`]: SHA-256 hashes of tokens in a file; [`jwt`]: signed
-//! tokens against keys from a PEM or JWKS file), or the verified client certificate of an mTLS
-//! connection ([`crate::tls::peer_identity`]).
+//! tokens against keys from a PEM or JWKS file, or from an OpenID Connect issuer ([`oidc`])),
+//! or the verified client certificate of an mTLS connection ([`crate::tls::peer_identity`]).
 //!
 //! Owns each frontend's loaded token file or keys, re-read when the file changes (a file that
-//! no longer loads keeps the previous one and logs why), and `sclb_auth_failures_total`.
+//! no longer loads keeps the previous one and logs why) or fetched from the issuer, and the
+//! `sclb_auth_*` metrics.
 //! What leaves is an [`Identity`]; a failure is an [`AuthError`] whose message names the check
 //! that failed, never the token.
 
+pub mod https;
 pub mod jwt;
+mod oidc;
 pub mod static_tokens;
 
 pub use jwt::JwtKeys;
@@ -21,9 +24,10 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tracing::{info, warn};
 
-use crate::config::{AuthConfig, Config};
+use crate::config::{AuthConfig, Config, KeySource};
 use crate::tls::{Stamp, stamp};
 
 /// Longest identity (user, team, environment, group) accepted from a token or certificate: it
@@ -38,7 +42,7 @@ pub struct Identity {
     pub team: Option<String>,
     pub environment: Option<String>,
     pub groups: Vec<String>,
-    /// How it was proven: `static`, `jwt` or `mtls`.
+    /// How it was proven: `static`, `jwt`, `oidc` or `mtls`.
     pub via: &'static str,
     /// When the proof stops being valid (a JWT's `exp` plus leeway), in Unix seconds.
     pub expires_at: Option<u64>,
@@ -126,7 +130,10 @@ impl Loaded {
 
 /// One frontend's authenticator.
 pub struct FrontendAuth {
+    frontend: String,
     settings: AuthConfig,
+    /// `type = "oidc"`: where the keys are fetched from.
+    issuer: Option<oidc::Issuer>,
     loaded: ArcSwap<Loaded>,
     seen: Mutex<Stamp>,
     /// Bumped on every successful re-read (so connections re-check cached tokens).
@@ -134,14 +141,36 @@ pub struct FrontendAuth {
 }
 
 impl FrontendAuth {
-    fn file(&self) -> &std::path::Path {
+    /// The file the tokens or keys are read from (none for an OIDC issuer).
+    fn file(&self) -> Option<&std::path::Path> {
         match &self.settings {
-            AuthConfig::Static { tokens } => tokens,
-            AuthConfig::Jwt(j) => &j.keys,
+            AuthConfig::Static { tokens } => Some(tokens),
+            AuthConfig::Jwt(j) => match &j.keys {
+                KeySource::File(f) => Some(f),
+                KeySource::Oidc(_) => None,
+            },
         }
     }
 
-    /// Checks a bearer token.
+    /// Checks a bearer token; with an OIDC issuer, a token whose key is not cached makes the
+    /// keys be fetched again (rate-limited, see [`oidc`]).
+    pub async fn check(&self, token: &str) -> Result<Identity, AuthError> {
+        let seen = self.generation.load(std::sync::atomic::Ordering::Relaxed);
+        match self.verify(token) {
+            Err(e) if e.reason == "unknown_key" && self.issuer.is_some() => {
+                match self.look_for_key(seen).await {
+                    Ok(()) => self.verify(token),
+                    Err(why) => Err(AuthError::new(
+                        "unknown_key",
+                        format!("{}, and {why}", e.message),
+                    )),
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// Checks a bearer token against the keys or tokens loaded now.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         if token.len() > 16 * 1024 {
             return Err(AuthError::new(
@@ -157,7 +186,10 @@ impl FrontendAuth {
     }
 
     fn refresh(&self, frontend: &str) {
-        let now = stamp(self.file());
+        let Some(file) = self.file() else {
+            return;
+        };
+        let now = stamp(file);
         let mut seen = self.seen.lock();
         if *seen == now {
             return;
@@ -169,7 +201,7 @@ impl FrontendAuth {
                 self.loaded.store(Arc::new(l));
                 self.generation
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                info!(frontend, file = %self.file().display(), "auth file reloaded");
+                info!(frontend, file = %file.display(), "auth file reloaded");
             }
             Err(e) => warn!(
                 frontend,
@@ -180,13 +212,18 @@ impl FrontendAuth {
 }
 
 type FailureLabels = [(&'static str, String); 2];
+type FrontendLabel = [(&'static str, String); 1];
 
 /// Every gateway frontend's authenticator, by frontend name; lives across reloads.
 pub struct AuthStore {
     by_frontend: Mutex<HashMap<String, Arc<FrontendAuth>>>,
     /// `sclb_auth_failures_total{frontend, reason}`.
     pub failures: Family<FailureLabels, Counter>,
-    /// Holds `failures`, for `/metrics`.
+    /// `sclb_auth_keys_refresh_failures_total{frontend}`: failed fetches from an OIDC issuer.
+    keys_failures: Family<FrontendLabel, Counter>,
+    /// `sclb_auth_keys_last_refresh_timestamp_seconds{frontend}`: the last good fetch.
+    keys_last_refresh: Family<FrontendLabel, Gauge>,
+    /// Holds the families above, for `/metrics`.
     pub registry: prometheus_client::registry::Registry,
 }
 
@@ -199,9 +236,23 @@ impl Default for AuthStore {
             "RPCs refused because their token did not authenticate, by frontend and the check that failed.",
             failures.clone(),
         );
+        let keys_failures = Family::<FrontendLabel, Counter>::default();
+        registry.register(
+            "auth_keys_refresh_failures",
+            "Fetches of an OIDC issuer's discovery document or keys that failed (the cached keys stay in use).",
+            keys_failures.clone(),
+        );
+        let keys_last_refresh = Family::<FrontendLabel, Gauge>::default();
+        registry.register(
+            "auth_keys_last_refresh_timestamp_seconds",
+            "When the OIDC issuer's keys were last fetched successfully (Unix time).",
+            keys_last_refresh.clone(),
+        );
         AuthStore {
             by_frontend: Mutex::default(),
             failures,
+            keys_failures,
+            keys_last_refresh,
             registry,
         }
     }
@@ -241,14 +292,40 @@ impl AuthStore {
                 a.refresh(&fe.name);
                 continue;
             }
-            let a = FrontendAuth {
+            let issuer = match settings {
+                AuthConfig::Jwt(j) => match (&j.keys, &j.issuer) {
+                    (KeySource::Oidc(source), Some(url)) => {
+                        let label = [("frontend", fe.name.clone())];
+                        Some(oidc::Issuer::new(
+                            &fe.name,
+                            url,
+                            source,
+                            self.keys_failures.get_or_create(&label).clone(),
+                            self.keys_last_refresh.get_or_create(&label).clone(),
+                        ))
+                    }
+                    _ => None,
+                },
+                AuthConfig::Static { .. } => None,
+            };
+            let a = Arc::new(FrontendAuth {
+                frontend: fe.name.clone(),
                 settings: settings.clone(),
-                loaded: ArcSwap::from_pointee(Loaded::Static(StaticTokens::default())),
+                loaded: ArcSwap::from_pointee(match issuer {
+                    Some(_) => Loaded::Jwt(JwtKeys::empty()),
+                    None => Loaded::Static(StaticTokens::default()),
+                }),
+                issuer,
                 seen: Mutex::new(None),
                 generation: Default::default(),
-            };
+            });
             a.refresh(&fe.name);
-            map.insert(fe.name.clone(), Arc::new(a));
+            if a.issuer.is_some()
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
+                rt.spawn(oidc::keep_fresh(Arc::downgrade(&a)));
+            }
+            map.insert(fe.name.clone(), a);
         }
     }
 

@@ -48,14 +48,16 @@ pub enum IdentityFrom {
 pub enum AuthConfig {
     /// A file of SHA-256 token hashes, each with an identity.
     Static { tokens: PathBuf },
-    /// Signed JWTs checked against keys from a PEM or JWKS file.
-    Jwt(JwtConfig),
+    /// Signed JWTs checked against keys from a PEM or JWKS file (`type = "jwt"`) or from an
+    /// OpenID Connect issuer's discovery document (`type = "oidc"`).
+    Jwt(Box<JwtConfig>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct JwtConfig {
-    /// A PEM public key (or, for HMAC, a file holding the secret) or a JWKS document.
-    pub keys: PathBuf,
+    /// Where the keys come from.
+    pub keys: KeySource,
+    /// Required as the token's `iss` when set (always set for an OIDC issuer).
     pub issuer: Option<String>,
     pub audience: Option<String>,
     /// Algorithms accepted; HMAC ones only when named here.
@@ -63,6 +65,41 @@ pub struct JwtConfig {
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway: Duration,
     pub claims: ClaimNames,
+}
+
+/// Where a JWT frontend's verification keys come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeySource {
+    /// A PEM public key (or, for HMAC, a file holding the secret) or a JWKS document.
+    File(PathBuf),
+    /// `<issuer>/.well-known/openid-configuration` → `jwks_uri`, fetched over HTTPS.
+    Oidc(OidcSource),
+}
+
+/// How an OIDC issuer's keys are fetched (`type = "oidc"`); the issuer URL is
+/// [`JwtConfig::issuer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcSource {
+    /// PEM CAs trusted for the issuer's HTTPS (instead of the system store).
+    pub ca: Option<PathBuf>,
+    /// How often the keys are fetched again while they work.
+    pub refresh: Duration,
+    /// Fetches on a token with an unknown `kid` are at most this often (and failed scheduled
+    /// fetches are retried from this, doubling up to `refresh`).
+    pub min_refresh: Duration,
+    /// Bound on one fetch: connect, TLS, request and response.
+    pub timeout: Duration,
+}
+
+/// `server_tls = { ca, sni, verify }` on a backend: sclb speaks TLS to its servers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerTlsConfig {
+    /// PEM CAs that sign the servers' certificates (the system store without one).
+    pub ca: Option<PathBuf>,
+    /// The name asked for and checked; without it, the server's IP address.
+    pub sni: Option<String>,
+    /// `false`: encrypted but the server is not authenticated.
+    pub verify: bool,
 }
 
 /// Which claims of a token name the user, team, environment and groups.
@@ -165,38 +202,161 @@ pub(super) fn read_tls(t: Table<'_, '_>) -> Option<TlsConfig> {
     Some(cfg)
 }
 
-/// `auth = { type = "static" | "jwt", ... }` on a gateway frontend.
+/// `auth = { type = "static" | "jwt" | "oidc", ... }` on a gateway frontend.
 pub(super) fn read_auth(t: Table<'_, '_>) -> Option<AuthConfig> {
-    let kind = t
-        .required("type")
-        .then(|| t.choice("type", &[("static", false), ("jwt", true)]))??;
-    if !kind {
-        t.allow(&["type", "tokens"]);
-        let tokens = PathBuf::from(t.required("tokens").then(|| t.str("tokens")).flatten()?);
-        if let Err(e) = crate::auth::StaticTokens::load(&tokens) {
-            t.error("tokens", e.to_string());
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Static,
+        Jwt,
+        Oidc,
+    }
+    let kind = t.required("type").then(|| {
+        t.choice(
+            "type",
+            &[
+                ("static", Kind::Static),
+                ("jwt", Kind::Jwt),
+                ("oidc", Kind::Oidc),
+            ],
+        )
+    })??;
+    match kind {
+        Kind::Static => {
+            t.allow(&["type", "tokens"]);
+            let tokens = PathBuf::from(t.required("tokens").then(|| t.str("tokens")).flatten()?);
+            if let Err(e) = crate::auth::StaticTokens::load(&tokens) {
+                t.error("tokens", e.to_string());
+                return None;
+            }
+            Some(AuthConfig::Static { tokens })
+        }
+        Kind::Jwt => read_jwt(t),
+        Kind::Oidc => read_oidc(t),
+    }
+}
+
+/// The keys every token-checking kind accepts.
+const CHECK_KEYS: [&str; 9] = [
+    "type",
+    "issuer",
+    "audience",
+    "algorithms",
+    "leeway",
+    "user_claim",
+    "team_claim",
+    "environment_claim",
+    "groups_claim",
+];
+
+/// `type = "jwt"`: keys from a file.
+fn read_jwt(t: Table<'_, '_>) -> Option<AuthConfig> {
+    let mut allowed = CHECK_KEYS.to_vec();
+    allowed.push("keys");
+    t.allow(&allowed);
+    let keys = t.required("keys").then(|| t.str("keys")).flatten();
+    let (checks, checks_ok) = read_checks(t, false);
+    let cfg = JwtConfig {
+        keys: KeySource::File(keys?.into()),
+        issuer: t.str("issuer").map(str::to_string),
+        audience: t.str("audience").map(str::to_string),
+        ..checks
+    };
+    if let Err(e) = crate::auth::JwtKeys::load(&cfg) {
+        t.error("keys", e.to_string());
+        return None;
+    }
+    checks_ok.then(|| AuthConfig::Jwt(Box::new(cfg)))
+}
+
+/// `type = "oidc"`: keys from the issuer's discovery document, fetched by the running
+/// process (not here: a config check must not depend on the issuer being up).
+fn read_oidc(t: Table<'_, '_>) -> Option<AuthConfig> {
+    let mut allowed = CHECK_KEYS.to_vec();
+    allowed.extend(["ca", "refresh", "min_refresh", "timeout"]);
+    t.allow(&allowed);
+    let issuer = t.required("issuer").then(|| t.str("issuer")).flatten();
+    let issuer_ok = issuer.is_some_and(|i| match crate::auth::https::Url::parse(i) {
+        Ok(_) => true,
+        Err(e) => {
+            t.error("issuer", e);
+            false
+        }
+    });
+    let ca = t.str("ca").map(PathBuf::from);
+    let ca_ok = match ca
+        .as_deref()
+        .map(|ca| crate::tls::client::roots(Some(ca)).map_err(|e| e.to_string()))
+    {
+        Some(Err(e)) => {
+            t.error("ca", e);
+            false
+        }
+        _ => true,
+    };
+    let bounded = |key: &str, default: Duration, min: Duration, max: Duration| {
+        let d = t.duration(key).unwrap_or(default);
+        if d < min || d > max {
+            t.error(
+                key,
+                format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
             return None;
         }
-        return Some(AuthConfig::Static { tokens });
+        Some(d)
+    };
+    let s = Duration::from_secs;
+    let refresh = bounded("refresh", s(600), s(10), s(86_400));
+    let min_refresh = bounded("min_refresh", s(30), s(1), s(3600));
+    let timeout = bounded("timeout", s(5), Duration::from_millis(100), s(60));
+    let mut order_ok = true;
+    if let (Some(r), Some(m)) = (refresh, min_refresh)
+        && m > r
+    {
+        t.error("min_refresh", "must not be longer than refresh");
+        order_ok = false;
     }
-    t.allow(&[
-        "type",
-        "keys",
-        "issuer",
-        "audience",
-        "algorithms",
-        "leeway",
-        "user_claim",
-        "team_claim",
-        "environment_claim",
-        "groups_claim",
-    ]);
-    let keys = t.required("keys").then(|| t.str("keys")).flatten();
+    let (checks, checks_ok) = read_checks(t, true);
+    if !(issuer_ok && ca_ok && order_ok && checks_ok) {
+        return None;
+    }
+    Some(AuthConfig::Jwt(Box::new(JwtConfig {
+        keys: KeySource::Oidc(OidcSource {
+            ca,
+            refresh: refresh?,
+            min_refresh: min_refresh?,
+            timeout: timeout?,
+        }),
+        issuer: issuer.map(str::to_string),
+        audience: t.str("audience").map(str::to_string),
+        ..checks
+    })))
+}
+
+/// Algorithms, leeway and claim names, and whether every algorithm was usable (errors are
+/// reported). The returned config's `keys`, `issuer` and `audience` are placeholders for the
+/// caller to fill.
+fn read_checks(t: Table<'_, '_>, oidc: bool) -> (JwtConfig, bool) {
     let mut algorithms = Vec::new();
     let mut algs_ok = true;
     let apath = join(t.path, "algorithms");
     for (i, (name, at)) in t.strings("algorithms").into_iter().enumerate() {
         match name.parse::<jsonwebtoken::Algorithm>() {
+            Ok(
+                jsonwebtoken::Algorithm::HS256
+                | jsonwebtoken::Algorithm::HS384
+                | jsonwebtoken::Algorithm::HS512,
+            ) if oidc => {
+                algs_ok = false;
+                t.error_at(
+                    at,
+                    &format!("{apath}[{i}]"),
+                    format!("{name} needs a shared secret, and an issuer publishes public keys only: use type = \"jwt\" for HMAC"),
+                );
+            }
             Ok(a) => algorithms.push(a),
             Err(_) => {
                 algs_ok = false;
@@ -234,18 +394,14 @@ pub(super) fn read_auth(t: Table<'_, '_>) -> Option<AuthConfig> {
         }
     }
     let cfg = JwtConfig {
-        keys: keys?.into(),
-        issuer: t.str("issuer").map(str::to_string),
-        audience: t.str("audience").map(str::to_string),
+        keys: KeySource::File(PathBuf::new()),
+        issuer: None,
+        audience: None,
         algorithms,
         leeway,
         claims,
     };
-    if let Err(e) = crate::auth::JwtKeys::load(&cfg) {
-        t.error("keys", e.to_string());
-        return None;
-    }
-    algs_ok.then_some(AuthConfig::Jwt(cfg))
+    (cfg, algs_ok)
 }
 
 /// `backend_token = { file = "..." }` or `{ env = "VAR" }`: the token sclb sends to the
@@ -290,6 +446,50 @@ pub(super) fn read_backend_token(t: Table<'_, '_>) -> Option<Secret> {
         return None;
     }
     Some(Secret(token.to_string()))
+}
+
+/// `server_tls = { ca, sni, verify }` on a backend; the CA file is read now.
+pub(super) fn read_server_tls(t: Table<'_, '_>) -> Option<crate::tls::client::ServerTls> {
+    t.allow(&["ca", "sni", "verify"]);
+    let verify = t.bool("verify").unwrap_or(true);
+    let ca = t.str("ca").map(PathBuf::from);
+    let mut ok = true;
+    if !verify && ca.is_some() {
+        t.error(
+            "verify",
+            "false with a ca: the ca would not be used (drop one of them)",
+        );
+        ok = false;
+    }
+    let sni = t.str("sni").map(str::to_string);
+    if let Some(n) = &sni
+        && rustls_pki_types::ServerName::try_from(n.as_str()).is_err()
+    {
+        t.error(
+            "sni",
+            format!(
+                "\"{}\" is not a DNS name or IP address",
+                crate::config::reader::bounded(n)
+            ),
+        );
+        ok = false;
+    }
+    if let Some(ca) = &ca
+        && let Err(e) = crate::tls::client::roots(Some(ca)).map_err(|e| e.to_string())
+    {
+        t.error("ca", e);
+        ok = false;
+    }
+    if !ok {
+        return None;
+    }
+    match crate::tls::client::ServerTls::new(ServerTlsConfig { ca, sni, verify }) {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            t.error("ca", e);
+            None
+        }
+    }
 }
 
 /// A list of networks (`"10.0.0.0/8"`, `"2001:db8::/32"`, or a single address).

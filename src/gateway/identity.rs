@@ -21,7 +21,7 @@ pub(super) struct AuthCached {
 const CACHE_FOR: Duration = Duration::from_secs(60);
 
 /// The identity of the client sending `headers`, or `None` when the frontend asks for none.
-pub(super) fn authenticate(
+pub(super) async fn authenticate(
     cx: &Conn,
     g: &crate::config::GrpcConfig,
     headers: &http::HeaderMap,
@@ -65,7 +65,7 @@ pub(super) fn authenticate(
     {
         return Ok(Some(c.identity.clone()));
     }
-    let identity = Arc::new(fa.verify(token).map_err(refuse)?);
+    let identity = Arc::new(fa.check(token).await.map_err(refuse)?);
     let mut until = Instant::now() + CACHE_FOR;
     if let Some(exp) = identity.expires_at {
         let now = SystemTime::now()

@@ -559,6 +559,8 @@ impl Registry {
         let now = Instant::now();
         let age = r.created.elapsed().unwrap_or_default();
         let since_epoch = self.epoch.elapsed().as_millis() as u64;
+        let restored_activity =
+            since_epoch.saturating_sub(r.idle.as_millis().min(u64::MAX as u128) as u64);
         let s = Arc::new(Session {
             key: r.key.clone(),
             // Counted against nobody: its client is not known until it speaks again.
@@ -570,12 +572,11 @@ impl Registry {
             client: Mutex::new(SocketAddr::from(([0, 0, 0, 0], 0))),
             created: r.created,
             born: now.checked_sub(age).unwrap_or(now),
-            last_activity: AtomicU64::new(
-                since_epoch.saturating_sub(r.idle.as_millis().min(u64::MAX as u128) as u64),
-            ),
+            last_activity: AtomicU64::new(restored_activity),
             streams: AtomicU64::new(0),
             rpcs: AtomicU64::new(0),
-            synced_activity: AtomicU64::new(0),
+            // What a store or file said: nothing new to write back.
+            synced_activity: AtomicU64::new(restored_activity),
             kill: CancellationToken::new(),
             ended: Mutex::new(None),
             epoch: self.epoch,

@@ -206,14 +206,17 @@ pub fn redact_config(msg: &[u8], token: &str) -> Option<Vec<u8>> {
         match (field, wire, &payload) {
             (2, 2, Some(p)) => {
                 let kv = &msg[p.clone()];
+                // A key repeated in one pair: a client reads the last one (protobuf's rule),
+                // and any of them naming the token's key redacts the pair.
                 let mut key: Option<&[u8]> = None;
+                let mut key_hit = false;
                 for (f, w, _, pl) in fields(kv)? {
                     if let (1, 2, Some(r)) = (f, w, &pl) {
-                        key.get_or_insert(&kv[r.clone()]);
+                        let k = &kv[r.clone()];
+                        key_hit |= k.eq_ignore_ascii_case(SPARK_TOKEN_KEY.as_bytes());
+                        key = Some(k);
                     }
                 }
-                let key_hit =
-                    key.is_some_and(|k| k.eq_ignore_ascii_case(SPARK_TOKEN_KEY.as_bytes()));
                 if key_hit || contains(kv, token.as_bytes()) {
                     let mut pair = Vec::new();
                     put_bytes_field(&mut pair, 1, key.unwrap_or_default());
@@ -349,5 +352,17 @@ mod tests {
         assert!(contains(&out, b"spark.app.name"));
         assert!(contains(&out, b"server-side"));
         assert!(redact_config(&[0xff], "t").is_none());
+
+        // A pair with two keys: a client reads the last, so a later token key still redacts
+        // (what fuzz/config_redact checks).
+        let mut pair = Vec::new();
+        put_bytes_field(&mut pair, 1, b"harmless");
+        put_bytes_field(&mut pair, 1, SPARK_TOKEN_KEY.as_bytes());
+        put_bytes_field(&mut pair, 2, b"other-value");
+        let mut m = Vec::new();
+        put_bytes_field(&mut m, 2, &pair);
+        let out = redact_config(&m, "s3cr3t-backend").unwrap();
+        assert!(contains(&out, REDACTED.as_bytes()));
+        assert!(!contains(&out, b"other-value"));
     }
 }

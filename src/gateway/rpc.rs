@@ -95,7 +95,7 @@ pub(super) async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownB
     let grpc_cfg = fe.config.grpc.as_ref().unwrap_or(&DEFAULT_GRPC);
 
     let (parts, mut body) = req.into_parts();
-    let identity = match super::identity::authenticate(&cx, grpc_cfg, &parts.headers) {
+    let identity = match super::identity::authenticate(&cx, grpc_cfg, &parts.headers).await {
         Ok(id) => id,
         Err((reason, st)) => return cx.refuse(m, reason, st),
     };
@@ -182,7 +182,7 @@ pub(super) async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownB
         server: server.clone(),
         frontend: cx.fe_counters.clone(),
     });
-    let up = match upstream_request(parts, &server, &path, backend.config.backend_token.as_ref()) {
+    let up = match upstream_request(parts, &server, &path, &backend.config) {
         // A rewritten body has a new length.
         Ok(mut up) if inject.is_some() => {
             up.headers_mut().remove(header::CONTENT_LENGTH);
@@ -312,7 +312,12 @@ async fn connect(
     loop {
         match gw
             .upstreams
-            .get(server.id, server.addr(), cfg.timeout_connect)
+            .get(
+                server.id,
+                server.addr(),
+                cfg.timeout_connect,
+                cfg.server_tls.as_ref(),
+            )
             .await
         {
             Ok(s) => return Ok((s, server)),
@@ -397,15 +402,20 @@ fn upstream_request(
     parts: http::request::Parts,
     server: &Server,
     path: &str,
-    backend_token: Option<&crate::config::Secret>,
+    cfg: &crate::config::Backend,
 ) -> Result<Request<()>, Refusal> {
+    let backend_token = cfg.backend_token.as_ref();
     let mut up = Request::from_parts(parts, ());
     let pq = up
         .uri()
         .path_and_query()
         .map_or_else(|| path.to_string(), |p| p.as_str().to_string());
     match Uri::builder()
-        .scheme("http")
+        .scheme(if cfg.server_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        })
         .authority(server.addr().to_string())
         .path_and_query(pq)
         .build()

@@ -24,6 +24,7 @@ use tracing::debug;
 
 use crate::server::ServerId;
 use crate::sockopt;
+use crate::tls::client::ServerTls;
 
 /// Per-stream receive window: what a server may send ahead of a slow client, and so all sclb
 /// holds for a client that stops reading (with one frame on its way down). 256 KiB keeps a
@@ -51,6 +52,8 @@ pub enum UpstreamError {
     Timeout(Duration),
     #[error("connect failed: {0}")]
     Connect(#[from] io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
     #[error("HTTP/2 handshake failed: {0}")]
     Handshake(h2::Error),
     #[error("no HTTP/2 answer within {0:?} (it accepts TCP but does not speak HTTP/2)")]
@@ -58,12 +61,13 @@ pub enum UpstreamError {
 }
 
 impl Upstreams {
-    /// A ready sender to `server` at `addr`, connecting if needed.
+    /// A ready sender to `server` at `addr`, connecting if needed (over TLS with `tls`).
     pub async fn get(
         &self,
         server: ServerId,
         addr: SocketAddr,
         connect_timeout: Duration,
+        tls: Option<&ServerTls>,
     ) -> Result<Sender, UpstreamError> {
         let slot = self
             .conns
@@ -85,7 +89,7 @@ impl Upstreams {
             debug!(server = %addr, "upstream HTTP/2 connection closed; reconnecting");
             *held = None;
         }
-        let s = connect(addr, connect_timeout).await?;
+        let s = connect(addr, connect_timeout, tls).await?;
         *held = Some(s.clone());
         Ok(s)
     }
@@ -99,16 +103,24 @@ impl Upstreams {
 }
 
 /// Connects and makes sure the server speaks HTTP/2, all within `timeout`: the TCP connect,
-/// then a PING answered (which comes after the server's SETTINGS). A server that accepts TCP
+/// the TLS handshake of a backend with `server_tls`, then a PING answered (which comes after the server's SETTINGS). A server that accepts TCP
 /// but never answers would otherwise take every RPC sent to it, each hanging until its client
 /// gives up.
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, UpstreamError> {
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&ServerTls>,
+) -> Result<Sender, UpstreamError> {
     let deadline = tokio::time::Instant::now() + timeout.min(crate::config::reader::MAX_DURATION);
     // Keepalive always: one shared connection per server and thread, and nothing else
     // watches it (see below).
     let stream = tokio::time::timeout_at(deadline, sockopt::connect_upstream(addr, true))
         .await
         .map_err(|_| UpstreamError::Timeout(timeout))??;
+    let stream = tokio::time::timeout_at(deadline, ServerTls::wrap(tls, stream, addr))
+        .await
+        .map_err(|_| UpstreamError::Timeout(timeout))?
+        .map_err(UpstreamError::Tls)?;
     // h2 directly rather than through hyper's client: a request's HEADERS and its first DATA
     // then leave in one write (hyper pipes the body after the headers are flushed, which
     // wakes the server twice per unary RPC).

@@ -2,7 +2,8 @@
 //! (a real Spark Connect `AnalyzePlan { spark_version }` on one fixed session id per server).
 //!
 //! Each probe turns what happened into a [`LastCheck`] with HAProxy's check_status codes.
-//! Timeouts bound the whole probe: connect inside the timeout is L4, after it L7.
+//! Timeouts bound the whole probe: connect inside the timeout is L4, the TLS handshake of a
+//! backend with `server_tls` L6 (as HAProxy's `check-ssl`), after it L7.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use tokio::time::{Instant, timeout_at};
 use super::spark_proto::{self, AnalyzePlanResponse};
 use crate::config::{CheckType, Secret};
 use crate::server::{CheckStatus, LastCheck};
+use crate::tls::client::{ServerStream, ServerTls};
 
 pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = LastCheck> + Send + 'a>>;
 
@@ -28,17 +30,24 @@ pub trait Probe: Send + Sync {
 
 /// The probe for a check type; `None` for `type = "none"`.
 pub fn for_type(kind: CheckType) -> Option<Box<dyn Probe>> {
-    for_check(kind, None)
+    for_check(kind, None, None)
 }
 
-/// The probe for a check type, the spark probe sending `token` as `authorization: Bearer`.
-pub fn for_check(kind: CheckType, token: Option<&Secret>) -> Option<Box<dyn Probe>> {
+/// The probe for a check type, the spark probe sending `token` as `authorization: Bearer`,
+/// each speaking TLS to the server when `tls` is set.
+pub fn for_check(
+    kind: CheckType,
+    token: Option<&Secret>,
+    tls: Option<&ServerTls>,
+) -> Option<Box<dyn Probe>> {
+    let tls = tls.cloned();
     match kind {
-        CheckType::Tcp => Some(Box::new(TcpProbe)),
-        CheckType::H2 => Some(Box::new(H2Probe)),
+        CheckType::Tcp => Some(Box::new(TcpProbe { tls })),
+        CheckType::H2 => Some(Box::new(H2Probe { tls })),
         CheckType::Spark => {
             let mut p = SparkProbe::new();
             p.token = token.cloned();
+            p.tls = tls;
             Some(Box::new(p))
         }
         CheckType::None => None,
@@ -71,12 +80,53 @@ async fn connect(
     }
 }
 
-pub struct TcpProbe;
+/// The TLS handshake of a backend with `server_tls`, within the check's deadline; a plain
+/// stream without. Err: the L6 result to report.
+async fn secure(
+    tls: Option<&ServerTls>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    started: Instant,
+    deadline: Instant,
+) -> Result<ServerStream, LastCheck> {
+    match timeout_at(deadline, ServerTls::wrap(tls, tcp, addr)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(result(
+            CheckStatus::L6Rsp,
+            started,
+            format!("TLS handshake failed: {e}"),
+        )),
+        Err(_) => Err(result(
+            CheckStatus::L6Tout,
+            started,
+            "TLS handshake timed out",
+        )),
+    }
+}
+
+/// Connects, then speaks TLS if the backend asks for it, all within `timeout`.
+async fn open(
+    tls: Option<&ServerTls>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(ServerStream, Instant, Instant), LastCheck> {
+    let (tcp, started, deadline) = connect(addr, timeout).await?;
+    let s = secure(tls, tcp, addr, started, deadline).await?;
+    Ok((s, started, deadline))
+}
+
+#[derive(Default)]
+pub struct TcpProbe {
+    tls: Option<ServerTls>,
+}
 
 impl Probe for TcpProbe {
     fn check(&self, addr: SocketAddr, timeout: Duration) -> ProbeFuture<'_> {
         Box::pin(async move {
-            match connect(addr, timeout).await {
+            match open(self.tls.as_ref(), addr, timeout).await {
+                Ok((_, started, _)) if self.tls.is_some() => {
+                    result(CheckStatus::L6Ok, started, "TLS handshake done")
+                }
                 Ok((_, started, _)) => result(CheckStatus::L4Ok, started, ""),
                 Err(r) => r,
             }
@@ -95,7 +145,7 @@ impl Drop for ConnTask {
 
 /// Starts an HTTP/2 client connection; the connection is driven by a task owned by the guard.
 async fn h2_connect(
-    tcp: TcpStream,
+    io: ServerStream,
 ) -> Result<
     (
         h2::client::SendRequest<Bytes>,
@@ -107,7 +157,7 @@ async fn h2_connect(
     let (send, mut conn) = h2::client::Builder::new()
         .max_frame_size(16 * 1024)
         .initial_window_size(spark_proto::MAX_REPLY as u32)
-        .handshake(tcp)
+        .handshake(io)
         .await?;
     let ping = conn.ping_pong();
     let task = tokio::spawn(async move {
@@ -116,12 +166,15 @@ async fn h2_connect(
     Ok((send, ping, ConnTask(task)))
 }
 
-pub struct H2Probe;
+#[derive(Default)]
+pub struct H2Probe {
+    tls: Option<ServerTls>,
+}
 
 impl Probe for H2Probe {
     fn check(&self, addr: SocketAddr, timeout: Duration) -> ProbeFuture<'_> {
         Box::pin(async move {
-            let (tcp, started, deadline) = match connect(addr, timeout).await {
+            let (tcp, started, deadline) = match open(self.tls.as_ref(), addr, timeout).await {
                 Ok(c) => c,
                 Err(r) => return r,
             };
@@ -147,6 +200,7 @@ impl Probe for H2Probe {
 pub struct SparkProbe {
     session_id: String,
     token: Option<Secret>,
+    tls: Option<ServerTls>,
 }
 
 impl SparkProbe {
@@ -154,6 +208,7 @@ impl SparkProbe {
         SparkProbe {
             session_id: uuid::Uuid::new_v4().to_string(),
             token: None,
+            tls: None,
         }
     }
 
@@ -179,7 +234,7 @@ enum Reply {
 impl Probe for SparkProbe {
     fn check(&self, addr: SocketAddr, timeout: Duration) -> ProbeFuture<'_> {
         Box::pin(async move {
-            let (tcp, started, deadline) = match connect(addr, timeout).await {
+            let (tcp, started, deadline) = match open(self.tls.as_ref(), addr, timeout).await {
                 Ok(c) => c,
                 Err(r) => return r,
             };
@@ -243,19 +298,26 @@ fn grpc_status(map: &http::HeaderMap) -> Option<(u32, String)> {
 
 /// One unary gRPC call over a fresh HTTP/2 connection.
 async fn grpc_unary(
-    tcp: TcpStream,
+    io: ServerStream,
     addr: SocketAddr,
     body: Bytes,
     token: Option<&Secret>,
 ) -> Result<Reply, h2::Error> {
-    let (send, _ping, _task) = h2_connect(tcp).await?;
+    let scheme = match io {
+        tokio_util::either::Either::Left(_) => "http",
+        tokio_util::either::Either::Right(_) => "https",
+    };
+    let (send, _ping, _task) = h2_connect(io).await?;
     let mut send = send.ready().await?;
-    let mut req = http::Request::post(format!("http://{addr}{}", spark_proto::ANALYZE_PLAN_PATH))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("user-agent", concat!("sclb/", env!("CARGO_PKG_VERSION")))
-        .body(())
-        .expect("static request is valid");
+    let mut req = http::Request::post(format!(
+        "{scheme}://{addr}{}",
+        spark_proto::ANALYZE_PLAN_PATH
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("user-agent", concat!("sclb/", env!("CARGO_PKG_VERSION")))
+    .body(())
+    .expect("static request is valid");
     if let Some(t) = token
         && let Ok(mut v) = http::HeaderValue::from_str(&format!("Bearer {}", t.0))
     {

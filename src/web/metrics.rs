@@ -655,10 +655,13 @@ fn server_state(s: &ServerStats) -> &'static str {
 }
 
 /// Check results promex has a `check_status` state for (not "initializing", not "disabled").
-const CHECK_STATES: [CheckStatus; 7] = [
+const CHECK_STATES: [CheckStatus; 10] = [
     CheckStatus::L4Ok,
     CheckStatus::L4Tout,
     CheckStatus::L4Con,
+    CheckStatus::L6Ok,
+    CheckStatus::L6Tout,
+    CheckStatus::L6Rsp,
     CheckStatus::L7Ok,
     CheckStatus::L7Tout,
     CheckStatus::L7Rsp,

@@ -41,6 +41,8 @@ pub struct Seen {
     pub authorization: Vec<Option<String>>,
     /// Each RPC's request body, as received.
     pub bodies: Vec<Bytes>,
+    /// The server name (SNI) of each TLS connection (`serve_tls`).
+    pub sni: Vec<Option<String>>,
 }
 
 pub struct FakeGrpc {
@@ -98,6 +100,17 @@ impl FakeGrpc {
     }
 
     pub fn serve(name: &str, listener: TcpListener, behaviour: Behaviour) -> FakeGrpc {
+        Self::serve_tls(name, listener, behaviour, None)
+    }
+
+    /// Serves TLS (ALPN h2) when `tls` is given, as Spark Connect servers built with TLS do;
+    /// `seen.sni` records the names clients asked for.
+    pub fn serve_tls(
+        name: &str,
+        listener: TcpListener,
+        behaviour: Behaviour,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> FakeGrpc {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let (n, s) = (name.to_string(), seen.clone());
@@ -107,15 +120,27 @@ impl FakeGrpc {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (n, s, b) = (n.clone(), s.clone(), behaviour.clone());
+                let (n, s, b, tls) = (n.clone(), s.clone(), behaviour.clone(), tls.clone());
                 conns.spawn(async move {
+                    let seen = s.clone();
                     let svc = hyper::service::service_fn(move |req| {
                         let (n, s, b) = (n.clone(), s.clone(), b.clone());
                         async move { Ok::<_, Infallible>(answer(req, &n, &s, &b).await) }
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = h2.serve_connection(TokioIo::new(tcp), svc).await;
+                        }
+                        Some(tls) => {
+                            let Ok(tls) = tls.accept(tcp).await else {
+                                return;
+                            };
+                            let sni = tls.get_ref().1.server_name().map(str::to_string);
+                            seen.lock().unwrap().sni.push(sni);
+                            let _ = h2.serve_connection(TokioIo::new(tls), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -266,6 +291,39 @@ pub fn request(fixture: &str, session: &str) -> Bytes {
     Bytes::from(body)
 }
 
+/// Opens sessions `ids` (their first RPC); returns the server each landed on.
+pub async fn open(c: &mut Client, ids: std::ops::Range<u32>) -> Vec<String> {
+    let mut placed = Vec::new();
+    for n in ids {
+        let r = c
+            .call("Config", request("01_Config_set.bin", &session(n)))
+            .await;
+        assert_eq!(r.status, 0, "{r:?}");
+        placed.push(r.server().to_string());
+    }
+    placed
+}
+
+/// One RPC of each session in `ids`, in reverse order (so that a fresh round robin would
+/// place them otherwise); each must reach `placed[n]`.
+pub async fn expect_placed(
+    c: &mut Client,
+    ids: std::ops::Range<u32>,
+    placed: &[String],
+    when: &str,
+) {
+    for n in ids.rev() {
+        let r = c
+            .call(
+                "AnalyzePlan",
+                request("03_AnalyzePlan_schema.bin", &session(n)),
+            )
+            .await;
+        assert_eq!(r.status, 0, "{r:?}");
+        assert_eq!(r.server(), placed[n as usize], "session {n} {when}");
+    }
+}
+
 /// A session id for test `n`.
 pub fn session(n: u32) -> String {
     format!("5c1b0000-0000-4000-8000-{n:012}")
@@ -346,6 +404,15 @@ impl Client {
         let req = req.body(Full::new(body).boxed()).unwrap();
         self.send.ready().await.unwrap();
         self.send.send_request(req).await.unwrap()
+    }
+
+    /// The recorded AnalyzePlan on `session`, with `authorization: Bearer <token>`, read to
+    /// its end.
+    pub async fn analyze_with_token(&mut self, token: &str, session: &str) -> Reply {
+        let auth = format!("Bearer {token}");
+        let body = request("03_AnalyzePlan_schema.bin", session);
+        let headers = [("authorization", auth.as_str())];
+        finish(self.start_with("AnalyzePlan", body, &headers).await).await
     }
 
     /// An RPC to any path, read to its end.

@@ -237,3 +237,27 @@ pub fn discovery_update(sclb: &Sclb, backend: &str, update: sclb::discovery::Upd
     let backend = backend.to_string();
     apply(sclb.shared(), Change::Discovery { backend, update }).unwrap();
 }
+
+/// Connects from 127.0.0.`n`, sends `first`, then `ping\n`: the echoed line after the
+/// backend's greeting, or `None` if sclb closed the connection.
+pub async fn through(n: u8, addr: SocketAddr, first: &[u8]) -> Option<String> {
+    let mut s = connect_from(n, addr).await;
+    s.write_all(first).await.ok()?;
+    s.write_all(b"ping\n").await.ok()?;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 256];
+        while let Ok(k) = s.read(&mut buf).await {
+            if k == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..k]);
+            if got.ends_with(b"ping\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    (!text.is_empty()).then_some(text)
+}

@@ -145,6 +145,22 @@ impl SclbProcess {
     }
 
     /// One admin command over the Unix socket; the reply without its final empty line.
+    /// The `/metrics` page, from the stats listener its log names.
+    pub fn metrics(&self) -> String {
+        let stats: SocketAddr = self
+            .log_lines()
+            .iter()
+            .find(|l| message(l).starts_with("stats page on"))
+            .map(|l| field(l, "addr").parse().unwrap())
+            .expect("stats listener");
+        let mut tcp = std::net::TcpStream::connect(stats).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut page = String::new();
+        tcp.read_to_string(&mut page).unwrap();
+        page
+    }
+
     pub fn admin(&self, line: &str) -> String {
         admin(&self.admin, line)
     }
