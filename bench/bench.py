@@ -89,7 +89,8 @@ def parse_args(argv: list[str]) -> Settings:
     ap.add_argument("--scenarios", default="bulk,connrate,latency,idle,gateway",
                     help="comma list out of bulk,connrate,latency,idle,gateway (default: all)")
     ap.add_argument("--variants", default="direct,haproxy,haproxy-splice-auto,haproxy-splice-force,sclb,"
-                                          "haproxy-log,haproxy-log-syslog,sclb-log,haproxy-http,sclb-gateway",
+                                          "haproxy-log,haproxy-log-syslog,sclb-log,haproxy-http,sclb-gateway,"
+                                          "sclb-gateway-pg",
                     help="comma list of variants to run (direct is always run when a ratio needs it)")
     ap.add_argument("--seconds", type=float, help="override the length of every timed measurement")
     ap.add_argument("--idle-conns", type=int, help="idle connections (default 9500, --quick 500)")
@@ -363,7 +364,7 @@ def loadavg() -> str:
 
 @dataclass
 class Backend:
-    kind: str                 # iperf3 | http1 | h2c | echo | grpc | spark
+    kind: str                 # iperf3 | http1 | h2c | echo | echo1 | grpc | spark
     addrs: list[str]          # the three server addresses (host:port)
     procs: list[Proc] = field(default_factory=list)
 
@@ -376,8 +377,8 @@ def start_backend(s: Settings, kind: str) -> Backend:
         return Backend(kind, servers)
     if kind == "iperf3":
         procs = [PROCS.start(f"backend-iperf3-{p}", ["iperf3", "-s", "-B", HOST, "-p", p]) for p in ports]
-    elif kind == "echo":
-        procs = [PROCS.start("backend-echo", [TOOL, "echo", 3600, *ports])]
+    elif kind in ("echo", "echo1"):  # echo1: closes after its first echo (bench/scale.py)
+        procs = [PROCS.start(f"backend-{kind}", [TOOL, kind, 3600, *ports])]
     elif kind == "grpc":
         procs = [PROCS.start("backend-grpc", [TOOL, "grpc", 3600, *ports])]
     elif kind in ("http1", "h2c"):
@@ -423,6 +424,8 @@ VARIANT_KINDS = {
     "sclb-log": ("sclb", ""),                # bench/sclb.toml with log level "info"
     "haproxy-http": ("haproxy-http", ""),   # L7: mode http, h2 on both sides (bench/haproxy-http.cfg)
     "sclb-gateway": ("sclb-gateway", ""),   # L7: mode = "grpc" (bench/sclb-gateway.toml)
+    # the same, its sessions in a PostgreSQL store (initdb in the workdir, a Unix socket)
+    "sclb-gateway-pg": ("sclb-gateway", ""),
 }
 PROXY_CONFIGS = {  # kind -> (config template, reference frontend port)
     "haproxy": ("haproxy.cfg", REF_HAPROXY_PORT),
@@ -430,7 +433,8 @@ PROXY_CONFIGS = {  # kind -> (config template, reference frontend port)
     "sclb": ("sclb.toml", REF_SCLB_PORT),
     "sclb-gateway": ("sclb-gateway.toml", REF_SCLB_PORT),
 }
-SCLB_VARIANTS = ("sclb", "sclb-log", "sclb-gateway")
+SCLB_VARIANTS = ("sclb", "sclb-log", "sclb-gateway", "sclb-gateway-pg")
+PG_SOCKETS: dict[str, Path] = {}  # variant -> the socket directory of its PostgreSQL
 # Variants with an access log line per connection (the others log nothing per connection):
 # HAProxy writes each line itself (stdout: one write(2) per line; syslog: one sendto(2) per
 # line to a local datagram socket); sclb formats it into its thread's buffer and a writer
@@ -488,6 +492,11 @@ def start_proxy(s: Settings, variant: str, be: Backend) -> tuple[Proc | None, in
         text = with_log(text, kind, str(sock))
     elif variant in LOGGED:
         text = with_log(text, kind, LOGGED[variant])
+    if variant == "sclb-gateway-pg":
+        pg, sockdir = start_postgres(s, variant)
+        PG_SOCKETS[variant] = sockdir
+        text = text.replace("[global]\n", '[global]\nstore = { kind = "postgres", url = '
+                            f'"host={sockdir} port=5432 user=sclb dbname=postgres" }}\n', 1)
     if kind.startswith("haproxy"):
         cfg = s.workdir / f"{variant}-{be.kind}.cfg"
         cfg.write_text(text)
@@ -500,12 +509,72 @@ def start_proxy(s: Settings, variant: str, be: Backend) -> tuple[Proc | None, in
         port = s.sclb_port
     if sink:
         proc.companions.append(sink)
+    if variant in PG_SOCKETS:
+        proc.companions.append(pg)
     try:
         wait_listening([port], [proc])
     except BenchError:
         PROCS.stop(proc)
         raise
     return proc, port, HOST
+
+
+def _pg_bindir() -> Path:
+    found = shutil.which("initdb")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not dirs:
+        raise Broken("PostgreSQL is not installed (apt-get install postgresql)")
+    return dirs[-1].parent
+
+
+def _as_db_user(argv: list) -> list:
+    """PostgreSQL refuses to run as root: as root, run it as nobody."""
+    if os.geteuid() == 0:
+        return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *argv]
+    return argv
+
+
+def start_postgres(s: Settings, variant: str) -> tuple[Proc, Path]:
+    """A fresh PostgreSQL for a store variant: initdb in a new directory (world-readable, so
+    that nobody can use it), listening on a Unix socket there only. Returns (proc, socket dir)."""
+    base = s.workdir / f"{variant}-pg"
+    shutil.rmtree(base, ignore_errors=True)
+    (base / "data").mkdir(parents=True)
+    if os.geteuid() == 0:
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        for p in (base, base / "data"):
+            os.chmod(p, 0o755 if p == base else 0o700)
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    bindir = _pg_bindir()
+    r = subprocess.run(_as_db_user([bindir / "initdb", "-D", base / "data", "-U", "sclb",
+                                    "--auth=trust", "-E", "UTF8", "--no-sync"]),
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise Broken(f"initdb failed: {r.stderr[-300:]}")
+    proc = PROCS.start(f"{variant}-postgres", _as_db_user(
+        [bindir / "postgres", "-D", base / "data", "-c", "listen_addresses=", "-c", "fsync=off",
+         "-p", "5432", "-k", base]))
+    deadline = time.monotonic() + 60
+    while subprocess.run([bindir / "pg_isready", "-h", base, "-p", "5432", "-q"]).returncode:
+        if not proc.alive() or time.monotonic() > deadline:
+            PROCS.stop(proc)
+            raise Broken(f"postgres did not start:\n{proc.log_tail()}")
+        time.sleep(0.1)
+    return proc, base
+
+
+def store_statements(sockdir: Path) -> int:
+    """Transactions committed in the store's database so far (sclb's statements run one per
+    transaction or one batch per transaction; this query itself adds one)."""
+    out = subprocess.run(["psql", "-h", sockdir, "-p", "5432", "-U", "sclb", "-d", "postgres",
+                          "-Atc", "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'"],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise BenchError(f"psql: {out.stderr[-200:]}")
+    return int(out.stdout.strip())
 
 
 def check_haproxy_config(s: Settings) -> None:
@@ -743,7 +812,13 @@ def measure_grpc(ctx: Ctx, mode: str, secs: float | None = None) -> dict:
     load = ["-c", 1, "-m", 1] if mode == "pingpong" else ["-c", 4, "-m", 1, "--rps", 250]
     argv = ["h2load", *load, "-D", f"{round((secs + s.rps_warmup_s) * 1000)}ms", "-d", GRPC_BODY,
             *GRPC_HEADERS, f"--log-file={log}", f"http://{ctx.host}:{ctx.port}{SPARK_SERVICE}{GRPC_METHOD}"]
+    pg = PG_SOCKETS.get(ctx.variant)
+    stmts = store_statements(pg) if pg else 0
     out, wall, cpu = timed(ctx, lambda: PROCS.run(ctx.name(f"h2load-grpc-{mode}"), argv, timeout=secs + 30))
+    if pg:
+        # One session (every call carries the same session id): the store's cost per
+        # session-hour of a busy session, the psql look itself taken out.
+        stmts = store_statements(pg) - stmts - 1
     rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
     failed = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
     if not rows or not failed or sum(map(int, failed.groups())) > 0.01 * len(rows):
@@ -758,6 +833,8 @@ def measure_grpc(ctx: Ctx, mode: str, secs: float | None = None) -> dict:
     if ctx.proxy:
         m.update(proxy_cpu_pct=100 * cpu / wall, proxy_rss_kb=rss_kb(ctx.proxy.pid),
                  proxy_cpu_us_per_req=cpu * 1e6 / len(rows))
+    if pg:
+        m["store_stmts_per_session_hour"] = stmts * 3600 / wall
     return m
 
 
@@ -838,10 +915,10 @@ class Part:
 
 
 BULK = ("direct", "haproxy", "haproxy-splice-auto", "haproxy-splice-force", "sclb")
-ALL = BULK + tuple(LOGGED) + ("haproxy-http", "sclb-gateway")  # column order of the tables
+ALL = BULK + tuple(LOGGED) + ("haproxy-http", "sclb-gateway", "sclb-gateway-pg")  # column order of the tables
 STD = ("direct", "haproxy", "sclb")
 CONNRATE = STD + tuple(LOGGED)
-L7 = ("direct", "haproxy-http", "sclb-gateway")
+L7 = ("direct", "haproxy-http", "sclb-gateway", "sclb-gateway-pg")
 SPARK = ("direct", "haproxy", "sclb", "haproxy-http", "sclb-gateway")
 
 
@@ -865,7 +942,8 @@ def scenario_parts(s: Settings) -> dict[str, list[Part]]:
 METRICS = ["gbps", "conns_per_s", "rps", "seconds", "p50_us", "p90_us", "p99_us", "p999_us",
            "endpoints_cpu_s_per_gb", "errors", "conns", "rss_base_kb", "bytes_per_conn_idle",
            "bytes_per_conn_after_ping", "proxy_cpu_pct", "proxy_cpu_s_per_gb",
-           "proxy_cpu_us_per_conn", "proxy_cpu_us_per_req", "proxy_rss_kb"]
+           "proxy_cpu_us_per_conn", "proxy_cpu_us_per_req", "proxy_rss_kb",
+           "store_stmts_per_session_hour"]
 LATENCY = {"p50_us", "p90_us", "p99_us", "p999_us"}
 RATIO = {"gbps", "conns_per_s", "rps", "seconds"} | LATENCY
 
@@ -926,6 +1004,7 @@ class Target:
     text: str
     kind: str        # ratio_ge | ratio_le | value_le | delta_le | delta_le_haproxy | delta_lt_haproxy
     #                  | ratio_ge_haproxy | value_le_haproxy (limit = the factor on HAProxy's figure)
+    #                  | delta_within (added latency ≤ the ref variant's + limit µs)
     limit: float = 0.0
     variant: str = "sclb"      # the variant judged
     ref: str = "haproxy"       # the HAProxy variant it is compared with
@@ -955,6 +1034,11 @@ TARGETS = [
            "< HAProxy http", "delta_lt_haproxy", variant="sclb-gateway", ref="haproxy-http"),
     Target(("gateway", "rps1000", "p50_us"), "L7 gRPC unary, 1000 calls/s, added p50", "—",
            "< HAProxy http", "delta_lt_haproxy", variant="sclb-gateway", ref="haproxy-http"),
+    # A known session costs no store round trip: the postgres store within noise of memory.
+    Target(("gateway", "pingpong", "p50_us"), "L7 gRPC unary, 1 in flight, added p50, postgres store", "—",
+           "≤ memory store + 10 µs", "delta_within", 10, variant="sclb-gateway-pg", ref="sclb-gateway"),
+    Target(("gateway", "rps1000", "p50_us"), "L7 gRPC unary, 1000 calls/s, added p50, postgres store", "—",
+           "≤ memory store + 10 µs", "delta_within", 10, variant="sclb-gateway-pg", ref="sclb-gateway"),
     Target(("spark", "toPandas2M", "seconds"), "Spark range(2M).toPandas() time, gateway", "—",
            "≤ 1.05×", "ratio_le", 1.05, variant="sclb-gateway", ref="haproxy-http"),
     Target(("spark", "unary-Config", "p50_us"), "Spark Config RPC, 1 in flight, added p50, gateway", "—",
@@ -990,6 +1074,8 @@ def verdict(t: Target, res: Results, key: tuple[str, str, str], quick: bool, scl
         ok = hp is not None and sc.med <= t.limit * hp.med
     elif t.kind == "ratio_ge_haproxy":
         ok = sc.ratio is not None and hp is not None and hp.ratio is not None and sc.ratio >= hp.ratio
+    elif t.kind == "delta_within":
+        ok = sc.delta is not None and hp is not None and hp.delta is not None and sc.delta <= hp.delta + t.limit
     elif t.kind == "delta_lt_haproxy":
         ok = sc.delta is not None and hp is not None and hp.delta is not None and sc.delta < hp.delta
     else:  # delta_le_haproxy
@@ -1096,7 +1182,7 @@ def targets_table(res: Results, s: Settings, sclb_note: str) -> str:
 CHART_COLORS = {"haproxy": "#8c8c8c", "haproxy-splice-auto": "#b7c9e2",
                 "haproxy-splice-force": "#5b84b1", "sclb": "#e4572e",
                 "haproxy-log": "#6a3d9a", "haproxy-log-syslog": "#cab2d6", "sclb-log": "#b2182b",
-                "haproxy-http": "#4d4d4d", "sclb-gateway": "#f2a541"}
+                "haproxy-http": "#4d4d4d", "sclb-gateway": "#f2a541", "sclb-gateway-pg": "#f7d08a"}
 CHART_PANELS = [  # (title, log scale?, [(scenario, part, metric, label)])
     ("Throughput, ratio to direct (higher is better)", False,
      [("bulk", "P1", "gbps", "bulk 1 stream"), ("bulk", "P4", "gbps", "bulk 4 streams"),

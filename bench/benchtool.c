@@ -6,6 +6,17 @@
  *
  *   benchtool echo MAX_SECONDS PORT [PORT...]
  *       epoll echo server on 127.0.0.1:PORT...; exits after MAX_SECONDS.
+ *   benchtool echo1 MAX_SECONDS PORT [PORT...]
+ *       the same, but a connection whose first read is a single byte is closed
+ *       right after its echo: the server closes first, so the proxy's ephemeral
+ *       ports never sit in TIME_WAIT (a million short connections through a
+ *       proxy need that); longer messages (ping-pong) are echoed as by echo.
+ *   benchtool conns HOST PORT COUNT CONCURRENCY BASE RANGE seq|rand MAX_SECONDS
+ *       COUNT short connections, CONCURRENCY at a time, each from its own
+ *       source address 127.x.y.z (address number BASE+i for seq, BASE+random
+ *       in [0, RANGE) for rand; number k is 127.1.0.0 + k): connect, send 1
+ *       byte, read it back, read to EOF, close. Prints one JSON line: count,
+ *       errors, seconds, and percentiles (us) of connect-to-echo latency.
  *   benchtool idle HOST PORT MAX_CONNS
  *       idle-connection client driven by commands on stdin, one per line:
  *         open N   -> open connections until N are established   -> "ok N"
@@ -22,6 +33,14 @@
  *       the trailer grpc-status: 0. Request headers are not decoded (no
  *       HPACK state is needed for that); SETTINGS and PING are acknowledged,
  *       the receive window is replenished. Exits after MAX_SECONDS.
+ *   benchtool grpccalls HOST PORT BODY_FILE COUNT IN_FLIGHT BASE MAX_SECONDS
+ *       COUNT unary gRPC calls on one h2c connection to
+ *       /spark.connect.SparkConnectService/Config, IN_FLIGHT at a time; the body
+ *       is BODY_FILE (a gRPC-framed Spark request whose session id, a UUID, sits
+ *       at byte 7) with the session id's last 12 hex digits replaced by BASE+i,
+ *       so every call opens a new Spark session. A call is ok when its response
+ *       has a DATA frame before END_STREAM (a gRPC error is trailers-only).
+ *       Prints one JSON line: count, errors, seconds, calls/s, percentiles (us).
  *   benchtool memcpy
  *       prints memcpy bandwidth (cache-resident 64 KiB and 256 MiB), a quick
  *       indicator of how loaded the shared VM is.
@@ -149,14 +168,15 @@ static int write_all(int fd, const char *buf, size_t len) {
 
 /* ------------------------------------------------------------ echo server */
 
-static int cmd_echo(int argc, char **argv) {
+static int cmd_echo(int argc, char **argv, int close_after_echo) {
     if (argc < 2) {
-        fprintf(stderr, "usage: benchtool echo MAX_SECONDS PORT...\n");
+        fprintf(stderr, "usage: benchtool echo|echo1 MAX_SECONDS PORT...\n");
         return 2;
     }
     double deadline = now_s() + atof(argv[0]);
     static unsigned char is_listener[FD_LIMIT];
     static char buf[65536];
+    static unsigned char seen[FD_LIMIT]; /* echo1: the connection has had its first read */
     int ep = listen_all(argc, argv, is_listener);
     struct epoll_event evs[256];
     while (now_s() < deadline) {
@@ -168,6 +188,7 @@ static int cmd_echo(int argc, char **argv) {
                 for (int k = 0; k < 1024; k++) {
                     int c = accept_client(fd);
                     if (c < 0) break;
+                    seen[c] = 0;
                     struct epoll_event ev = {.events = EPOLLIN, .data.fd = c};
                     if (epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev) < 0) close(c);
                 }
@@ -175,7 +196,9 @@ static int cmd_echo(int argc, char **argv) {
             }
             ssize_t r = read(fd, buf, sizeof buf);
             if (r > 0) {
-                if (write_all(fd, buf, (size_t)r) < 0) close(fd);
+                int first_byte_only = close_after_echo && !seen[fd] && r == 1;
+                seen[fd] = 1;
+                if (write_all(fd, buf, (size_t)r) < 0 || first_byte_only) close(fd);
             } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
                 close(fd); /* also removes it from the epoll set */
             }
@@ -538,6 +561,283 @@ static int cmd_pingpong(int argc, char **argv) {
     return 0;
 }
 
+/* ------------------------------------------- many-source connection client */
+
+#define CONNS_MAX_COUNT 20000000L
+#define CONNS_FIRST_ADDR 0x7F010000u /* 127.1.0.0: address number 0 */
+#define CONNS_MAX_ADDRS (0x7FFFFFFEu - CONNS_FIRST_ADDR)
+
+struct conn_slot {
+    int fd;
+    int state; /* 0 free, 1 connecting, 2 waiting for the echo, 3 waiting for EOF */
+    int64_t t0;
+};
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rng_next(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1Dull;
+}
+
+/* Starts a non-blocking connection from source address number k; returns the fd or -1. */
+static int conns_start(const struct sockaddr_in *dst, uint32_t k) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (fd < 0) return -1;
+    int one = 1;
+    /* the port is picked at connect() time, knowing the destination (no bind-time clashes) */
+    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct sockaddr_in src;
+    memset(&src, 0, sizeof src);
+    src.sin_family = AF_INET;
+    src.sin_addr.s_addr = htonl(CONNS_FIRST_ADDR + k);
+    if (bind(fd, (struct sockaddr *)&src, sizeof src) < 0 ||
+        (connect(fd, (const struct sockaddr *)dst, sizeof *dst) < 0 && errno != EINPROGRESS)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int cmd_conns(int argc, char **argv) {
+    if (argc < 8) {
+        fprintf(stderr, "usage: benchtool conns HOST PORT COUNT CONCURRENCY BASE RANGE seq|rand MAX_SECONDS\n");
+        return 2;
+    }
+    struct sockaddr_in dst = make_addr(argv[0], atoi(argv[1]));
+    long count = atol(argv[2]), conc = atol(argv[3]);
+    uint32_t base = (uint32_t)atol(argv[4]), range = (uint32_t)atol(argv[5]);
+    int random_order = strcmp(argv[6], "rand") == 0;
+    double deadline = now_s() + atof(argv[7]);
+    if (count <= 0 || count > CONNS_MAX_COUNT || conc <= 0 || conc > 1024 || (random_order && range == 0) ||
+        (uint64_t)base + (random_order ? range : (uint64_t)count) > CONNS_MAX_ADDRS ||
+        (!random_order && strcmp(argv[6], "seq") != 0)) {
+        fprintf(stderr, "benchtool conns: bad arguments\n");
+        return 2;
+    }
+    raise_nofile();
+    rng_state ^= (uint64_t)now_ns();
+    int64_t *lat = malloc(sizeof(int64_t) * (size_t)count);
+    struct conn_slot *slots = calloc((size_t)conc, sizeof *slots);
+    if (!lat || !slots) die("malloc");
+    int ep = epoll_create1(0);
+    if (ep < 0) die("epoll_create1");
+    long started = 0, done = 0, errors = 0, active = 0;
+    int64_t t_start = now_ns();
+    char byte = 'x', buf[64];
+    struct epoll_event evs[256];
+    while ((started < count || active > 0) && now_s() < deadline) {
+        for (long i = 0; i < conc && started < count; i++) {
+            if (slots[i].state != 0) continue;
+            uint32_t k = base + (random_order ? (uint32_t)(rng_next() % range) : (uint32_t)started);
+            started++;
+            int fd = conns_start(&dst, k);
+            if (fd < 0) { errors++; continue; }
+            slots[i] = (struct conn_slot){.fd = fd, .state = 1, .t0 = now_ns()};
+            struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)i};
+            if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
+            active++;
+        }
+        int n = epoll_wait(ep, evs, 256, 100);
+        if (n < 0 && errno != EINTR) die("epoll_wait");
+        for (int e = 0; e < n; e++) {
+            struct conn_slot *c = &slots[evs[e].data.u64];
+            int fail = (evs[e].events & EPOLLERR) != 0, finished = 0;
+            if (!fail && c->state == 1) {
+                struct epoll_event ev = {.events = EPOLLIN, .data.u64 = evs[e].data.u64};
+                fail = write(c->fd, &byte, 1) != 1 || epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev) < 0;
+                c->state = 2;
+            } else if (!fail) {
+                ssize_t r = read(c->fd, buf, sizeof buf);
+                if (r < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+                if (c->state == 2) {
+                    if (r <= 0) {
+                        fail = 1;
+                    } else {
+                        lat[done++] = now_ns() - c->t0;
+                        c->state = 3;
+                    }
+                } else {
+                    finished = 1; /* EOF (or a reset) after the echo */
+                }
+            }
+            if (fail || finished) {
+                errors += fail;
+                close(c->fd);
+                c->state = 0;
+                active--;
+            }
+        }
+    }
+    double elapsed = (now_ns() - t_start) / 1e9;
+    long unfinished = count - done - errors;
+    if (done == 0) {
+        printf("{\"count\": 0, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.3f}\n", errors,
+               unfinished, elapsed);
+        return 1;
+    }
+    qsort(lat, (size_t)done, sizeof(int64_t), cmp_i64);
+    printf("{\"count\": %ld, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.3f, \"per_s\": %.1f, "
+           "\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f}\n",
+           done, errors, unfinished, elapsed, done / elapsed, pct_us(lat, done, 50), pct_us(lat, done, 90),
+           pct_us(lat, done, 99), pct_us(lat, done, 99.9), lat[done - 1] / 1000.0);
+    return 0;
+}
+
+/* -------------------------------------------------------- gRPC call client */
+
+#define CALLS_MAX_COUNT 10000000L
+#define CALLS_MAX_INFLIGHT 256
+#define SID_OFFSET 7   /* 5-byte gRPC prefix, tag 0x0a, length 0x24: then the UUID */
+#define SID_LEN 36
+
+struct call_slot { uint32_t sid; int64_t t0; int got_data; };
+
+static size_t hpack_literal(unsigned char *o, uint8_t first, const char *name, const char *value) {
+    size_t n = 0, vl = strlen(value);
+    o[n++] = first; /* literal without indexing: an indexed name (first = index < 15) or 0 + a new name */
+    if (name) { size_t nl = strlen(name); o[n++] = (unsigned char)nl; memcpy(o + n, name, nl); n += nl; }
+    o[n++] = (unsigned char)vl;
+    memcpy(o + n, value, vl);
+    return n + vl;
+}
+
+static int cmd_grpccalls(int argc, char **argv) {
+    if (argc < 7) {
+        fprintf(stderr, "usage: benchtool grpccalls HOST PORT BODY_FILE COUNT IN_FLIGHT BASE MAX_SECONDS\n");
+        return 2;
+    }
+    struct sockaddr_in sa = make_addr(argv[0], atoi(argv[1]));
+    long count = atol(argv[3]), inflight_max = atol(argv[4]);
+    unsigned long long base = strtoull(argv[5], NULL, 10);
+    double deadline = now_s() + atof(argv[6]);
+    if (count <= 0 || count > CALLS_MAX_COUNT || inflight_max <= 0 || inflight_max > CALLS_MAX_INFLIGHT ||
+        base + (unsigned long long)count > 0xFFFFFFFFFFFFull) {
+        fprintf(stderr, "benchtool grpccalls: bad arguments\n");
+        return 2;
+    }
+    unsigned char body[4096];
+    FILE *bf = fopen(argv[2], "rb");
+    if (!bf) die("open BODY_FILE");
+    size_t body_len = fread(body, 1, sizeof body, bf);
+    fclose(bf);
+    if (body_len < SID_OFFSET + SID_LEN || body_len == sizeof body || body[5] != 0x0a || body[6] != SID_LEN) {
+        fprintf(stderr, "benchtool grpccalls: BODY_FILE is not a gRPC message starting with a session id\n");
+        return 2;
+    }
+    /* the request's header block, the same for every call */
+    unsigned char hdr[256];
+    size_t hl = 0;
+    hdr[hl++] = 0x83; /* :method POST */
+    hdr[hl++] = 0x86; /* :scheme http */
+    hl += hpack_literal(hdr + hl, 0x04, NULL, "/spark.connect.SparkConnectService/Config");
+    hl += hpack_literal(hdr + hl, 0x01, NULL, argv[0]);
+    hdr[hl++] = 0x0f; /* content-type: static index 31 = 15 + 16 */
+    hl += hpack_literal(hdr + hl, 16, NULL, "application/grpc");
+    hl += hpack_literal(hdr + hl, 0x00, "te", "trailers");
+
+    int64_t *lat = malloc(sizeof(int64_t) * (size_t)count);
+    struct call_slot *slots = calloc(CALLS_MAX_INFLIGHT, sizeof *slots);
+    size_t incap = 1 << 20, inlen = 0;
+    unsigned char *in = malloc(incap), *out = malloc(1 << 16);
+    if (!lat || !slots || !in || !out) die("malloc");
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) die("socket");
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("connect");
+    set_nodelay(fd);
+    size_t n = 0;
+    memcpy(out, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", H2_PREFACE_LEN);
+    n = H2_PREFACE_LEN;
+    n += h2_frame(out + n, 0, 0x4, 0, 0);                  /* SETTINGS (defaults) */
+    n += h2_frame(out + n, 4, 0x8, 0, 0);                  /* connection window + 1 GiB */
+    out[n++] = 0x40; out[n++] = 0; out[n++] = 0; out[n++] = 0;
+    if (write_all(fd, (char *)out, n) < 0) die("write preface");
+    set_nonblock(fd);
+
+    long started = 0, done = 0, errors = 0, inflight = 0;
+    uint64_t unacked = 0;
+    uint32_t next_sid = 1;
+    int64_t t_start = now_ns();
+    char hex[16];
+    while ((started < count || inflight > 0) && now_s() < deadline) {
+        n = 0;
+        while (started < count && inflight < inflight_max && n < (1 << 16) - 4096) {
+            struct call_slot *c = NULL;
+            for (int i = 0; i < CALLS_MAX_INFLIGHT; i++) if (slots[i].sid == 0) { c = &slots[i]; break; }
+            snprintf(hex, sizeof hex, "%012llx", base + (unsigned long long)started);
+            memcpy(body + SID_OFFSET + SID_LEN - 12, hex, 12);
+            *c = (struct call_slot){.sid = next_sid, .t0 = now_ns()};
+            n += h2_frame(out + n, (uint32_t)hl, 0x1, 0x4, next_sid);
+            memcpy(out + n, hdr, hl); n += hl;
+            n += h2_frame(out + n, (uint32_t)body_len, 0x0, 0x1, next_sid);
+            memcpy(out + n, body, body_len); n += body_len;
+            next_sid += 2;
+            started++;
+            inflight++;
+        }
+        if (unacked >= 32768) {
+            n += h2_frame(out + n, 4, 0x8, 0, 0);
+            out[n++] = (unsigned char)(unacked >> 24); out[n++] = (unsigned char)(unacked >> 16);
+            out[n++] = (unsigned char)(unacked >> 8); out[n++] = (unsigned char)unacked;
+            unacked = 0;
+        }
+        if (n && write_all(fd, (char *)out, n) < 0) die("write");
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, 100) <= 0) continue;
+        ssize_t r = read(fd, in + inlen, incap - inlen);
+        if (r == 0) { fprintf(stderr, "benchtool grpccalls: the server closed the connection\n"); break; }
+        if (r < 0) { if (errno == EAGAIN || errno == EINTR) continue; die("read"); }
+        inlen += (size_t)r;
+        size_t off = 0;
+        n = 0;
+        while (inlen - off >= 9) {
+            unsigned char *f = in + off;
+            uint32_t len = ((uint32_t)f[0] << 16) | ((uint32_t)f[1] << 8) | f[2];
+            uint8_t type = f[3], flags = f[4];
+            uint32_t sid = (((uint32_t)f[5] & 0x7f) << 24) | ((uint32_t)f[6] << 16) | ((uint32_t)f[7] << 8) | f[8];
+            if (len > incap / 2) { fprintf(stderr, "benchtool grpccalls: frame too large\n"); return 1; }
+            if (inlen - off < 9 + (size_t)len) break;
+            struct call_slot *c = NULL;
+            if (sid) for (int i = 0; i < CALLS_MAX_INFLIGHT; i++) if (slots[i].sid == sid) { c = &slots[i]; break; }
+            if (type == 0x0) { unacked += len; if (c) c->got_data = 1; }
+            if (c && ((type <= 0x1 && (flags & 0x1)) || type == 0x3)) { /* END_STREAM or RST_STREAM */
+                if (type != 0x3 && c->got_data) lat[done++] = now_ns() - c->t0;
+                else errors++;
+                c->sid = 0;
+                inflight--;
+            } else if (type == 0x4 && !(flags & 0x1)) {
+                n += h2_frame(out + n, 0, 0x4, 0x1, 0);
+            } else if (type == 0x6 && !(flags & 0x1) && len == 8) {
+                n += h2_frame(out + n, 8, 0x6, 0x1, 0);
+                memcpy(out + n, f + 9, 8); n += 8;
+            } else if (type == 0x7) {
+                fprintf(stderr, "benchtool grpccalls: GOAWAY from the server\n");
+                started = count; /* stop sending; what is in flight is lost */
+                errors += inflight; inflight = 0;
+            }
+            off += 9 + len;
+        }
+        memmove(in, in + off, inlen - off);
+        inlen -= off;
+        if (n && write_all(fd, (char *)out, n) < 0) die("write");
+    }
+    close(fd);
+    double elapsed = (now_ns() - t_start) / 1e9;
+    long unfinished = count - done - errors;
+    if (done == 0) {
+        printf("{\"count\": 0, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.3f}\n", errors, unfinished, elapsed);
+        return 1;
+    }
+    qsort(lat, (size_t)done, sizeof(int64_t), cmp_i64);
+    printf("{\"count\": %ld, \"errors\": %ld, \"unfinished\": %ld, \"seconds\": %.3f, \"per_s\": %.1f, "
+           "\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f}\n",
+           done, errors, unfinished, elapsed, done / elapsed, pct_us(lat, done, 50), pct_us(lat, done, 90),
+           pct_us(lat, done, 99), pct_us(lat, done, 99.9), lat[done - 1] / 1000.0);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- memcpy */
 
 static double memcpy_gbps(size_t size, double min_seconds) {
@@ -570,11 +870,14 @@ static int cmd_memcpy(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc >= 2 && strcmp(argv[1], "echo") == 0) return cmd_echo(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "echo") == 0) return cmd_echo(argc - 2, argv + 2, 0);
+    if (argc >= 2 && strcmp(argv[1], "echo1") == 0) return cmd_echo(argc - 2, argv + 2, 1);
+    if (argc >= 2 && strcmp(argv[1], "conns") == 0) return cmd_conns(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "grpccalls") == 0) return cmd_grpccalls(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "idle") == 0) return cmd_idle(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "pingpong") == 0) return cmd_pingpong(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "grpc") == 0) return cmd_grpc(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "memcpy") == 0) return cmd_memcpy();
-    fprintf(stderr, "usage: benchtool echo|idle|pingpong|grpc|memcpy ...\n");
+    fprintf(stderr, "usage: benchtool echo|echo1|conns|idle|pingpong|grpc|grpccalls|memcpy ...\n");
     return 2;
 }

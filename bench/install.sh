@@ -7,6 +7,7 @@ set -euo pipefail
 declare -A pkg=(
   [haproxy]=haproxy [iperf3]=iperf3 [wrk]=wrk [h2load]=nghttp2-client [nghttp]=nghttp2-client
   [nginx]=nginx [gnuplot]=gnuplot-nox [gcc]=gcc [/usr/bin/python3]=python3
+  [psql]=postgresql [setpriv]=util-linux   # sclb-gateway-pg: its session store
 )
 
 have() { command -v "$1" >/dev/null 2>&1 || [[ -x /usr/sbin/$1 || -x /sbin/$1 ]]; }
@@ -15,6 +16,8 @@ missing=()
 for cmd in "${!pkg[@]}"; do
   have "$cmd" || missing+=("${pkg[$cmd]}")
 done
+# Debian keeps initdb off PATH; psql alone (postgresql-client) is not the server.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 if ((${#missing[@]} == 0)); then
   exit 0
 fi

@@ -64,12 +64,34 @@ pub struct Global {
 }
 
 /// `[global] store`: `memory` keeps sessions in this process (and its state file); `postgres`
-/// shares them between sclb processes through a PostgreSQL-compatible database.
+/// shares them between sclb processes through a PostgreSQL-compatible database; `kubernetes`
+/// through the API server (driver objects and Leases).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum StoreConfig {
     #[default]
     Memory,
     Postgres(PostgresStore),
+    Kubernetes(KubernetesStore),
+}
+
+/// `store = { kind = "kubernetes", ... }`: sessions recorded as Kubernetes objects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubernetesStore {
+    /// Where session Leases and the reaper's Lease live.
+    pub namespace: String,
+    /// The name of the reaper's Lease (one replica at a time reaps).
+    pub lease: String,
+    /// How long the reaper's Lease holds without renewal.
+    pub lease_duration: Duration,
+    /// A kubeconfig file; `None`: the in-cluster service account, then `$KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// A session's last activity is written at most this often.
+    pub activity_interval: Duration,
+    /// A driver labelled managed-by=sclb that no session owns is deleted this long after its
+    /// creation.
+    pub orphan_grace: Duration,
+    /// How often activity and ends are written and the watch applied to the registry.
+    pub sync_interval: Duration,
 }
 
 #[derive(Clone, PartialEq)]

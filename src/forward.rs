@@ -201,7 +201,13 @@ pub async fn handle(
     };
     // Boxed: its state (timeouts, retries, the queue wait) is freed once connected, so a
     // long-lived idle connection does not carry it (a task is as large as its largest state).
-    let connected = Box::pin(connect(&backend, peer, key, shared.gateway.store.get())).await;
+    let connected = Box::pin(connect(
+        &backend,
+        peer,
+        key,
+        shared.gateway.store.get().and_then(|s| s.postgres()),
+    ))
+    .await;
     let conn = match connected {
         Ok(c) => c,
         Err(e) => {

@@ -60,8 +60,8 @@ use crate::state::{Backend, FrontendCounters};
 #[derive(Default)]
 pub struct Gateway {
     pub registry: Registry,
-    /// The shared session store (`[global] store = { kind = "postgres" }`), set at start.
-    pub store: std::sync::OnceLock<Arc<crate::store::Store>>,
+    /// The shared session store (`[global] store`, postgres or kubernetes), set at start.
+    pub store: std::sync::OnceLock<crate::store::SessionStore>,
     pub upstreams: upstream::Upstreams,
     pub ondemand: ondemand::OnDemandState,
 }
@@ -69,6 +69,10 @@ pub struct Gateway {
 impl Gateway {
     /// Deletes, in the background, the driver sclb created for a session that has ended.
     pub fn delete_driver(self: &Arc<Self>, s: &Session) {
+        // The kubernetes store deletes the session's record, which is its driver.
+        if self.store.get().is_some_and(|st| st.kubernetes().is_some()) {
+            return;
+        }
         if let (true, Some(settings), Some(ns), Some(app)) = (
             s.meta.created,
             s.meta.source.clone(),

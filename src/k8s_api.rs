@@ -15,8 +15,13 @@ pub const WATCH_TIMEOUT_SECS: u32 = 240;
 /// A kube client from `kubeconfig`, else the in-cluster service account, else `$KUBECONFIG`
 /// (or `~/.kube/config`).
 pub async fn client(s: &KubernetesDiscovery) -> Result<Client, String> {
+    client_from(s.kubeconfig.as_deref()).await
+}
+
+/// A kube client from `kubeconfig`, else the in-cluster service account, else `$KUBECONFIG`.
+pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> Result<Client, String> {
     use kube::config::{KubeConfigOptions, Kubeconfig};
-    let mut config = match &s.kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
                 .map_err(|e| format!("kubeconfig {}: {}", path.display(), chain(&e)))?;

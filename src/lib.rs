@@ -144,6 +144,8 @@ pub enum StartError {
         path: std::path::PathBuf,
         why: String,
     },
+    #[error("session store: {0}")]
+    Store(String),
     #[error("stats listener {addr}: {source}")]
     Stats {
         addr: SocketAddr,
@@ -185,12 +187,29 @@ impl Sclb {
         if let Some(saved) = global.state_file.as_deref().and_then(state_file::read) {
             let _ = control::apply(&shared, control::Change::Restore(saved));
         }
-        if let config::StoreConfig::Postgres(pg) = &global.store {
-            // Connected before the first client when it can be (within `timeout`): else that
-            // client's session or pin is bound here and written when the store answers.
-            let store = store::Store::new(pg.clone());
-            store.first_connect().await;
-            let _ = shared.gateway.store.set(store);
+        match &global.store {
+            config::StoreConfig::Memory => {}
+            config::StoreConfig::Postgres(pg) => {
+                // Connected before the first client when it can be (within `timeout`): else
+                // that client's session or pin is bound here and written when the store answers.
+                let store = store::Store::new(pg.clone());
+                store.first_connect().await;
+                let _ = shared
+                    .gateway
+                    .store
+                    .set(store::SessionStore::Postgres(store));
+            }
+            config::StoreConfig::Kubernetes(k) => {
+                let drivers = store::kubernetes::driver_watches(&shared.state.snapshot().config);
+                let store = store::kubernetes::KubeStore::new(k.clone(), drivers)
+                    .await
+                    .map_err(StartError::Store)?;
+                store.spawn(shared.life.stop_background.clone());
+                let _ = shared
+                    .gateway
+                    .store
+                    .set(store::SessionStore::Kubernetes(store));
+            }
         }
         shared.sync_listeners()?;
         control::start_checkers(&shared);
@@ -267,6 +286,10 @@ impl Sclb {
         let shared = &self.shared;
         shared.life.stop_accepting.cancel();
         shared.life.stop_background.cancel();
+        // A replica that stops reaps no more: it hands the reaper Lease over at once.
+        if let Some(store) = shared.gateway.store.get() {
+            store.stop().await;
+        }
         if let Some(f) = &self.admin_file {
             admin::remove_socket(f);
         }

@@ -35,6 +35,11 @@ use tracing::{info, warn};
 use crate::config::PostgresStore;
 use crate::gateway::registry::{EndReason, SessionKey};
 
+mod election;
+mod kinds;
+pub mod kubernetes;
+pub use kinds::SessionStore;
+
 /// How long ended sessions' rows are kept, so that every process learns of the end.
 const TOMBSTONE_MS: i64 = 4 * 3600 * 1000;
 /// Most rows one batch writes.
@@ -105,6 +110,8 @@ pub enum StoreError {
     Db(#[from] tokio_postgres::Error),
     #[error("TLS to the store: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Kube(String),
 }
 
 type Labels = [(&'static str, &'static str); 1];
@@ -153,6 +160,24 @@ impl Default for StoreMetrics {
             latency,
             conflicts,
         }
+    }
+}
+
+impl StoreMetrics {
+    /// Counts one operation of `secs`, and an error if it failed.
+    pub(crate) fn observe(&self, op: &'static str, secs: f64, ok: bool) {
+        self.latency.get_or_create(&[("op", op)]).observe(secs);
+        if !ok {
+            self.errors.get_or_create(&[("op", op)]).inc();
+        }
+    }
+
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
+
+    pub(crate) fn conflict(&self) {
+        self.conflicts.inc();
     }
 }
 
@@ -637,6 +662,34 @@ pub struct Synced {
     pub latest_end_ms: i64,
     /// Sessions bound here while the store was away that are bound elsewhere.
     pub moved: Vec<(SessionKey, Binding)>,
+    /// Sessions the store holds that are new or changed since the last sync (a store that
+    /// watches, as the kubernetes kind does): to put in the registry, or their activity.
+    pub known: Vec<Known>,
+}
+
+/// A session as a watching store sees it.
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub key: SessionKey,
+    pub frontend: String,
+    pub backend: String,
+    pub place: Place,
+    pub created_ms: i64,
+    pub active_ms: i64,
+}
+
+/// Where a known session runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// A server of the backend, by name and configured address.
+    Server { name: String, addr: String },
+    /// The driver sclb created for it.
+    Driver {
+        namespace: String,
+        name: String,
+        team: String,
+        environment: String,
+    },
 }
 
 /// The database's own words when it refused (tokio-postgres prints only "db error").
@@ -660,7 +713,7 @@ fn db_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-fn parse_reason(s: &str) -> EndReason {
+pub(crate) fn parse_reason(s: &str) -> EndReason {
     match s {
         "released" => EndReason::Released,
         "idle" => EndReason::Idle,

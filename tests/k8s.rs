@@ -17,6 +17,9 @@ mod apiserver;
 mod fake;
 #[path = "k8s/lb.rs"]
 mod lb;
+mod realbin;
+#[path = "k8s/store.rs"]
+mod store;
 
 use std::path::Path;
 use std::time::Duration;
@@ -459,14 +462,15 @@ async fn the_shipped_manifests_are_accepted_by_the_api_server() {
     let d = c.backends[0].discovery.as_ref().unwrap();
     assert_eq!(d.kind, sclb::config::KubernetesKind::Pods);
     assert_eq!(d.namespaces, ["spark"]);
-    // The replicated kit's config shares sessions and pins through a postgres store.
+    // The replicated kit's config is a gateway sharing sessions through the kubernetes store
+    // in the kit's namespace (its RBAC: replicated/rbac-store.yaml, tested in store.rs).
     let c = sclb::config::load(Path::new("deploy/kubernetes/replicated/sclb.toml"))
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(
-        c.global.store,
-        sclb::config::StoreConfig::Postgres(_)
-    ));
-    assert!(c.backends[0].stick.as_ref().unwrap().shared);
+    let sclb::config::StoreConfig::Kubernetes(store) = &c.global.store else {
+        panic!("{:?}", c.global.store);
+    };
+    assert_eq!(store.namespace, "spark");
+    assert!(c.frontends[0].grpc.is_some());
     // Its PodDisruptionBudget (policy/v1, which the test API server does not serve) is a
     // well-formed one that selects sclb's pods.
     let pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget = serde_saphyr::from_str(
@@ -491,6 +495,7 @@ async fn the_shipped_manifests_are_accepted_by_the_api_server() {
         "configmap.yaml",
         "deployment.yaml",
         "service.yaml",
+        "replicated/rbac-store.yaml",
     ] {
         for yaml in manifest(file, "spark") {
             let path = format!("{}?dryRun=All", collection(&yaml, "spark"));

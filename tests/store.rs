@@ -12,7 +12,7 @@ mod realbin;
 use std::path::Path;
 use std::time::Duration;
 
-use grpc::{Behaviour, Client, FakeGrpc, request, session};
+use grpc::{Behaviour, Client, FakeGrpc, expect_placed, open, request, session};
 use realbin::SclbProcess;
 
 fn config(dir: &Path, servers: &[&FakeGrpc]) -> String {
@@ -58,34 +58,6 @@ fn saved_sessions(dir: &Path) -> usize {
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v["backends"]["spark"]["sessions"].as_array().map(Vec::len))
         .unwrap_or(0)
-}
-
-/// Opens sessions `ids` (their first RPC); returns the server each landed on.
-async fn open(c: &mut Client, ids: std::ops::Range<u32>) -> Vec<String> {
-    let mut placed = Vec::new();
-    for n in ids {
-        let r = c
-            .call("Config", request("01_Config_set.bin", &session(n)))
-            .await;
-        assert_eq!(r.status, 0, "{r:?}");
-        placed.push(r.server().to_string());
-    }
-    placed
-}
-
-/// One RPC of each session in `ids`, in reverse order (so that a fresh round robin would
-/// place them otherwise); each must reach `placed[n]`.
-async fn expect_placed(c: &mut Client, ids: std::ops::Range<u32>, placed: &[String], when: &str) {
-    for n in ids.rev() {
-        let r = c
-            .call(
-                "AnalyzePlan",
-                request("03_AnalyzePlan_schema.bin", &session(n)),
-            )
-            .await;
-        assert_eq!(r.status, 0, "{r:?}");
-        assert_eq!(r.server(), placed[n as usize], "session {n} {when}");
-    }
 }
 
 fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) {

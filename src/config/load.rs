@@ -472,21 +472,67 @@ fn read_global(t: Table<'_, '_>) -> Option<Global> {
     ok.then_some(g)
 }
 
-/// `[global] store = { kind = "memory" }` or `{ kind = "postgres", url = "...", ... }`.
+/// `[global] store = { kind = "memory" }`, `{ kind = "postgres", url = "...", ... }` or
+/// `{ kind = "kubernetes", namespace = "...", ... }`.
 fn read_store(t: Table<'_, '_>) -> Option<StoreConfig> {
-    const POSTGRES_KEYS: [&str; 5] = ["url", "password_file", "ca", "timeout", "sync_interval"];
-    let mut allowed = vec!["kind"];
-    allowed.extend(POSTGRES_KEYS);
+    const PG: &[&str] = &["url", "password_file", "ca", "timeout"];
+    const KUBE: &[&str] = &[
+        "namespace",
+        "lease",
+        "lease_duration",
+        "kubeconfig",
+        "activity_interval",
+        "orphan_grace",
+    ];
+    let mut allowed = vec!["kind", "sync_interval"];
+    allowed.extend_from_slice(PG);
+    allowed.extend_from_slice(KUBE);
     t.allow(&allowed);
-    let kind = t.choice("kind", &[("memory", false), ("postgres", true)])?;
-    if !kind {
-        for k in POSTGRES_KEYS {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Memory,
+        Postgres,
+        Kubernetes,
+    }
+    let kind = t.choice(
+        "kind",
+        &[
+            ("memory", Kind::Memory),
+            ("postgres", Kind::Postgres),
+            ("kubernetes", Kind::Kubernetes),
+        ],
+    )?;
+    let only = |keys: &[&str], which: &str| {
+        for k in keys {
             if t.contains(k) {
-                t.error(k, "only a postgres store takes it");
+                t.error(k, format!("only a {which} store takes it"));
             }
         }
-        return Some(StoreConfig::Memory);
+    };
+    match kind {
+        Kind::Memory => {
+            only(PG, "postgres");
+            only(KUBE, "kubernetes");
+            if t.contains("sync_interval") {
+                t.error(
+                    "sync_interval",
+                    "only a postgres or kubernetes store takes it",
+                );
+            }
+            Some(StoreConfig::Memory)
+        }
+        Kind::Postgres => {
+            only(KUBE, "kubernetes");
+            read_postgres_store(t)
+        }
+        Kind::Kubernetes => {
+            only(PG, "postgres");
+            read_kubernetes_store(t)
+        }
     }
+}
+
+fn read_postgres_store(t: Table<'_, '_>) -> Option<StoreConfig> {
     let Some(url) = t.str("url") else {
         t.error(
             "url",
@@ -514,6 +560,57 @@ fn read_store(t: Table<'_, '_>) -> Option<StoreConfig> {
         password_file,
         ca,
         timeout,
+        sync_interval,
+    }))
+}
+
+/// `{ kind = "kubernetes", namespace = "spark", lease = "sclb-reaper", ... }`.
+fn read_kubernetes_store(t: Table<'_, '_>) -> Option<StoreConfig> {
+    let mut ok = true;
+    let mut name = |key: &str, what: &str| match t.str(key) {
+        Some(v) if is_dns_label(v) => Some(v.to_string()),
+        Some(v) => {
+            t.error(
+                key,
+                format!(
+                    "\"{}\" is not a {what} name (a-z, 0-9, '-', at most 63)",
+                    crate::escape::token(v)
+                ),
+            );
+            ok = false;
+            None
+        }
+        None => None,
+    };
+    let namespace = name("namespace", "namespace");
+    let lease = name("lease", "Lease").unwrap_or_else(|| "sclb-reaper".to_string());
+    if namespace.is_none() && !t.contains("namespace") {
+        t.error(
+            "namespace",
+            "a kubernetes store needs namespace (where its session Leases and the reaper's Lease live)",
+        );
+        ok = false;
+    }
+    let namespace = namespace.unwrap_or_default();
+    let lease_duration = positive(t, "lease_duration").unwrap_or(Duration::from_secs(15));
+    if lease_duration < Duration::from_secs(1) {
+        t.error(
+            "lease_duration",
+            "must be at least 1s (the API server keeps it in whole seconds)",
+        );
+        ok = false;
+    }
+    let activity_interval = positive(t, "activity_interval").unwrap_or(Duration::from_secs(60));
+    let orphan_grace = positive(t, "orphan_grace").unwrap_or(Duration::from_secs(600));
+    let sync_interval = positive(t, "sync_interval").unwrap_or(Duration::from_secs(2));
+    let kubeconfig = t.str("kubeconfig").map(PathBuf::from);
+    ok.then_some(StoreConfig::Kubernetes(KubernetesStore {
+        namespace,
+        lease,
+        lease_duration,
+        kubeconfig,
+        activity_interval,
+        orphan_grace,
         sync_interval,
     }))
 }

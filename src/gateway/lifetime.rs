@@ -34,7 +34,7 @@ pub async fn reaper(shared: Arc<Shared>) {
 /// store ends it only if it agrees (its recorded activity is older than the idle timeout
 /// too); otherwise this process takes the other's activity as its own. While the store is
 /// unreachable only TTLs are enforced.
-async fn reap_shared(shared: &Arc<Shared>, store: &crate::store::Store) {
+async fn reap_shared(shared: &Arc<Shared>, store: &crate::store::SessionStore) {
     let snap = shared.state.snapshot();
     let limits = |fe: &str| session_limits(&snap, fe);
     let gw = &shared.gateway;
@@ -82,6 +82,14 @@ async fn reap_shared(shared: &Arc<Shared>, store: &crate::store::Store) {
         .filter_map(|(k, r)| gw.registry.end(&k, r))
         .collect();
     release_sessions(shared, &reaped);
+    if let Some(k) = store.kubernetes() {
+        let snap = shared.state.snapshot();
+        k.housekeep(
+            |key| matches!(gw.registry.find(key), Some(Ok(_))),
+            |fe| session_limits(&snap, fe),
+        )
+        .await;
+    }
 }
 
 /// How often pins used since are written to the shared store (their expiry extended).
@@ -120,15 +128,17 @@ fn refreshed_pins(shared: &Shared, within: Duration) -> Vec<crate::store::PinWri
 
 /// Keeps this process and the shared store in step every `sync_interval`: writes activity,
 /// ends and the sessions bound while the store was away; ends here what others ended.
-pub async fn store_sync(shared: Arc<Shared>, store: Arc<crate::store::Store>) {
+pub async fn store_sync(shared: Arc<Shared>, store: crate::store::SessionStore) {
     let gw = &shared.gateway;
     gw.registry.keep_journal();
     let mut since = crate::store::now_ms();
     let mut down_logged = false;
     let mut pins_written = std::time::Instant::now();
     loop {
-        if pins_written.elapsed() >= PIN_REFRESH {
-            store.pins_to_write(refreshed_pins(&shared, pins_written.elapsed()));
+        if pins_written.elapsed() >= PIN_REFRESH
+            && let Some(pg) = store.postgres()
+        {
+            pg.pins_to_write(refreshed_pins(&shared, pins_written.elapsed()));
             pins_written = std::time::Instant::now();
         }
         for (k, r) in gw.registry.take_journal() {
@@ -148,6 +158,13 @@ pub async fn store_sync(shared: Arc<Shared>, store: Arc<crate::store::Store>) {
                 // Ended elsewhere: the other sclb released them on their servers already.
                 drop(ended);
                 let snap = shared.state.snapshot();
+                for k in synced.known {
+                    if let Some(again) = take_known(&shared, &snap, k)
+                        && let Some(kube) = store.kubernetes()
+                    {
+                        kube.again(again);
+                    }
+                }
                 for (k, binding) in synced.moved {
                     let Some(Ok(s)) = gw.registry.find(&k) else {
                         continue;
@@ -193,6 +210,75 @@ pub async fn store_sync(shared: Arc<Shared>, store: Arc<crate::store::Store>) {
             }
         }
     }
+}
+
+/// A session a watching store holds: its activity if it is live here, else put in the
+/// registry where it runs (a replica that never saw it routes it there). One whose server
+/// or driver is not (yet) in the backend waits for the next change of its record.
+fn take_known(
+    shared: &Shared,
+    snap: &crate::state::Snapshot,
+    k: crate::store::Known,
+) -> Option<SessionKey> {
+    use crate::store::Place;
+    let gw = &shared.gateway;
+    let idle =
+        Duration::from_millis(crate::store::now_ms().saturating_sub(k.active_ms).max(0) as u64);
+    match gw.registry.find(&k.key) {
+        Some(Ok(s)) => {
+            s.seen(idle);
+            return None;
+        }
+        Some(Err(_)) => return None,
+        None => {}
+    }
+    let Some(b) = snap.backend(&k.backend) else {
+        return Some(k.key);
+    };
+    let (server, meta) = match &k.place {
+        Place::Server { name, addr } => (
+            b.servers
+                .iter()
+                .find(|s| *s.name == **name && s.config_addr().to_string() == *addr)
+                .cloned(),
+            SessionMeta::default(),
+        ),
+        Place::Driver {
+            namespace,
+            name,
+            team,
+            environment,
+        } => (
+            route::named_server(b, Some(namespace), name),
+            SessionMeta {
+                namespace: Some(namespace.clone()),
+                app: Some(name.clone()),
+                team: Some(team.clone()).filter(|t| !t.is_empty()),
+                environment: Some(environment.clone()).filter(|e| !e.is_empty()),
+                created: true,
+                source: b.config.discovery.clone(),
+            },
+        ),
+    };
+    let Some(server) = server else {
+        return Some(k.key);
+    };
+    let restored = gw.registry.restore(registry::Restore {
+        key: k.key.clone(),
+        meta,
+        frontend: k.frontend.as_str().into(),
+        backend: b.config.name.as_str().into(),
+        placement: registry::Placement {
+            server: server.id,
+            server_name: server.name.clone(),
+        },
+        created: std::time::UNIX_EPOCH + Duration::from_millis(k.created_ms.max(0) as u64),
+        idle,
+    });
+    if restored {
+        debug!(session = %crate::escape::token(&k.key.session_id), server = %server.name, "session taken from the store");
+    }
+    None
 }
 
 /// A gateway frontend's (idle timeout, max TTL) for its sessions.

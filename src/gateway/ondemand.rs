@@ -130,13 +130,15 @@ impl OnDemandState {
         Ok(Api::namespaced_with(client, namespace, &ar))
     }
 
-    /// Creates the driver object of `p` from the template.
+    /// Creates the driver object of `p` from the template, annotated as the record of `key`'s
+    /// session on (frontend, backend) `placed`.
     pub async fn create(
         &self,
         settings: &KubernetesDiscovery,
         od: &OnDemand,
         p: &Pending,
         key: &SessionKey,
+        placed: (&str, &str),
     ) -> Result<(), String> {
         let text = crate::files::read_text(&od.template, crate::files::MAX_CONFIG)
             .map_err(|e| format!("template {}: {e}", od.template.display()))?;
@@ -162,7 +164,21 @@ impl OnDemandState {
         labels["app.kubernetes.io/managed-by"] = "sclb".into();
         labels["sclb.io/team"] = p.team.clone().into();
         labels["sclb.io/environment"] = p.environment.clone().into();
-        meta["annotations"]["sclb.io/spark-session"] = key.session_id.clone().into();
+        // The session's record (read back by the kubernetes store's watch).
+        use crate::store::kubernetes::annotation as a;
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        for (k, v) in [
+            (a::SESSION, key.session_id.as_str()),
+            (a::USER, key.user_id.as_str()),
+            (a::FRONTEND, placed.0),
+            (a::BACKEND, placed.1),
+            (a::TEAM, p.team.as_str()),
+            (a::ENVIRONMENT, p.environment.as_str()),
+            (a::CREATED, now.as_str()),
+            (a::LAST_ACTIVITY, now.as_str()),
+        ] {
+            meta["annotations"][k] = v.into();
+        }
         let obj: DynamicObject = serde_json::from_value(value)
             .map_err(|e| format!("template {}: {e}", od.template.display()))?;
         let api = Self::api(self.client(settings).await?, settings.kind, &p.namespace)?;

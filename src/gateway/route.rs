@@ -310,7 +310,7 @@ fn per_client(g: &crate::config::GrpcConfig) -> super::quota::Limits {
 async fn from_store(
     cx: &Conn,
     backend: &Arc<Backend>,
-    store: &crate::store::Store,
+    store: &crate::store::SessionStore,
     skey: &SessionKey,
     candidate: Arc<Server>,
 ) -> Result<(Option<Arc<Session>>, Option<Arc<Server>>), Refusal> {
@@ -364,6 +364,9 @@ async fn from_store(
     }
 }
 
+/// How long a first RPC waits for a replica that just started to read the session store.
+const STORE_LISTED_WITHIN: Duration = Duration::from_secs(5);
+
 /// Route 2: creates (or keeps waiting for) the driver of a new session and returns it once
 /// discovery reports it ready, within `ready_timeout`.
 pub(super) async fn on_demand(
@@ -384,6 +387,39 @@ pub(super) async fn on_demand(
             ),
         ));
     };
+    let gw = &cx.shared.gateway;
+    // A driver the kubernetes store records for this session (another replica, or this one
+    // before a restart, created it): the session's, whatever its name; no second one.
+    let kube = gw.store.get().and_then(|s| s.kubernetes());
+    if let Some(k) = kube
+        && !k.is_listed()
+        && !k.listed(STORE_LISTED_WITHIN).await
+    {
+        return Err((
+            "not_ready",
+            Status::unavailable(
+                "sclb: this replica has not read the session store yet",
+                Duration::from_secs(1),
+            ),
+        ));
+    }
+    if let Some(known) = kube.and_then(|k| k.driver_of(skey))
+        && let crate::store::Place::Driver {
+            namespace,
+            name,
+            team,
+            environment,
+        } = known.place
+    {
+        let (pending, _) = gw.ondemand.pending_or(skey, || ondemand::Pending {
+            namespace,
+            name,
+            team,
+            environment,
+            since: Instant::now(),
+        });
+        return wait_for_driver(cx, backend, od, &settings, skey, pending).await;
+    }
     // With authentication on, team and environment come from the token, never from headers
     // a client can set.
     let label = |h: &str,
@@ -425,7 +461,6 @@ pub(super) async fn on_demand(
         authed.map(|i| &i.environment),
         &od.default_environment,
     )?;
-    let gw = &cx.shared.gateway;
     let (pending, is_new) = gw.ondemand.pending_or(skey, || ondemand::Pending {
         namespace: ondemand::fill(&od.namespace, &team, &environment, skey),
         name: ondemand::fill(&od.name, &team, &environment, skey),
@@ -450,7 +485,12 @@ pub(super) async fn on_demand(
                 ));
             }
         }
-        if let Err(e) = gw.ondemand.create(&settings, od, &pending, skey).await {
+        let placed = (&*cx.frontend, backend.config.name.as_str());
+        if let Err(e) = gw
+            .ondemand
+            .create(&settings, od, &pending, skey, placed)
+            .await
+        {
             gw.ondemand.done(skey);
             return Err((
                 "create_failed",
@@ -464,6 +504,20 @@ pub(super) async fn on_demand(
             ));
         }
     }
+    wait_for_driver(cx, backend, od, &settings, skey, pending).await
+}
+
+/// Holds a new session's first RPC until its driver is ready (discovery reports it), within
+/// `ready_timeout` of its creation.
+async fn wait_for_driver(
+    cx: &Conn,
+    backend: &Arc<Backend>,
+    od: &crate::config::OnDemand,
+    settings: &crate::config::KubernetesDiscovery,
+    skey: &SessionKey,
+    pending: ondemand::Pending,
+) -> Result<(Arc<Server>, SessionMeta), Refusal> {
+    let gw = &cx.shared.gateway;
     let deadline = pending.since + od.ready_timeout;
     loop {
         let snap = cx.shared.state.snapshot();

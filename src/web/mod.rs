@@ -195,6 +195,13 @@ async fn readyz(AxState(shared): AxState<Arc<Shared>>) -> Response {
     if shared.life.stop_accepting.is_cancelled() {
         why.push("stopping".to_string());
     }
+    // A replica that has not read the session records yet would place recorded sessions
+    // anew.
+    if let Some(k) = shared.gateway.store.get().and_then(|s| s.kubernetes())
+        && !k.is_listed()
+    {
+        why.push("the session store (Kubernetes) has not been read yet".to_string());
+    }
     let snap = shared.state.snapshot();
     for fe in &snap.config.frontends {
         if fe.grpc.as_ref().is_some_and(|g| g.on_demand.is_some()) {
@@ -378,7 +385,7 @@ async fn metrics(
     let snap = Snapshot::take(&shared);
     let gateway = &shared.gateway.registry.metrics.registry;
     let mut extra = vec![&shared.auth.registry];
-    extra.extend(shared.gateway.store.get().map(|s| &s.metrics.registry));
+    extra.extend(shared.gateway.store.get().map(|s| s.metrics()));
     let (body, content_type) = if openmetrics {
         (
             metrics::encode_openmetrics(snap, names, gateway, &extra),

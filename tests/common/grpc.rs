@@ -291,6 +291,39 @@ pub fn request(fixture: &str, session: &str) -> Bytes {
     Bytes::from(body)
 }
 
+/// Opens sessions `ids` (their first RPC); returns the server each landed on.
+pub async fn open(c: &mut Client, ids: std::ops::Range<u32>) -> Vec<String> {
+    let mut placed = Vec::new();
+    for n in ids {
+        let r = c
+            .call("Config", request("01_Config_set.bin", &session(n)))
+            .await;
+        assert_eq!(r.status, 0, "{r:?}");
+        placed.push(r.server().to_string());
+    }
+    placed
+}
+
+/// One RPC of each session in `ids`, in reverse order (so that a fresh round robin would
+/// place them otherwise); each must reach `placed[n]`.
+pub async fn expect_placed(
+    c: &mut Client,
+    ids: std::ops::Range<u32>,
+    placed: &[String],
+    when: &str,
+) {
+    for n in ids.rev() {
+        let r = c
+            .call(
+                "AnalyzePlan",
+                request("03_AnalyzePlan_schema.bin", &session(n)),
+            )
+            .await;
+        assert_eq!(r.status, 0, "{r:?}");
+        assert_eq!(r.server(), placed[n as usize], "session {n} {when}");
+    }
+}
+
 /// A session id for test `n`.
 pub fn session(n: u32) -> String {
     format!("5c1b0000-0000-4000-8000-{n:012}")
