@@ -156,6 +156,11 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, HeaderError> {
         };
     };
     let header = &buf[..end + 2];
+    // The spec's v1 is US-ASCII, and ppp slices the text by byte offsets: a multi-byte
+    // character there panics inside it (found by fuzz/proxy_header). Refused before ppp sees it.
+    if !header.is_ascii() {
+        return Err(HeaderError::Malformed("v1: not ASCII".into()));
+    }
     let text =
         std::str::from_utf8(header).map_err(|_| HeaderError::Malformed("v1: not ASCII".into()))?;
     let h =
@@ -207,6 +212,12 @@ mod tests {
         }
         assert_eq!(parse(b"PRI * HTTP/2.0\r\n"), Err(HeaderError::NotProxy));
         assert_eq!(parse(b"PRX"), Err(HeaderError::NotProxy));
+        // A multi-byte character where ppp slices the text (it used to panic there).
+        let utf8 = b"PROXY ,,,,,TCP6 2001:PROXY TCd1\r\xc6\x9d\xcd\xbf:: \n\r02\r0\n01:\n\0\r\n";
+        assert_eq!(
+            parse(utf8),
+            Err(HeaderError::Malformed("v1: not ASCII".into()))
+        );
         let long = [b"PROXY ".as_slice(), &[b'1'; 200]].concat();
         assert!(matches!(parse(&long), Err(HeaderError::Malformed(_))));
 
