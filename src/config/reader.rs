@@ -404,13 +404,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Everything derived from a duration (deadlines, expiry instants) stays far from overflow.
 pub const MAX_DURATION: Duration = Duration::from_millis(i32::MAX as u64);
 
-/// A value quoted in an error: at most 64 characters of it, control characters escaped, so
-/// that a hostile value is never echoed back whole or as several lines.
+/// A value quoted in an error: at most 64 bytes of it as printed (control characters escaped,
+/// then "..."), so that a hostile value is never echoed back whole or as several lines.
 pub fn bounded(s: &str) -> String {
+    // The bound is on what is printed: an escaped control character takes up to 10 bytes.
     const MAX: usize = 64;
-    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
-    if s.chars().nth(MAX).is_some() {
-        out.push_str("...");
+    let mut out = String::new();
+    for c in s.chars() {
+        let start = out.len();
+        out.extend(c.escape_debug());
+        if out.len() > MAX {
+            out.truncate(start);
+            out.push_str("...");
+            break;
+        }
     }
     out
 }
@@ -457,6 +464,20 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_quoted_value_is_bounded_as_printed() {
+        let ctrl = "\u{1a}".repeat(200);
+        let q = bounded(&ctrl);
+        assert!(
+            q.len() <= 67 && q.ends_with("..."),
+            "{} bytes: {q}",
+            q.len()
+        );
+        assert_eq!(bounded(&"a".repeat(64)), "a".repeat(64));
+        assert_eq!(bounded(&"a".repeat(65)), format!("{}...", "a".repeat(64)));
+    }
+
     use super::*;
 
     #[test]
