@@ -443,6 +443,7 @@ async fn connect(
         {
             attempts_left += 1;
             drop(slot);
+            crate::sockopt::note_fd_shortage();
             crate::pipe::release_pools();
             tokio::time::sleep(Duration::from_millis(20)).await;
             current = Some((server, choice));

@@ -261,6 +261,15 @@ impl Bursts {
         }
     }
 
+    /// Whether an accept failed for want of resources within the last second.
+    pub fn failed_recently(&self) -> bool {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .state
+                .lock()
+                .is_some_and(|(_, _, last)| last.elapsed() < Duration::from_secs(1))
+    }
+
     pub fn succeeded(&self) {
         if !self.open.load(std::sync::atomic::Ordering::Relaxed) {
             return;
@@ -309,8 +318,30 @@ async fn accept_loop(
                 }
             }
         }
+        // Short of file descriptors: accept only with one in hand for the client's server.
+        // Held for a second at most while no client comes, then looked at again.
+        let reserve = if ACCEPT_FAILURES.failed_recently() || sockopt::fd_shortage_recent() {
+            match sockopt::reserve_fd() {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    if sockopt::is_resource_exhaustion(&e) {
+                        crate::pipe::release_pools();
+                        ACCEPT_FAILURES.failed(&e);
+                    } else {
+                        debug!("reserving a file descriptor: {e}");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        } else {
+            None
+        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
+            _ = tokio::time::sleep(Duration::from_secs(1)), if reserve.is_some() => continue,
             // Disabled while waiting here: back to the top, where it waits unaccepted.
             r = paused.changed() => match r {
                 Ok(()) => continue,
@@ -352,6 +383,8 @@ async fn accept_loop(
                 let conn_shared = shared.clone();
                 // No span per connection: its one log line carries client, frontend and server.
                 shared.data.conns.spawn(async move {
+                    // The client's server socket takes the reserved fd's place.
+                    drop(reserve);
                     forward::handle(stream, peer, fe.name.clone(), counters, conn_shared).await;
                     drop(global);
                     drop(fe_slot);

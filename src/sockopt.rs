@@ -115,6 +115,35 @@ pub async fn connect_upstream(addr: SocketAddr, keepalive_on: bool) -> io::Resul
     Ok(stream)
 }
 
+/// When a server connection last found no file descriptor (ms since [`fd_epoch`]; 0: never).
+static FD_SHORT_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn fd_epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+/// A server connection could not get a file descriptor: for the next second, listeners
+/// accept a client only with one in hand for its server (see [`reserve_fd`]).
+pub fn note_fd_shortage() {
+    let ms = fd_epoch().elapsed().as_millis().max(1) as u64;
+    FD_SHORT_AT.store(ms, Relaxed);
+}
+
+/// Whether a server connection found no file descriptor within the last second.
+pub fn fd_shortage_recent() -> bool {
+    let at = FD_SHORT_AT.load(Relaxed);
+    at != 0 && (fd_epoch().elapsed().as_millis() as u64).saturating_sub(at) < 1000
+}
+
+/// Holds one file descriptor for the server side of a client about to be accepted, so that
+/// under fd exhaustion a client is only accepted when both of its sockets fit. Accepting with
+/// the last fd instead leaves the client waiting for one more; enough such clients hold every
+/// fd, none can connect and none is released until `timeout queue`.
+pub fn reserve_fd() -> io::Result<Socket> {
+    Socket::new(Domain::UNIX, Type::DGRAM.cloexec(), None)
+}
+
 /// Socket errors that mean "out of resources" (descriptors, buffers, memory): back off and
 /// keep going rather than fail.
 pub fn is_resource_exhaustion(e: &std::io::Error) -> bool {

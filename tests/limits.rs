@@ -284,11 +284,17 @@ async fn fd_exhaustion_logs_once_per_burst() {
     let (backend, _b) = echo_backend().await;
     let (sclb, fe, _) = start_then_limit_fds(dir.path(), backend, 40);
     for burst in 1..=2usize {
-        fd_burst(&sclb, fe, 60).await;
+        let b = fd_burst(&sclb, fe, 60).await;
         // The burst is over: a quiet second, then a client served normally.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let mut s = connect_from(2, fe).await.unwrap();
-        assert_eq!(greeted(&mut s, Duration::from_secs(5)).await, Some(true));
+        assert_eq!(
+            greeted(&mut s, Duration::from_secs(5)).await,
+            Some(true),
+            "burst {burst}: a client after it was not served: {b:?}\nfds: {:?}\nshow info:\n{}",
+            sclb.fd_kinds(),
+            sclb.admin("show info")
+        );
         drop(s);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let failed = count_log(&sclb, "accept failed");
