@@ -22,17 +22,21 @@ use crate::server::ServerId;
 /// connection waits behind a dump.
 const CHUNK: usize = 1024;
 
+/// A time in the table: milliseconds since it was made (8 bytes, where an `Instant` takes 16;
+/// a million entries hold two each).
+type Ms = u64;
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     server: ServerId,
-    expires: Instant,
+    expires: Ms,
     /// Tie-breaker for the expiry index; grows with every insert, so an entry's `seq` tells
     /// whether it was written after a given moment.
     seq: u64,
 }
 
 /// Position in the expiry index.
-type ExpiryKey = (Instant, u64);
+type ExpiryKey = (Ms, u64);
 
 #[derive(Default)]
 struct Inner {
@@ -55,7 +59,7 @@ impl Inner {
         Some(e)
     }
 
-    fn insert(&mut self, ip: IpAddr, server: ServerId, expires: Instant) {
+    fn insert(&mut self, ip: IpAddr, server: ServerId, expires: Ms) {
         self.remove(&ip);
         self.seq += 1;
         let seq = self.seq;
@@ -115,6 +119,8 @@ pub struct StickEntry {
 
 pub struct StickTable {
     inner: Mutex<Inner>,
+    /// Where the table's clock ([`Ms`]) starts.
+    base: Instant,
     expire: Duration,
     size: usize,
 }
@@ -123,6 +129,7 @@ impl StickTable {
     pub fn new(expire: Duration, size: usize) -> Self {
         StickTable {
             inner: Mutex::new(Inner::default()),
+            base: Instant::now(),
             expire,
             size: size.max(1),
         }
@@ -136,9 +143,17 @@ impl StickTable {
         self.size
     }
 
+    fn now(&self) -> Ms {
+        Instant::now()
+            .saturating_duration_since(self.base)
+            .as_millis()
+            .try_into()
+            .unwrap_or(Ms::MAX)
+    }
+
     /// The server `ip` is pinned to, if the pin is still live. Refreshes its expiry.
     pub fn lookup(&self, ip: IpAddr) -> Option<ServerId> {
-        let now = Instant::now();
+        let now = self.now();
         let mut inner = self.inner.lock();
         let e = *inner.map.get(&ip)?;
         if e.expires <= now {
@@ -151,7 +166,7 @@ impl StickTable {
 
     /// Pins `ip` to `server` (a new pin or a move). Evicts the oldest entries when full.
     pub fn pin(&self, ip: IpAddr, server: ServerId) {
-        let now = Instant::now();
+        let now = self.now();
         let mut inner = self.inner.lock();
         if !inner.map.contains_key(&ip) {
             while inner.map.len() >= self.size {
@@ -200,7 +215,7 @@ impl StickTable {
     pub fn purge(&self) -> usize {
         let mut n = 0;
         loop {
-            let now = Instant::now();
+            let now = self.now();
             let mut inner = self.inner.lock();
             for _ in 0..CHUNK {
                 match inner.by_expiry.first_key_value() {
@@ -242,12 +257,12 @@ impl StickTable {
         // uses per chunk than the chunk holds) stops here rather than run forever.
         let mut budget = 2 * len + CHUNK;
         loop {
-            let now = Instant::now();
+            let now = self.now();
             let chunk = self.inner.lock().chunk_after(cursor);
             budget = budget.saturating_sub(chunk.len());
             rows.extend(chunk.iter().filter(|((exp, _), _, _)| *exp > now).map(
                 |&((exp, seq), key, server)| {
-                    let expires_in = exp - now;
+                    let expires_in = Duration::from_millis(exp - now);
                     (
                         StickEntry {
                             key,
@@ -279,7 +294,7 @@ impl StickTable {
         inner.insert(
             ip,
             server,
-            deadline(Instant::now(), expires_in.min(self.expire)),
+            deadline(self.now(), expires_in.min(self.expire)),
         );
     }
 
@@ -311,11 +326,15 @@ fn latest_rows(rows: Vec<(StickEntry, u64)>, start_seq: u64) -> Vec<StickEntry> 
     out
 }
 
-/// `now + d`, saturating far in the future instead of panicking on overflow (config values are
-/// bounded, but a pin's expiry must never be where a panic can take the table's lock).
-fn deadline(now: Instant, d: std::time::Duration) -> Instant {
-    now.checked_add(d)
-        .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86400))
+/// `now + d` in whole milliseconds (rounded up, so that a pin never ends early), saturating
+/// instead of overflowing: a pin's expiry must never be where a panic can take the lock.
+fn deadline(now: Ms, d: Duration) -> Ms {
+    let d: Ms = d
+        .as_nanos()
+        .div_ceil(1_000_000)
+        .try_into()
+        .unwrap_or(Ms::MAX);
+    now.saturating_add(d)
 }
 
 #[cfg(test)]
@@ -506,5 +525,13 @@ mod tests {
         assert_eq!(e.len(), 2 * CHUNK);
         assert!(e.iter().all(|e| e.server != ServerId(2)));
         assert_eq!(t.count_by_server().get(&ServerId(2)), None);
+    }
+
+    #[test]
+    fn deadlines_round_up_and_saturate() {
+        assert_eq!(deadline(5, Duration::from_micros(1)), 6, "never ends early");
+        assert_eq!(deadline(5, Duration::from_secs(2)), 2005);
+        assert_eq!(deadline(Ms::MAX - 1, Duration::from_secs(7200)), Ms::MAX);
+        assert_eq!(deadline(0, Duration::MAX), Ms::MAX);
     }
 }
