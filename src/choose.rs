@@ -6,8 +6,9 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::balance::Pool;
 use crate::config::AllDown;
-use crate::server::{AdminState, Server, ServerId};
+use crate::server::{Server, ServerId};
 use crate::state::Backend;
 
 /// How a connection's server was chosen, for the log and the re-pin counter.
@@ -48,12 +49,8 @@ impl Backend {
             }
             choice = Choice::Repinned(id);
         }
-        let pick = |backup: bool| {
-            self.balancer.pick(&self.servers, client, tried, |s| {
-                s.is_backup() == backup && s.takes_new_clients()
-            })
-        };
-        if let Some(s) = pick(false).or_else(|| pick(true)) {
+        let pick = |pool| self.balancer.pick(&self.servers, client, tried, pool);
+        if let Some(s) = pick(Pool::Active).or_else(|| pick(Pool::Backup)) {
             return Some((s, choice));
         }
         // Every server is DOWN (or drained). Fail open: a check can be wrong where the server
@@ -61,12 +58,7 @@ impl Backend {
         if self.config.all_down == AllDown::FailOpen
             && !self.servers.iter().any(|s| s.takes_new_clients())
         {
-            return self
-                .balancer
-                .pick(&self.servers, client, tried, |s| {
-                    s.admin_state() == AdminState::Ready && s.weight() > 0 && !s.health.is_up()
-                })
-                .map(|s| (s, choice));
+            return pick(Pool::FailOpen).map(|s| (s, choice));
         }
         None
     }

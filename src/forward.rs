@@ -230,7 +230,7 @@ pub async fn handle(
         _slot,
         connect_time,
     } = conn;
-    server.counters.connection_started();
+    server.connection_started();
     server.counters.ctime.add(connect_time.as_millis() as u64);
 
     // Closed by `shutdown sessions`, on_marked_down, or a hard stop (which shuts every
@@ -297,7 +297,7 @@ pub async fn handle(
     if end == End::Reset(Side::Server) {
         server.counters.resp_errors.fetch_add(1, Relaxed);
     }
-    server.counters.connection_ended();
+    server.connection_ended();
     server
         .counters
         .ttime

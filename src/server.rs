@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -293,6 +293,7 @@ impl Health {
 
     pub fn set_enabled(&self, _: &Writer, on: bool) {
         self.enabled.store(on, Relaxed);
+        crate::balance::servers_changed();
     }
 
     /// Applies one check result (through [`crate::control`], from this server's checker).
@@ -313,10 +314,11 @@ impl Health {
             c.saturating_sub(1)
         };
         self.counter.store(next, Relaxed);
-        if result.status.is_ok() {
-            self.stopping.store(false, Relaxed);
-        }
+        let was_stopping = result.status.is_ok() && self.stopping.swap(false, Relaxed);
         *self.last.lock() = result;
+        if was_up != (next >= rise) || was_stopping {
+            crate::balance::servers_changed();
+        }
         match (was_up, next >= rise) {
             (false, true) => Transition::WentUp,
             (true, false) => Transition::WentDown,
@@ -336,6 +338,7 @@ impl Health {
         };
         self.counter.store(counter, Relaxed);
         self.stopping.store(stopping, Relaxed);
+        crate::balance::servers_changed();
         match (was_up, self.is_up()) {
             (false, true) => Transition::WentUp,
             (true, false) => Transition::WentDown,
@@ -365,6 +368,7 @@ impl Health {
         self.fall.store(fall, Relaxed);
         let c = if was_up { rise + fall - 1 } else { 0 };
         self.counter.store(c, Relaxed);
+        crate::balance::servers_changed();
     }
 
     /// Where the counter stands: what [`Health::describe`] words.
@@ -515,6 +519,8 @@ pub struct Server {
     /// Woken when a reload changes the server's check, so that its checker applies the new
     /// interval at once instead of after the old one's sleep.
     pub check_changed: tokio::sync::Notify,
+    /// Least connections: where the connection count goes when it changes.
+    load_hook: ArcSwapOption<crate::balance::LoadHook>,
 }
 
 /// Grows or shrinks a semaphore used as a connection limit. Permits held above a lowered
@@ -565,6 +571,7 @@ impl Server {
             config: ArcSwap::from_pointee(config),
             checker: AtomicBool::new(false),
             check_changed: tokio::sync::Notify::new(),
+            load_hook: ArcSwapOption::empty(),
         }
     }
 
@@ -595,6 +602,7 @@ impl Server {
 
     pub fn set_weight(&self, _: &Writer, w: u32) {
         self.weight.store(w, Relaxed);
+        crate::balance::servers_changed();
     }
 
     /// 0 means no limit.
@@ -639,9 +647,33 @@ impl Server {
         }
         let check_changed = old.check != new.check;
         self.config.store(Arc::new(new));
+        crate::balance::servers_changed();
         if check_changed {
             self.check_changed.notify_one();
         }
+    }
+
+    /// A connection to it started: counted, and its least-connections balancer told.
+    pub fn connection_started(&self) {
+        self.counters.connection_started();
+        self.load_changed();
+    }
+
+    /// A connection to it ended.
+    pub fn connection_ended(&self) {
+        self.counters.connection_ended();
+        self.load_changed();
+    }
+
+    fn load_changed(&self) {
+        if let Some(hook) = &*self.load_hook.load() {
+            hook.load_changed(self);
+        }
+    }
+
+    /// The balancer its connection counts report to (set by [`crate::balance::Balancer`]).
+    pub fn set_load_hook(&self, hook: Option<crate::balance::LoadHook>) {
+        self.load_hook.store(hook.map(Arc::new));
     }
 
     /// Whether a checker task is running for this server.
@@ -687,6 +719,7 @@ impl Server {
         let (before, after) = (old.effective(), f(old).effective());
         if before != after {
             self.touch_last_change();
+            crate::balance::servers_changed();
         }
         (before, after)
     }

@@ -52,7 +52,7 @@ pub struct Repin {
 
 impl Backend {
     pub fn server(&self, id: ServerId) -> Option<&Arc<Server>> {
-        self.servers.iter().find(|s| s.id == id)
+        self.balancer.position(id).map(|i| &self.servers[i])
     }
 
     pub fn note_repin(&self, client: IpAddr, from: ServerId, to: ServerId) {
@@ -362,6 +362,9 @@ impl State {
     /// Puts back a snapshot (a reload that could not finish).
     pub fn restore(&self, _: &Writer, snap: Arc<Snapshot>) {
         let _one = self.apply_lock.lock();
+        for b in &snap.backends {
+            b.balancer.attach(&b.servers);
+        }
         self.current.store(snap);
     }
 

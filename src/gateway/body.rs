@@ -223,14 +223,14 @@ pub struct ServerStream(pub Arc<Server>);
 
 impl ServerStream {
     pub fn start(server: &Arc<Server>) -> Self {
-        server.counters.connection_started();
+        server.connection_started();
         ServerStream(server.clone())
     }
 }
 
 impl Drop for ServerStream {
     fn drop(&mut self) {
-        self.0.counters.connection_ended();
+        self.0.connection_ended();
     }
 }
 
