@@ -1,6 +1,7 @@
 //! Where an RPC goes, in order: a driver named by header, an on-demand driver for a new
 //! session, then the session registry (pin, else balance).
 
+use super::pool::{self, Pools};
 use super::rpc::{Refusal, header, placement, session_ended, session_hash_ip};
 use super::*;
 
@@ -83,7 +84,7 @@ pub(super) async fn route(
     method: Method,
     key: Option<&RoutingKey>,
     identity: Option<&crate::auth::Identity>,
-) -> Result<(Option<Arc<Session>>, Arc<Server>), Refusal> {
+) -> Result<(Option<Arc<Session>>, Arc<Server>, Option<bool>), Refusal> {
     let no_server = || {
         (
             "no_server",
@@ -102,12 +103,12 @@ pub(super) async fn route(
     let named = named_driver(backend, headers, g, namespace)?;
     let Some(k) = key else {
         if let Some((s, _)) = named {
-            return Ok((None, s));
+            return Ok((None, s, None));
         }
         let (s, _) = backend
             .choose_pinned(None, cx.peer.ip(), &[])
             .ok_or_else(no_server)?;
-        return Ok((None, s));
+        return Ok((None, s, None));
     };
     let skey = SessionKey {
         session_id: k.session_id.clone(),
@@ -148,7 +149,7 @@ pub(super) async fn route(
             if matches!(method, Method::ReleaseExecute | Method::ReleaseSession)
                 && let Some(s) = backend.server(was.server)
             {
-                return Ok((None, s.clone()));
+                return Ok((None, s.clone(), None));
             }
             return Err(session_ended(&skey, reason));
         }
@@ -156,6 +157,8 @@ pub(super) async fn route(
         None => None,
     };
     let mut fixed = named.as_ref().map(|(s, _)| s.clone());
+    // Some(pool hit) when this RPC placed a new session on a driver of its own.
+    let mut first = None;
     // Not known here: a shared store knows whether another sclb (or this one before a
     // restart) placed it. On-demand sessions are placed by creating their driver.
     let live = match (live, gw.store.get()) {
@@ -186,8 +189,9 @@ pub(super) async fn route(
                 },
                 // 2. A new session, no header: its own driver.
                 None if g.on_demand.is_some() => {
-                    let (s, m) = on_demand(cx, backend, g, headers, &skey, identity).await?;
+                    let (s, m, hit) = on_demand(cx, backend, g, headers, &skey, identity).await?;
                     fixed = Some(s);
+                    first = Some(hit);
                     m
                 }
                 None => SessionMeta::default(),
@@ -294,7 +298,7 @@ pub(super) async fn route(
         gw.registry
             .admit(&clone_key, new, || Some(placement(&server)));
     }
-    Ok((Some(session), server))
+    Ok((Some(session), server, first))
 }
 
 fn per_client(g: &crate::config::GrpcConfig) -> super::quota::Limits {
@@ -367,8 +371,9 @@ async fn from_store(
 /// How long a first RPC waits for a replica that just started to read the session store.
 const STORE_LISTED_WITHIN: Duration = Duration::from_secs(5);
 
-/// Route 2: creates (or keeps waiting for) the driver of a new session and returns it once
-/// discovery reports it ready, within `ready_timeout`.
+/// Route 2: claims a Ready driver of the warm pool for a new session, else creates (or keeps
+/// waiting for) its driver and returns it once discovery reports it ready, within
+/// `ready_timeout`. The bool: whether the pool had one.
 pub(super) async fn on_demand(
     cx: &Conn,
     backend: &Arc<Backend>,
@@ -376,7 +381,7 @@ pub(super) async fn on_demand(
     headers: &http::HeaderMap,
     skey: &SessionKey,
     identity: Option<&crate::auth::Identity>,
-) -> Result<(Arc<Server>, SessionMeta), Refusal> {
+) -> Result<(Arc<Server>, SessionMeta, bool), Refusal> {
     let od = g.on_demand.as_ref().expect("checked by the caller");
     let Some(settings) = backend.config.discovery.clone() else {
         return Err((
@@ -418,7 +423,9 @@ pub(super) async fn on_demand(
             environment,
             since: Instant::now(),
         });
-        return wait_for_driver(cx, backend, od, &settings, skey, pending).await;
+        return wait_for_driver(cx, backend, od, &settings, skey, pending)
+            .await
+            .map(|(s, m)| (s, m, false));
     }
     // With authentication on, team and environment come from the token, never from headers
     // a client can set.
@@ -461,7 +468,7 @@ pub(super) async fn on_demand(
         authed.map(|i| &i.environment),
         &od.default_environment,
     )?;
-    let (pending, is_new) = gw.ondemand.pending_or(skey, || ondemand::Pending {
+    let (mut pending, is_new) = gw.ondemand.pending_or(skey, || ondemand::Pending {
         namespace: ondemand::fill(&od.namespace, &team, &environment, skey),
         name: ondemand::fill(&od.name, &team, &environment, skey),
         team: team.clone(),
@@ -486,6 +493,27 @@ pub(super) async fn on_demand(
             }
         }
         let placed = (&*cx.frontend, backend.config.name.as_str());
+        let claimed = match Pools::pooled(od, &team, &environment) {
+            true => {
+                let c = pool::Claim {
+                    key: skey,
+                    frontend: &cx.frontend,
+                    backend,
+                    team: &team,
+                    environment: &environment,
+                };
+                gw.pools.claim(&gw.ondemand, &settings, od, c).await
+            }
+            false => None,
+        };
+        if let Some(p) = claimed {
+            // A retried first RPC waits for the claimed driver, not the one not created.
+            gw.ondemand.set_pending(skey, p.clone());
+            pending = p;
+            return wait_for_driver(cx, backend, od, &settings, skey, pending)
+                .await
+                .map(|(s, m)| (s, m, true));
+        }
         if let Err(e) = gw
             .ondemand
             .create(&settings, od, &pending, skey, placed)
@@ -504,7 +532,9 @@ pub(super) async fn on_demand(
             ));
         }
     }
-    wait_for_driver(cx, backend, od, &settings, skey, pending).await
+    wait_for_driver(cx, backend, od, &settings, skey, pending)
+        .await
+        .map(|(s, m)| (s, m, false))
 }
 
 /// Holds a new session's first RPC until its driver is ready (discovery reports it), within

@@ -129,8 +129,11 @@ struct Rec {
     rv: String,
     uid: String,
     created_ms: i64,
-    /// `None`: a driver labelled managed-by=sclb that names no session (an orphan).
+    /// `None`: a driver labelled managed-by=sclb that names no session (an orphan, unless it
+    /// is an unclaimed member of a warm pool).
     session: Option<Known>,
+    /// An unclaimed member of a warm pool (its keeper retires it, not the orphan reaper).
+    pool: bool,
     ended: Option<EndReason>,
 }
 
@@ -499,6 +502,11 @@ impl KubeStore {
             uid: m.uid.clone().unwrap_or_default(),
             created_ms,
             session,
+            pool: m
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::gateway::pool::LABEL))
+                .is_some_and(|v| v == crate::gateway::pool::READY),
             ended: get(annotation::ENDED).map(|r| super::parse_reason(&r)),
         }
     }
@@ -707,6 +715,7 @@ impl KubeStore {
             .objects
             .values()
             .filter_map(|r| match &r.session {
+                None if r.pool => None,
                 None => (now - r.created_ms >= grace).then(|| (r.clone(), EndReason::Idle)),
                 Some(s) if !live(&s.key) => {
                     let (idle, ttl) = limits(&s.frontend);
@@ -830,6 +839,7 @@ impl KubeStore {
             uid: String::new(),
             created_ms: 0,
             session: None,
+            pool: false,
             ended: None,
         })
     }
