@@ -1095,10 +1095,32 @@ fn read_on_demand(t: Table<'_, '_>) -> Option<OnDemand> {
     let pool = t.table("pool", &ppath).and_then(|pt| {
         read_pool(
             pt,
-            (name.as_deref(), namespace.as_deref()),
             (default_team.as_deref(), default_environment.as_deref()),
         )
     });
+    // Pool drivers are named before they have a session, and wait in one namespace per
+    // (team, environment).
+    if pool.is_some() {
+        if let Some(n) = &name
+            && !n.contains("{random}")
+            && !n.contains("{session}")
+        {
+            t.error(
+                "name",
+                format!(
+                    "a pool's drivers need distinct names: put {{random}} or {{session}} in \"{n}\""
+                ),
+            );
+        }
+        if let Some(ns) = &namespace
+            && (ns.contains("{random}") || ns.contains("{session}"))
+        {
+            t.error(
+                "namespace",
+                format!("a pool's drivers wait in one namespace per team: \"{ns}\" may use {{team}} and {{environment}} only"),
+            );
+        }
+    }
     Some(OnDemand {
         template: template?,
         name: name?,
@@ -1111,14 +1133,9 @@ fn read_on_demand(t: Table<'_, '_>) -> Option<OnDemand> {
     })
 }
 
-/// `on_demand.pool = { min_ready, max_ready, max_age, teams }`. Pool drivers are named before
-/// they have a session, so the name pattern needs `{random}` or `{session}` (random for them),
-/// and wait in one namespace per (team, environment).
-fn read_pool(
-    t: Table<'_, '_>,
-    (name, namespace): (Option<&str>, Option<&str>),
-    defaults: (Option<&str>, Option<&str>),
-) -> Option<Pool> {
+/// `on_demand.pool = { min_ready, max_ready, max_age, teams }`; `teams` defaults to the
+/// default team and environment.
+fn read_pool(t: Table<'_, '_>, defaults: (Option<&str>, Option<&str>)) -> Option<Pool> {
     t.allow(&["min_ready", "max_ready", "max_age", "teams"]);
     let min_ready = t.int("min_ready", 0, 1000).map(|n| n as usize);
     let max_ready = t.int("max_ready", 1, 1000).map(|n| n as usize);
@@ -1133,23 +1150,6 @@ fn read_pool(
     }
     if max_age.is_some_and(|a| a.is_zero()) {
         t.error("max_age", "must be longer than zero");
-    }
-    if let Some(n) = name
-        && !n.contains("{random}")
-        && !n.contains("{session}")
-    {
-        t.error(
-            "min_ready",
-            format!("pool drivers need distinct names: put {{random}} or {{session}} in on_demand.name (\"{n}\")"),
-        );
-    }
-    if let Some(ns) = namespace
-        && (ns.contains("{random}") || ns.contains("{session}"))
-    {
-        t.error(
-            "min_ready",
-            format!("a pool's drivers wait in one namespace per team: on_demand.namespace (\"{ns}\") may use {{team}} and {{environment}} only"),
-        );
     }
     let mut teams = Vec::new();
     for (v, at) in t.strings("teams") {

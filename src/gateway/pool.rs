@@ -317,6 +317,11 @@ impl Pools {
             }});
             match timed(api.patch(&m.name, &PatchParams::default(), &Patch::Merge(&patch))).await {
                 Ok(_) => {
+                    // Not offered (nor refused by header) until the next look.
+                    for s in self.seen.lock().values_mut() {
+                        s.members
+                            .retain(|x| x.name != m.name || s.namespace != namespace);
+                    }
                     info!(
                         target: "sclb::audit",
                         session = %crate::escape::token(&c.key.session_id),
@@ -347,6 +352,13 @@ impl Pools {
             }
         }
         None
+    }
+
+    /// Whether `name` (in `namespace`, if given) is an unclaimed member at the last look.
+    pub fn is_unclaimed(&self, namespace: Option<&str>, name: &str) -> bool {
+        self.seen.lock().values().any(|s| {
+            namespace.is_none_or(|ns| ns == s.namespace) && s.members.iter().any(|m| m.name == name)
+        })
     }
 
     /// The time from an on-demand session's first RPC to its first response.

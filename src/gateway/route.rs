@@ -32,12 +32,14 @@ pub(super) fn named_server(
 }
 
 /// The driver a request names by header (`x-spark-session-id`, in `x-spark-namespace`), if
-/// it names one; refused when no such driver serves or it takes no clients now.
+/// it names one; refused when no such driver serves, it takes no clients now, or it is an
+/// unclaimed driver of a warm pool (it is kept for one new session of its own).
 fn named_driver(
     backend: &Backend,
     headers: &http::HeaderMap,
     g: &crate::config::GrpcConfig,
     namespace: Option<&str>,
+    pools: &Pools,
 ) -> Result<Option<(Arc<Server>, String)>, Refusal> {
     match header(headers, &g.route.session) {
         Some(name) => {
@@ -58,6 +60,19 @@ fn named_driver(
                     ),
                 ));
             };
+            if pools.is_unclaimed(namespace, name) {
+                return Err((
+                    "not_found",
+                    Status::new(
+                        Code::NotFound,
+                        format!(
+                            "sclb: {} is a warm-pool driver that no session has claimed yet; open a new session without {} to get one",
+                            crate::escape::token(name),
+                            g.route.session
+                        ),
+                    ),
+                ));
+            }
             if !s.takes_pinned_clients() {
                 return Err((
                     "not_ready",
@@ -100,7 +115,7 @@ pub(super) async fn route(
     let gw = &cx.shared.gateway;
     let namespace = header(headers, &g.route.namespace);
     // 1. A header names the driver.
-    let named = named_driver(backend, headers, g, namespace)?;
+    let named = named_driver(backend, headers, g, namespace, &gw.pools)?;
     let Some(k) = key else {
         if let Some((s, _)) = named {
             return Ok((None, s, None));

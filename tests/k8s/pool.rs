@@ -276,8 +276,25 @@ async fn a_warm_pool_serves_new_sessions_at_once_and_never_reuses_a_driver() {
     let shown = lb.admin("show sessions");
     assert!(shown.contains(&format!("srv={} ", hits[0])), "{shown}");
 
-    // Released: its driver is deleted, not returned to the pool.
+    // An unclaimed driver is kept for a new session: a header cannot name it.
     let mut c = Client::connect(gw).await;
+    let by_name = [
+        ("x-spark-session-id", refilled[0].as_str()),
+        ("x-spark-namespace", "sjns-pool-dev"),
+    ];
+    let r = grpc::finish(
+        c.start_with(
+            "Config",
+            request("01_Config_set.bin", &session(79)),
+            &by_name,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(r.status, 5, "NOT_FOUND: {r:?}");
+    assert!(r.message.contains("warm-pool driver"), "{}", r.message);
+
+    // Released: its driver is deleted, not returned to the pool.
     let r = c
         .call(
             "ReleaseSession",
