@@ -441,6 +441,47 @@ impl Pools {
     }
 }
 
+/// What the keeper does with a pool's members at one look.
+#[derive(Debug)]
+struct Plan {
+    /// Oldest first.
+    kept: Vec<Member>,
+    retire: Vec<(Member, &'static str)>,
+}
+
+/// Splits `members` (oldest first) into those kept and those retired, and why: older than
+/// `max_age`, failing their health check, not Ready within `ready_timeout`, then the oldest
+/// beyond `max_ready` or beyond `room` (what the team's quota leaves).
+fn plan(members: Vec<Member>, pool: &Pool, ready_timeout: Duration, room: usize) -> Plan {
+    let limit = pool.max_ready.min(room);
+    let mut kept = Vec::new();
+    let mut retire = Vec::new();
+    for m in members {
+        let why = if m.age >= pool.max_age {
+            Some("older than max_age")
+        } else if m.state == MemberState::Down {
+            Some("failing its health check")
+        } else if m.state == MemberState::Starting && m.age >= ready_timeout {
+            Some("not Ready within ready_timeout")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => retire.push((m, why)),
+            None => kept.push(m),
+        }
+    }
+    while kept.len() > limit {
+        let why = if room < pool.max_ready {
+            "the team's max_sessions_per_team leaves no room"
+        } else {
+            "beyond max_ready"
+        };
+        retire.push((kept.remove(0), why));
+    }
+    Plan { kept, retire }
+}
+
 /// Keeps every frontend's pools filled until the process stops.
 pub async fn keeper(shared: Arc<Shared>) {
     let mut failing: std::collections::HashSet<PoolKey> = Default::default();
@@ -524,33 +565,7 @@ async fn keep(
     let room = od.max_sessions_per_team.map_or(usize::MAX, |max| {
         max.saturating_sub(gw.registry.created_for_team(team) + gw.ondemand.pending_for_team(team))
     });
-    let limit = pool.max_ready.min(room);
-    let mut kept = Vec::new();
-    let mut retire = Vec::new();
-    for m in members {
-        let why = if m.age >= pool.max_age {
-            Some("older than max_age")
-        } else if m.state == MemberState::Down {
-            Some("failing its health check")
-        } else if m.state == MemberState::Starting && m.age >= od.ready_timeout {
-            Some("not Ready within ready_timeout")
-        } else {
-            None
-        };
-        match why {
-            Some(why) => retire.push((m, why)),
-            None => kept.push(m),
-        }
-    }
-    // Oldest first: the ones beyond the limit go.
-    while kept.len() > limit {
-        let why = if room < pool.max_ready {
-            "the team's max_sessions_per_team leaves no room"
-        } else {
-            "beyond max_ready"
-        };
-        retire.push((kept.remove(0), why));
-    }
+    let Plan { mut kept, retire } = plan(members, pool, od.ready_timeout, room);
     for (m, why) in retire {
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
@@ -596,4 +611,76 @@ async fn keep(
         });
     }
     Ok(seen(kept))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str, age_s: u64, state: MemberState) -> Member {
+        Member {
+            name: name.into(),
+            age: Duration::from_secs(age_s),
+            state,
+            rv: String::new(),
+        }
+    }
+
+    fn names(p: &Plan) -> (Vec<&str>, Vec<(&str, &str)>) {
+        (
+            p.kept.iter().map(|m| m.name.as_str()).collect(),
+            p.retire
+                .iter()
+                .map(|(m, w)| (m.name.as_str(), *w))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_keeper_retires_old_failing_stuck_and_surplus_members() {
+        use MemberState::*;
+        let pool = Pool {
+            min_ready: 1,
+            max_ready: 2,
+            max_age: Duration::from_secs(100),
+            teams: vec![],
+        };
+        let t = Duration::from_secs(30);
+        let members = || {
+            vec![
+                member("old", 100, Ready),
+                member("stuck", 40, Starting),
+                member("a", 20, Ready),
+                member("down", 15, Down),
+                member("b", 10, Ready),
+                member("c", 5, Starting),
+            ]
+        };
+        // The oldest of the rest beyond max_ready go.
+        let p = plan(members(), &pool, t, usize::MAX);
+        assert_eq!(
+            names(&p),
+            (
+                vec!["b", "c"],
+                vec![
+                    ("old", "older than max_age"),
+                    ("stuck", "not Ready within ready_timeout"),
+                    ("down", "failing its health check"),
+                    ("a", "beyond max_ready"),
+                ]
+            )
+        );
+        // The team's quota leaves room for one, then none: the pool shrinks to zero.
+        let p = plan(members(), &pool, t, 1);
+        assert_eq!(names(&p).0, ["c"]);
+        assert!(
+            p.retire
+                .iter()
+                .any(|(m, w)| m.name == "b" && w.contains("max_sessions_per_team"))
+        );
+        assert!(plan(members(), &pool, t, 0).kept.is_empty());
+        // Nothing to retire: everything kept.
+        let p = plan(vec![member("a", 1, Ready)], &pool, t, usize::MAX);
+        assert_eq!(names(&p), (vec!["a"], vec![]));
+    }
 }

@@ -27,7 +27,7 @@ struct Operator {
     /// SparkConnect name → the stand-in that serves it.
     serves: Arc<parking_lot::Mutex<BTreeMap<String, String>>>,
     port: u16,
-    _drivers: Vec<FakeGrpc>,
+    drivers: Vec<FakeGrpc>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -82,7 +82,7 @@ impl Operator {
             on,
             serves,
             port,
-            _drivers: drivers,
+            drivers,
             task,
         }
     }
@@ -93,6 +93,16 @@ impl Operator {
 
     fn resume(&self) {
         self.on.store(true, SeqCst);
+    }
+
+    /// Stops the stand-in serving SparkConnect `name` (its Spark server died).
+    fn kill_server_of(&self, name: &str) {
+        let server = self.server_of(name);
+        self.drivers
+            .iter()
+            .find(|d| d.name == server)
+            .expect("a stand-in serves it")
+            .stop();
     }
 
     /// The stand-in serving SparkConnect `name`.
@@ -472,4 +482,46 @@ async fn pool_drivers_are_replaced_retired_and_shrunk_by_the_quota() {
     assert!(!claimed.contains(&refilled[0]));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(members().await, 1, "{}", lb.admin("show pool"));
+}
+
+/// A pool driver whose server stops answering its health check (`h2` here) is retired and
+/// replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_driver_failing_its_health_check_is_replaced() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "sjns-phealth-dev").await;
+    let connects = k.crd("v1alpha1", "SparkConnect", "sparkconnects");
+    let op = Operator::start(connects.clone(), 101, 6).await;
+    let d = tempfile::tempdir().unwrap();
+    let cfg = pool_config(
+        d.path(),
+        api,
+        op.port,
+        &k.ns,
+        10,
+        r#"{ min_ready = 1, max_ready = 1, max_age = "2h", teams = ["phealth/dev"] }"#,
+        "",
+    );
+    assert!(cfg.contains("check = { type = \"none\" }"));
+    let cfg = cfg.replace(
+        "check = { type = \"none\" }",
+        "check = { type = \"h2\", inter = \"300ms\", rise = 1, fall = 2 }",
+    );
+    let lb = SclbProcess::start(d.path(), &cfg, &[]);
+    let first = pool_becomes(&lb, 1, "one Ready pool driver").await;
+    op.kill_server_of(&first[0]);
+    eventually("the failing driver is replaced", || async {
+        match ready_members(&lb).as_slice() {
+            [n] if *n != first[0] => Ok(()),
+            _ => Err(lb.admin("show pool")),
+        }
+    })
+    .await;
+    assert!(
+        lb.log_text()
+            .contains("pool driver retired (failing its health check)"),
+        "{}",
+        lb.log_text()
+    );
+    assert!(connects.get_opt(&first[0]).await.unwrap().is_none());
 }
