@@ -61,6 +61,7 @@ class Settings:
     scenarios: list[str]
     variants: list[str]
     bulk_s: float
+    tls_bulk_bytes: int
     connrate_s: float
     rps_s: float
     rps_warmup_s: float
@@ -86,11 +87,11 @@ def parse_args(argv: list[str]) -> Settings:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run for CI: 1 rep, ~1 s per measurement, 500 idle conns, no verdicts")
     ap.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
-    ap.add_argument("--scenarios", default="bulk,connrate,latency,idle,gateway",
-                    help="comma list out of bulk,connrate,latency,idle,gateway (default: all)")
+    ap.add_argument("--scenarios", default="bulk,connrate,latency,idle,gateway,tls",
+                    help="comma list out of bulk,connrate,latency,idle,gateway,tls (default: all)")
     ap.add_argument("--variants", default="direct,haproxy,haproxy-splice-auto,haproxy-splice-force,sclb,"
                                           "haproxy-log,haproxy-log-syslog,sclb-log,haproxy-http,sclb-gateway,"
-                                          "sclb-gateway-pg",
+                                          "sclb-gateway-pg,sclb-gateway-jwt,haproxy-tls,sclb-tls",
                     help="comma list of variants to run (direct is always run when a ratio needs it)")
     ap.add_argument("--seconds", type=float, help="override the length of every timed measurement")
     ap.add_argument("--idle-conns", type=int, help="idle connections (default 9500, --quick 500)")
@@ -103,7 +104,7 @@ def parse_args(argv: list[str]) -> Settings:
 
     secs = (lambda full, quick: a.seconds or (quick if a.quick else full))
     scenarios = [x for x in a.scenarios.split(",") if x]
-    unknown = set(scenarios) - {"bulk", "connrate", "latency", "idle", "gateway"}
+    unknown = set(scenarios) - {"bulk", "connrate", "latency", "idle", "gateway", "tls"}
     if unknown:
         ap.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     if a.spark:
@@ -128,7 +129,7 @@ def parse_args(argv: list[str]) -> Settings:
         reps=a.reps or (1 if a.quick else 3),
         scenarios=scenarios,
         variants=variants,
-        bulk_s=secs(5, 1), connrate_s=secs(5, 1), rps_s=secs(5, 1),
+        bulk_s=secs(5, 1), tls_bulk_bytes=(256 if a.quick else 2048) << 20, connrate_s=secs(5, 1), rps_s=secs(5, 1),
         rps_warmup_s=0.5 if a.quick else 1.0, pingpong_s=secs(5, 1), grpc_s=secs(5, 1),
         idle_conns=a.idle_conns or (500 if a.quick else 9500),
         spark=a.spark,
@@ -408,6 +409,9 @@ def start_nginx(s: Settings, ports: list[int], h2: bool) -> Proc:
     listen = "\n".join(f"        listen {HOST}:{p} backlog=4096{' http2' if h2 else ''};" for p in ports)
     conf = string.Template((BENCH / "nginx.conf").read_text()).substitute(workdir=wd, listen=listen)
     (wd / "nginx.conf").write_text(conf)
+    # /big for the TLS download: a sparse file (no disk used), read from the page cache.
+    with open(wd / "big.bin", "wb") as fh:
+        fh.truncate(s.tls_bulk_bytes)
     return PROCS.start(f"backend-nginx-{'h2c' if h2 else 'http1'}",
                        ["nginx", "-p", wd, "-c", wd / "nginx.conf", "-e", wd / "nginx-startup.log"])
 
@@ -432,6 +436,11 @@ VARIANT_KINDS = {
     "sclb-gateway": ("sclb-gateway", ""),   # L7: mode = "grpc" (bench/sclb-gateway.toml)
     # the same, its sessions in a PostgreSQL store (initdb in the workdir, a Unix socket)
     "sclb-gateway-pg": ("sclb-gateway", ""),
+    # the same, every call carrying a bearer token checked against an RS256 key (auth.type "jwt")
+    "sclb-gateway-jwt": ("sclb-gateway", ""),
+    # L4 with TLS terminated on the frontend (an ECDSA P-256 certificate), cleartext to the servers
+    "haproxy-tls": ("haproxy", ""),          # bind ... ssl crt <cert+key PEM>
+    "sclb-tls": ("sclb", ""),                # tls = { cert, key } on the frontend
 }
 PROXY_CONFIGS = {  # kind -> (config template, reference frontend port)
     "haproxy": ("haproxy.cfg", REF_HAPROXY_PORT),
@@ -439,7 +448,10 @@ PROXY_CONFIGS = {  # kind -> (config template, reference frontend port)
     "sclb": ("sclb.toml", REF_SCLB_PORT),
     "sclb-gateway": ("sclb-gateway.toml", REF_SCLB_PORT),
 }
-SCLB_VARIANTS = ("sclb", "sclb-log", "sclb-gateway", "sclb-gateway-pg")
+SCLB_VARIANTS = ("sclb", "sclb-log", "sclb-gateway", "sclb-gateway-pg", "sclb-gateway-jwt", "sclb-tls")
+TLS_VARIANTS = ("haproxy-tls", "sclb-tls")
+# Extra request headers a variant's clients send (the jwt variant's bearer token).
+VARIANT_HEADERS: dict[str, list[str]] = {}
 PG_SOCKETS: dict[str, Path] = {}  # variant -> the socket directory of its PostgreSQL
 # Variants with an access log line per connection (the others log nothing per connection):
 # HAProxy writes each line itself (stdout: one write(2) per line; syslog: one sendto(2) per
@@ -475,6 +487,70 @@ def proxy_env(splice: str) -> dict:
     return env
 
 
+def tls_material(s: Settings) -> tuple[Path, Path, Path]:
+    """A self-signed ECDSA P-256 certificate for both TLS variants: (cert, key, cert+key PEM
+    for HAProxy's `crt`). Made once per run with the openssl CLI."""
+    d = s.workdir / "tls"
+    cert, key, both = d / "cert.pem", d / "key.pem", d / "haproxy.pem"
+    if not both.exists():
+        d.mkdir(parents=True, exist_ok=True)
+        PROCS.run("openssl-req", ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                                  "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                                  "-subj", "/CN=bench.test", "-addext", "subjectAltName=DNS:bench.test",
+                                  "-keyout", key, "-out", cert], timeout=60)
+        both.write_text(cert.read_text() + key.read_text())
+    return cert, key, both
+
+
+def b64url(data: bytes) -> str:
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_material(s: Settings) -> tuple[Path, str]:
+    """An RSA-2048 public key for sclb's `auth.keys` and an RS256 token signed with its private
+    key (openssl CLI: no Python crypto library needed), valid for a day."""
+    d = s.workdir / "jwt"
+    d.mkdir(parents=True, exist_ok=True)
+    key, pub = d / "jwt.key", d / "jwt.pub"
+    if not pub.exists():
+        PROCS.run("openssl-genpkey", ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
+                                      "rsa_keygen_bits:2048", "-out", key], timeout=60)
+        PROCS.run("openssl-pkey", ["openssl", "pkey", "-in", key, "-pubout", "-out", pub], timeout=60)
+    now = int(time.time())
+    head = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
+    claims = b64url(json.dumps({"sub": "bench", "team": "bench", "environment": "bench",
+                                "iat": now, "exp": now + 86400}).encode())
+    signing_input = f"{head}.{claims}".encode()
+    sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(key)], input=signing_input,
+                         capture_output=True, timeout=60, check=True).stdout
+    return pub, f"{head}.{claims}.{b64url(sig)}"
+
+
+def with_tls(text: str, kind: str, s: Settings) -> str:
+    """A rendered L4 config with TLS terminated on its frontend."""
+    cert, key, both = tls_material(s)
+    if kind == "haproxy":
+        out = re.sub(r"^(\s*bind \S+)", rf"\1 ssl crt {both}", text, count=1, flags=re.M)
+    else:
+        out = re.sub(r"^(bind = \[[^\]]*\])$", rf'\1\ntls = {{ cert = "{cert}", key = "{key}" }}', text,
+                     count=1, flags=re.M)
+    if out == text:
+        raise BenchError(f"cannot add TLS to the {kind} config: its bind line moved")
+    return out
+
+
+def with_jwt(text: str, s: Settings, variant: str) -> str:
+    """A rendered gateway config whose frontend checks an RS256 bearer token on every call."""
+    pub, token = jwt_material(s)
+    VARIANT_HEADERS[variant] = ["-H", f"authorization: Bearer {token}"]
+    out = re.sub(r'^(mode = "grpc")$', rf'\1\nauth = {{ type = "jwt", keys = "{pub}" }}', text,
+                 count=1, flags=re.M)
+    if out == text:
+        raise BenchError("cannot add auth to the gateway config: its mode line moved")
+    return out
+
+
 def start_proxy(s: Settings, variant: str, be: Backend) -> tuple[Proc | None, int, str]:
     """Start the proxy of a variant; return (proc, port the client uses, client host)."""
     kind, splice = VARIANT_KINDS[variant]
@@ -498,6 +574,10 @@ def start_proxy(s: Settings, variant: str, be: Backend) -> tuple[Proc | None, in
         text = with_log(text, kind, str(sock))
     elif variant in LOGGED:
         text = with_log(text, kind, LOGGED[variant])
+    if variant in TLS_VARIANTS:
+        text = with_tls(text, kind, s)
+    if variant == "sclb-gateway-jwt":
+        text = with_jwt(text, s, variant)
     if variant == "sclb-gateway-pg":
         pg, sockdir = start_postgres(s, variant)
         PG_SOCKETS[variant] = sockdir
@@ -639,7 +719,17 @@ def _exchange(host: str, port: int, payload: bytes, want: Callable[[bytes], bool
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
-def probe_once(kind: str, host: str, port: int) -> bool:
+def probe_tls(host: str, port: int, kind: str) -> bool:
+    """One request through a TLS frontend (certificate not verified: it is the bench's own)."""
+    url = f"https://{host}:{port}/"
+    r = subprocess.run(["curl", "-sk", "--no-alpn", "--http1.1", "--max-time", "5", url],
+                       capture_output=True, timeout=10)
+    return kind == "http1" and r.returncode == 0 and r.stdout == b"ok\n"
+
+
+def probe_once(kind: str, host: str, port: int, variant: str = "") -> bool:
+    if variant in TLS_VARIANTS:
+        return probe_tls(host, port, kind)
     if kind == "iperf3":
         try:
             iperf3_json(PROCS.run("probe-iperf3", ["iperf3", "-c", host, "-p", port, "-n", "256K", "-J"],
@@ -654,7 +744,7 @@ def probe_once(kind: str, host: str, port: int) -> bool:
         req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
         return _exchange(host, port, req, lambda d: d.startswith(b"HTTP/1.1 200") and d.endswith(b"\r\n\r\nok\n"))
     if kind == "grpc":  # one real unary RPC, answered with grpc-status 0 in the trailers
-        return grpc_call(host, port, GRPC_METHOD, GRPC_BODY) == "0"
+        return grpc_call(host, port, GRPC_METHOD, GRPC_BODY, headers=VARIANT_HEADERS.get(variant, [])) == "0"
     if kind in ("h2c", "spark"):  # an HTTP/2 (gRPC) server answers the preface with SETTINGS
         return _exchange(host, port, H2_PREFACE, lambda d: len(d) >= 9 and d[3] == 4)
     raise ValueError(kind)
@@ -667,10 +757,11 @@ GRPC_METHOD, GRPC_BODY = "Config", REPO / "tests" / "fixtures" / "spark" / "rpcs
 GRPC_HEADERS = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
 
 
-def grpc_call(host: str, port: int, method: str, body: Path, path: str | None = None) -> str | None:
+def grpc_call(host: str, port: int, method: str, body: Path, path: str | None = None,
+              headers: list[str] | None = None) -> str | None:
     """One unary gRPC call with nghttp; returns the grpc-status trailer (None if there is none)."""
     url = f"http://{host}:{port}{path or SPARK_SERVICE + method}"
-    r = subprocess.run(["nghttp", "-v", "-n", "-t", "5", "-d", str(body), *GRPC_HEADERS, url],
+    r = subprocess.run(["nghttp", "-v", "-n", "-t", "5", "-d", str(body), *GRPC_HEADERS, *(headers or []), url],
                        capture_output=True, text=True, timeout=10)
     m = re.findall(r"recv \(stream_id=\d+\) grpc-status: (\d+)", r.stdout)
     return m[-1] if m else None
@@ -681,7 +772,7 @@ def probe(kind: str, host: str, port: int, what: str, timeout: float = 15.0) -> 
     deadline, last = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         try:
-            if probe_once(kind, host, port):
+            if probe_once(kind, host, port, what):
                 return
             last = "unexpected answer"
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -766,6 +857,43 @@ def measure_connrate(ctx: Ctx) -> dict:
     return m
 
 
+def measure_tls_handshakes(ctx: Ctx) -> dict:
+    """wrk over HTTPS with `Connection: close` through a TLS frontend: one full TLS handshake
+    per request (wrk keeps no session for resumption); direct is the same over plain HTTP."""
+    secs = max(1, round(ctx.s.connrate_s))
+    scheme = "https" if ctx.variant in TLS_VARIANTS else "http"
+    argv = ["wrk", "-t", 2, "-c", 32, "-d", f"{secs}s", "--timeout", "5s",
+            "-H", "Connection: close", f"{scheme}://{ctx.host}:{ctx.port}/"]
+    out, wall, cpu = timed(ctx, lambda: PROCS.run(ctx.name("wrk-tls"), argv, timeout=secs + 30))
+    done = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not done or not rate or int(done.group(1)) == 0:
+        raise BenchError(f"wrk completed no request through {ctx.variant}: {out[-300:]}")
+    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    m = {"conns_per_s": float(rate.group(1)), "errors": float(errors)}
+    if ctx.proxy:
+        m.update(proxy_cpu_pct=100 * cpu / wall, proxy_cpu_us_per_conn=cpu * 1e6 / int(done.group(1)))
+    return m
+
+
+def measure_tls_bulk(ctx: Ctx) -> dict:
+    """One HTTPS download of a large file (nginx sendfile behind the proxy) with curl: the proxy
+    encrypts every byte; direct is the same over plain HTTP."""
+    scheme = "https" if ctx.variant in TLS_VARIANTS else "http"
+    url = f"{scheme}://{ctx.host}:{ctx.port}/big"
+    argv = ["curl", "-sSk", "--no-alpn", "--http1.1", "--max-time", 120, "-o", "/dev/null",
+            "-w", "%{size_download} %{time_total}", url]
+    out, wall, cpu = timed(ctx, lambda: PROCS.run(ctx.name("curl-tls-bulk"), argv, timeout=150))
+    m = re.search(r"(\d+) ([\d.]+)\s*$", out)
+    if not m or int(m.group(1)) != ctx.s.tls_bulk_bytes:
+        raise BenchError(f"curl did not download the whole file through {ctx.variant}: {out[-300:]}")
+    size, secs = int(m.group(1)), float(m.group(2))
+    r = {"gbps": size * 8 / secs / 1e9}
+    if ctx.proxy:
+        r.update(proxy_cpu_pct=100 * cpu / wall, proxy_cpu_s_per_gb=cpu / (size / 1e9))
+    return r
+
+
 def percentiles(values_us: list[float]) -> dict:
     v = sorted(values_us)
 
@@ -817,7 +945,7 @@ def measure_grpc(ctx: Ctx, mode: str, secs: float | None = None) -> dict:
     log = PROCS.logdir / f"{ctx.name('h2load-grpc-' + mode)}.requests.tsv"
     load = ["-c", 1, "-m", 1] if mode == "pingpong" else ["-c", 4, "-m", 1, "--rps", 250]
     argv = ["h2load", *load, "-D", f"{round((secs + s.rps_warmup_s) * 1000)}ms", "-d", GRPC_BODY,
-            *GRPC_HEADERS, f"--log-file={log}", f"http://{ctx.host}:{ctx.port}{SPARK_SERVICE}{GRPC_METHOD}"]
+            *GRPC_HEADERS, *VARIANT_HEADERS.get(ctx.variant, []), f"--log-file={log}", f"http://{ctx.host}:{ctx.port}{SPARK_SERVICE}{GRPC_METHOD}"]
     pg = PG_SOCKETS.get(ctx.variant)
     stmts = store_statements(pg) if pg else 0
     out, wall, cpu = timed(ctx, lambda: PROCS.run(ctx.name(f"h2load-grpc-{mode}"), argv, timeout=secs + 30))
@@ -921,11 +1049,13 @@ class Part:
 
 
 BULK = ("direct", "haproxy", "haproxy-splice-auto", "haproxy-splice-force", "sclb")
-ALL = BULK + tuple(LOGGED) + ("haproxy-http", "sclb-gateway", "sclb-gateway-pg")  # column order of the tables
+ALL = BULK + tuple(LOGGED) + ("haproxy-http", "sclb-gateway", "sclb-gateway-pg", "sclb-gateway-jwt") \
+    + TLS_VARIANTS  # column order of the tables
 STD = ("direct", "haproxy", "sclb")
 CONNRATE = STD + tuple(LOGGED)
-L7 = ("direct", "haproxy-http", "sclb-gateway", "sclb-gateway-pg")
+L7 = ("direct", "haproxy-http", "sclb-gateway", "sclb-gateway-pg", "sclb-gateway-jwt")
 SPARK = ("direct", "haproxy", "sclb", "haproxy-http", "sclb-gateway")
+TLS = ("direct",) + TLS_VARIANTS
 
 
 def scenario_parts(s: Settings) -> dict[str, list[Part]]:
@@ -938,6 +1068,8 @@ def scenario_parts(s: Settings) -> dict[str, list[Part]]:
         "idle": [Part("idle", f"n{s.idle_conns}", "echo", ("haproxy", "sclb"), measure_idle)],
         "gateway": [Part("gateway", "pingpong", "grpc", L7, lambda c: measure_grpc(c, "pingpong")),
                     Part("gateway", "rps1000", "grpc", L7, lambda c: measure_grpc(c, "rps1000"))],
+        "tls": [Part("tls", "handshakes", "http1", TLS, measure_tls_handshakes),
+                Part("tls", "download", "http1", TLS, measure_tls_bulk)],
         "spark": [Part("spark", "toPandas2M", "spark", SPARK, measure_spark),
                   Part("spark", "unary-Config", "spark", L7, lambda c: measure_grpc(c, "pingpong"))],
     }
@@ -1045,6 +1177,19 @@ TARGETS = [
            "≤ memory store + 10 µs", "delta_within", 10, variant="sclb-gateway-pg", ref="sclb-gateway"),
     Target(("gateway", "rps1000", "p50_us"), "L7 gRPC unary, 1000 calls/s, added p50, postgres store", "—",
            "≤ memory store + 10 µs", "delta_within", 10, variant="sclb-gateway-pg", ref="sclb-gateway"),
+    # An RS256 bearer token on every call: checked once per connection and token, then cached.
+    Target(("gateway", "pingpong", "p50_us"), "L7 gRPC unary, 1 in flight, added p50, jwt auth", "—",
+           "≤ no auth + 10 µs", "delta_within", 10, variant="sclb-gateway-jwt", ref="sclb-gateway"),
+    Target(("gateway", "rps1000", "p50_us"), "L7 gRPC unary, 1000 calls/s, added p50, jwt auth", "—",
+           "≤ no auth + 10 µs", "delta_within", 10, variant="sclb-gateway-jwt", ref="sclb-gateway"),
+    Target(("tls", "handshakes", "conns_per_s"), "TLS handshakes/s (wrk -c 32, close; ECDSA P-256)", "—",
+           "≥ HAProxy ssl crt", "ratio_ge_haproxy", variant="sclb-tls", ref="haproxy-tls"),
+    Target(("tls", "handshakes", "proxy_cpu_us_per_conn"), "proxy CPU per TLS connection (µs)", "—",
+           "≤ HAProxy ssl crt", "value_le_haproxy", 1.0, variant="sclb-tls", ref="haproxy-tls"),
+    Target(("tls", "download", "gbps"), "HTTPS download through the TLS frontend, 1 stream", "—",
+           "≥ HAProxy ssl crt", "ratio_ge_haproxy", variant="sclb-tls", ref="haproxy-tls"),
+    Target(("tls", "download", "proxy_cpu_s_per_gb"), "proxy CPU-s per GB encrypted", "—",
+           "≤ HAProxy ssl crt", "value_le_haproxy", 1.0, variant="sclb-tls", ref="haproxy-tls"),
     Target(("spark", "toPandas2M", "seconds"), "Spark range(2M).toPandas() time, gateway", "—",
            "≤ 1.05×", "ratio_le", 1.05, variant="sclb-gateway", ref="haproxy-http"),
     Target(("spark", "unary-Config", "p50_us"), "Spark Config RPC, 1 in flight, added p50, gateway", "—",
@@ -1133,7 +1278,7 @@ def table(res: Results, s: Settings, sclb_note: str) -> str:
 
 def scenario_variants(scenario: str) -> tuple[str, ...]:
     return {"bulk": BULK, "connrate": CONNRATE, "idle": ("haproxy", "sclb"), "gateway": L7,
-            "spark": SPARK}.get(scenario, STD)
+            "spark": SPARK, "tls": TLS}.get(scenario, STD)
 
 
 def summary_figure(res: Results, key: tuple[str, str, str], variant: str) -> str:
@@ -1188,7 +1333,8 @@ def targets_table(res: Results, s: Settings, sclb_note: str) -> str:
 CHART_COLORS = {"haproxy": "#8c8c8c", "haproxy-splice-auto": "#b7c9e2",
                 "haproxy-splice-force": "#5b84b1", "sclb": "#e4572e",
                 "haproxy-log": "#6a3d9a", "haproxy-log-syslog": "#cab2d6", "sclb-log": "#b2182b",
-                "haproxy-http": "#4d4d4d", "sclb-gateway": "#f2a541", "sclb-gateway-pg": "#f7d08a"}
+                "haproxy-http": "#4d4d4d", "sclb-gateway": "#f2a541", "sclb-gateway-pg": "#f7d08a",
+                "sclb-gateway-jwt": "#d95f02", "haproxy-tls": "#1b9e77", "sclb-tls": "#e7298a"}
 CHART_PANELS = [  # (title, log scale?, [(scenario, part, metric, label)])
     ("Throughput, ratio to direct (higher is better)", False,
      [("bulk", "P1", "gbps", "bulk 1 stream"), ("bulk", "P4", "gbps", "bulk 4 streams"),
@@ -1302,6 +1448,11 @@ def run_variant(s: Settings, res: Results, parts: list[Part], be: Backend, varia
     proxy, port, host = start_proxy(s, variant, be)
     try:
         probe(be.kind, host, port, what=variant)
+        if variant == "sclb-gateway-jwt" and be.kind == "grpc":
+            # the token is checked: a call without it is refused with UNAUTHENTICATED (16)
+            st = grpc_call(host, port, GRPC_METHOD, GRPC_BODY)
+            if st != "16":
+                raise Broken(f"sclb-gateway-jwt answered grpc-status {st} (want 16) to a call without a token")
         if variant == "sclb-gateway" and be.kind == "grpc":
             # the gateway answers a path outside SparkConnectService itself: UNIMPLEMENTED (12)
             st = grpc_call(host, port, GRPC_METHOD, GRPC_BODY, path="/grpc.health.v1.Health/Check")

@@ -8,6 +8,7 @@ declare -A pkg=(
   [haproxy]=haproxy [iperf3]=iperf3 [wrk]=wrk [h2load]=nghttp2-client [nghttp]=nghttp2-client
   [nginx]=nginx [gnuplot]=gnuplot-nox [gcc]=gcc [/usr/bin/python3]=python3
   [psql]=postgresql [setpriv]=util-linux   # sclb-gateway-pg: its session store
+  [openssl]=openssl [curl]=curl            # tls: certificates, jwt: keys; the HTTPS download
 )
 
 have() { command -v "$1" >/dev/null 2>&1 || [[ -x /usr/sbin/$1 || -x /sbin/$1 ]]; }

@@ -7,7 +7,10 @@ token (`spark.connect.authenticate.token`):
 - `spark.conf.get("spark.connect.authenticate.token")` through sclb does not return it;
 - a bad token is UNAUTHENTICATED naming the failed check, counted by reason;
 - the authenticated user replaces the client's user_id and owns the session: another user
-  with the same session id gets PERMISSION_DENIED.
+  with the same session id gets PERMISSION_DENIED;
+- an OpenID Connect issuer served by the test (real HTTP discovery document and JWKS, real
+  RS256 and ES256 keys made by the openssl CLI) signs PySpark's tokens; the issuer rotates its
+  key mid-test and a token signed with the new key works at once.
 
 Certificates come from the openssl CLI (scripts/test installs it); grpc trusts the test CA
 through GRPC_DEFAULT_SSL_ROOTS_FILE_PATH (set in conftest before any channel exists).
@@ -15,8 +18,12 @@ through GRPC_DEFAULT_SSL_ROOTS_FILE_PATH (set in conftest before any channel exi
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.server
+import json
 import os
+import threading
 import secrets
 import socket
 import subprocess
@@ -52,6 +59,100 @@ def make_certs(d: Path) -> tuple[Path, Path, Path]:
     return d / "ca.pem", d / "server.pem", d / "server.key"
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _der_ints(der: bytes) -> list[int]:
+    """The INTEGERs of a DER SEQUENCE (an ECDSA signature is SEQUENCE { r, s })."""
+    assert der[0] == 0x30, der[:4].hex()
+    i, out = (3, []) if der[1] & 0x80 else (2, [])
+    while i < len(der):
+        assert der[i] == 0x02
+        n = der[i + 1]
+        out.append(int.from_bytes(der[i + 2:i + 2 + n], "big"))
+        i += 2 + n
+    return out
+
+
+class SigningKey:
+    """A key of the test's OIDC issuer, made and used through the openssl CLI (no Python crypto
+    library in the e2e venv): RS256 (RSA-2048) or ES256 (P-256)."""
+
+    def __init__(self, d: Path, kid: str, alg: str):
+        self.kid, self.alg, self.path = kid, alg, d / f"{kid}.key"
+        if alg == "RS256":
+            _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                     "-out", self.path.name, cwd=d)
+            modulus = subprocess.run(["openssl", "rsa", "-in", str(self.path), "-noout", "-modulus"],
+                                     capture_output=True, text=True, check=True, timeout=60).stdout
+            n = bytes.fromhex(modulus.strip().split("=", 1)[1])
+            self.jwk = {"kty": "RSA", "kid": kid, "alg": alg, "use": "sig", "n": _b64url(n),
+                        "e": _b64url((65537).to_bytes(3, "big"))}
+        else:
+            _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                     "-out", self.path.name, cwd=d)
+            der = subprocess.run(["openssl", "pkey", "-in", str(self.path), "-pubout", "-outform", "DER"],
+                                 capture_output=True, check=True, timeout=60).stdout
+            point = der[-65:]  # 04 || x || y
+            self.jwk = {"kty": "EC", "kid": kid, "alg": alg, "use": "sig", "crv": "P-256",
+                        "x": _b64url(point[1:33]), "y": _b64url(point[33:])}
+
+    def token(self, **claims) -> str:
+        head = _b64url(json.dumps({"alg": self.alg, "typ": "JWT", "kid": self.kid}).encode())
+        body = _b64url(json.dumps(claims).encode())
+        signing_input = f"{head}.{body}".encode()
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.path)],
+                             input=signing_input, capture_output=True, check=True, timeout=60).stdout
+        if self.alg == "ES256":
+            r, s_ = _der_ints(sig)
+            sig = r.to_bytes(32, "big") + s_.to_bytes(32, "big")
+        return f"{head}.{body}.{_b64url(sig)}"
+
+
+class Issuer:
+    """An OpenID Connect issuer on 127.0.0.1 (real HTTP): its discovery document and JWKS.
+    `publish` swaps the keys it serves (a rotation); `fetches` counts JWKS requests."""
+
+    def __init__(self):
+        self.keys: list[dict] = []
+        self.fetches = 0
+        issuer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                base = f"http://127.0.0.1:{self.server.server_address[1]}"
+                if self.path == "/.well-known/openid-configuration":
+                    body = {"issuer": base, "jwks_uri": base + "/jwks"}
+                elif self.path == "/jwks":
+                    issuer.fetches += 1
+                    body = {"keys": list(issuer.keys)}
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def publish(self, *keys: SigningKey) -> None:
+        self.keys = [k.jwk for k in keys]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @dataclass
 class Secure:
     spark_port: int
@@ -62,6 +163,9 @@ class Secure:
     admin: Admin
     stats_port: int
     log: Path
+    oidc_port: int
+    issuer: Issuer
+    oidc_keys: list[SigningKey]
 
     def gw(self, user: str | None, extra: str = "") -> str:
         tok = f";token={self.tokens[user]}" if user else ""
@@ -94,7 +198,10 @@ def secure(tmp_path_factory) -> Secure:
         f'[[token]]\nsha256 = "{hashlib.sha256(t.encode()).hexdigest()}"\nuser = "{u}"\n'
         f'team = "team-{u}"\n\n' for u, t in tokens.items()))
     (work / "backend.token").write_text(backend_token + "\n")
-    spark_port, l4_port, gw_port, stats_port = (harness.free_port() for _ in range(4))
+    spark_port, l4_port, gw_port, stats_port, oidc_port = (harness.free_port() for _ in range(5))
+    issuer = Issuer()
+    oidc_keys = [SigningKey(work, "k1", "RS256"), SigningKey(work, "k2", "ES256")]
+    issuer.publish(oidc_keys[0])
     spark = harness.start_spark_server("sc-token", spark_port, work / "sc-token",
                                        token=backend_token)
     conftest._LOGS.append(spark.log)
@@ -121,6 +228,14 @@ bind = ["127.0.0.1:{gw_port}"]
 backend = "secured"
 tls = {{ cert = "{cert}", key = "{key}" }}
 auth = {{ type = "static", tokens = "{work / 'tokens.toml'}" }}
+
+[[frontend]]
+name = "oidc_gw"
+mode = "grpc"
+bind = ["127.0.0.1:{oidc_port}"]
+backend = "secured"
+tls = {{ cert = "{cert}", key = "{key}" }}
+auth = {{ type = "oidc", issuer = "{issuer.url}", audience = "sclb-e2e", min_refresh = "1s", user_claim = "preferred_username" }}
 
 [[backend]]
 name = "direct"
@@ -153,10 +268,11 @@ check = {{ type = "spark", inter = "1s", rise = 1, fall = 3, timeout = "2s" }}
                 raise TimeoutError(f"secured/sc not L7OK:\n{text}")
             time.sleep(0.2)
         yield Secure(spark_port, l4_port, gw_port, backend_token, tokens, admin, stats_port,
-                     proc.log)
+                     proc.log, oidc_port, issuer, oidc_keys)
     finally:
         proc.stop()
         spark.stop()
+        issuer.stop()
         ca_file.unlink(missing_ok=True)
 
 
@@ -264,3 +380,46 @@ def test_session_belongs_to_the_authenticated_user(secure):
         alice.stop()
     assert "permission denied: bob used a Spark session that alice owns" in \
         harness.read_log(secure.log)
+
+
+def test_oidc_tokens_from_pyspark_and_a_key_rotation(secure):
+    """PySpark's `;token=` carries an OIDC issuer's JWT; sclb checks it against the issuer's
+    JWKS, names the session after the configured user claim, and follows a key rotation."""
+    k1, k2 = secure.oidc_keys
+    now = int(time.time())
+    claims = {"iss": secure.issuer.url, "aud": "sclb-e2e", "sub": "u-1001",
+              "preferred_username": "carol", "iat": now, "exp": now + 3600}
+
+    def url(token: str, extra: str = "") -> str:
+        return f"sc://127.0.0.1:{secure.oidc_port}/;token={token}{extra}"
+
+    sid = str(uuid.uuid4())
+    spark = SparkSession.builder.remote(url(k1.token(**claims), f";session_id={sid}")).create()
+    try:
+        assert spark.range(7).count() == 7
+        assert secure.admin.sessions()[sid]["user"] == "carol"
+    finally:
+        spark.stop()
+
+    # The issuer rotates to a new key (another algorithm too): the first token signed with it
+    # makes sclb fetch the keys again, and it works.
+    fetched = secure.issuer.fetches
+    secure.issuer.publish(k2)
+    claims2 = dict(claims, preferred_username="dave", sub="u-1002")
+    assert _query(url(k2.token(**claims2))) == 5
+    assert secure.issuer.fetches > fetched
+
+    # Each failed check is named; the token never appears in the message or the log.
+    bad = [
+        (k1.token(**claims), "no key"),                                   # retired key
+        (k2.token(**dict(claims2, aud="someone-else")), "audience"),
+        (k2.token(**dict(claims2, exp=now - 3600)), "expired"),
+        (k2.token(**claims2)[:-8] + "AAAAAAAA", "signature"),
+    ]
+    for token, why in bad:
+        with pytest.raises(Exception) as e:
+            _query(url(token))
+        msg = str(e.value)
+        assert "authentication failed" in msg and why in msg, (why, msg)
+        assert token not in msg
+        assert token.rsplit(".", 1)[1] not in harness.read_log(secure.log)
