@@ -211,6 +211,14 @@ pub(super) async fn route(
                 }
                 None => SessionMeta::default(),
             };
+            // A driver this RPC created or claimed: deleted if the session is refused below
+            // (it would serve nobody, and a refused client must not drain the pool).
+            let own_driver = match (&meta.source, &meta.namespace, &meta.app) {
+                (Some(src), Some(ns), Some(app)) if meta.created && first.is_some() => {
+                    Some((src.clone(), ns.clone(), app.clone()))
+                }
+                _ => None,
+            };
             // 3. A new session without a driver of its own: balanced (two first RPCs racing
             // agree on one server).
             let new = NewSession {
@@ -228,6 +236,12 @@ pub(super) async fn route(
                     .choose_pinned(None, ip, &[])
                     .map(|(s, _)| placement(&s)),
             });
+            if !matches!(admitted, Some(Admit::Live { .. }))
+                && let Some((src, ns, app)) = own_driver
+            {
+                let gw = cx.shared.gateway.clone();
+                tokio::spawn(async move { gw.ondemand.delete(&src, &ns, &app).await });
+            }
             match admitted {
                 None => return Err(no_server()),
                 Some(Admit::Full) => {

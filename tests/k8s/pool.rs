@@ -525,3 +525,54 @@ async fn a_pool_driver_failing_its_health_check_is_replaced() {
     );
     assert!(connects.get_opt(&first[0]).await.unwrap().is_none());
 }
+
+/// A new session refused after its claim (here: the gateway holds `sessions.max` already)
+/// does not keep the driver it claimed: it is deleted, and the pool refilled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_session_does_not_keep_the_driver_it_claimed() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "sjns-prefuse-dev").await;
+    let connects = k.crd("v1alpha1", "SparkConnect", "sparkconnects");
+    let op = Operator::start(connects.clone(), 111, 6).await;
+    let d = tempfile::tempdir().unwrap();
+    let cfg = pool_config(
+        d.path(),
+        api,
+        op.port,
+        &k.ns,
+        10,
+        r#"{ min_ready = 1, max_ready = 1, max_age = "2h", teams = ["prefuse/dev"] }"#,
+        "",
+    );
+    let cfg = cfg.replace(
+        "cleanup_interval = \"200ms\" }",
+        "cleanup_interval = \"200ms\", max = 1 }",
+    );
+    let mut lb = SclbProcess::start(d.path(), &cfg, &[]);
+    let gw = lb.frontend_addr("gw");
+    let team = [("x-spark-team", "prefuse"), ("x-spark-environment", "dev")];
+    pool_becomes(&lb, 1, "one Ready pool driver").await;
+    let r = first_rpc(gw, 110, team).await;
+    assert_eq!(r.status, 0, "{r:?}");
+    let kept = driver_of(&r);
+    let second = pool_becomes(&lb, 1, "a replacement").await;
+
+    let r = first_rpc(gw, 111, team).await;
+    assert_eq!(r.status, 8, "RESOURCE_EXHAUSTED: {r:?}");
+    eventually("the refused session's driver is deleted", || {
+        let connects = connects.clone();
+        let gone = second[0].clone();
+        async move {
+            match connects.get_opt(&gone).await.unwrap() {
+                None => Ok(()),
+                Some(o) => Err(format!("{gone}: {:?}", o.annotations())),
+            }
+        }
+    })
+    .await;
+    pool_becomes(&lb, 1, "the pool refilled").await;
+    assert!(
+        connects.get_opt(&kept).await.unwrap().is_some(),
+        "the admitted session keeps its driver"
+    );
+}
