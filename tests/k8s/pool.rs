@@ -234,6 +234,15 @@ async fn a_warm_pool_serves_new_sessions_at_once_and_never_reuses_a_driver() {
         shown.contains("gw team=pool environment=dev namespace=sjns-pool-dev ready=2"),
         "{shown}"
     );
+    let m = lb.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "sclb_pool_ready{template=\"sparkconnect.yaml\",team=\"pool\",environment=\"dev\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
 
     // No new driver can start now: only the pool can serve at once.
     op.pause();
