@@ -399,11 +399,7 @@ impl Pools {
     pub fn show(&self) -> String {
         use std::fmt::Write;
         let seen = self.seen.lock();
-        let count = |r: &str| {
-            self.claims
-                .get_or_create(&[("result", if r == "hit" { "hit" } else { "miss" })])
-                .get()
-        };
+        let count = |r: &'static str| self.claims.get_or_create(&[("result", r)]).get();
         let mut out = format!(
             "# pools: {} claims: hit={} miss={}\n",
             seen.len(),

@@ -14,6 +14,8 @@
 //! - Every replica watches both and builds its registry from the watch; a new session costs one
 //!   create (bind-if-absent: AlreadyExists means another replica bound it first).
 //! - Last activity is written at most once per `activity_interval` per session.
+//! - Unclaimed drivers of a warm pool (`sclb.io/pool=ready`) name no session and are not
+//!   orphans: the pool's keeper ([`crate::gateway::pool`]) retires them.
 //! - Idle and TTL reaping and deleting orphaned drivers run on the holder of the reaper Lease
 //!   ([`super::election`]); each delete carries the `resourceVersion` (or uid) the reaper read,
 //!   so a reaper that lost its Lease, or read a record before another replica wrote activity to
