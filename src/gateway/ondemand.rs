@@ -123,16 +123,39 @@ impl OnDemandState {
         kind: KubernetesKind,
         namespace: &str,
     ) -> Result<Api<DynamicObject>, String> {
-        let ar = match kind {
-            KubernetesKind::SparkConnects => crate::k8s_api::spark_connects(),
-            KubernetesKind::SparkApplications => crate::k8s_api::spark_applications(),
-            other => {
-                return Err(format!(
-                    "cannot create {other}: only sparkconnects or sparkapplications"
-                ));
-            }
-        };
-        Ok(Api::namespaced_with(client, namespace, &ar))
+        Ok(Api::namespaced_with(
+            client,
+            namespace,
+            &Self::resource(kind)?,
+        ))
+    }
+
+    fn resource(kind: KubernetesKind) -> Result<kube::api::ApiResource, String> {
+        match kind {
+            KubernetesKind::SparkConnects => Ok(crate::k8s_api::spark_connects()),
+            KubernetesKind::SparkApplications => Ok(crate::k8s_api::spark_applications()),
+            other => Err(format!(
+                "cannot create {other}: only sparkconnects or sparkapplications"
+            )),
+        }
+    }
+
+    /// The APIs of `settings`' driver kind in every namespace its discovery watches (all of
+    /// them when it names none).
+    pub async fn apis_watched(
+        &self,
+        settings: &KubernetesDiscovery,
+    ) -> Result<Vec<Api<DynamicObject>>, String> {
+        let client = self.client(settings).await?;
+        let ar = Self::resource(settings.kind)?;
+        if settings.namespaces.is_empty() {
+            return Ok(vec![Api::all_with(client, &ar)]);
+        }
+        Ok(settings
+            .namespaces
+            .iter()
+            .map(|ns| Api::namespaced_with(client.clone(), ns, &ar))
+            .collect())
     }
 
     /// The driver object of `p` from the template: named, labelled managed-by=sclb with its

@@ -16,7 +16,9 @@
 //!   sclb) creates and retires members. Retired (deleted, with the `resourceVersion` read, so
 //!   a member claimed meanwhile is kept): members older than `max_age`, failing their health
 //!   check, not Ready within `ready_timeout`, and the oldest beyond `max_ready` or beyond what
-//!   the team's `max_sessions_per_team` leaves room for.
+//!   the team's `max_sessions_per_team` leaves room for. Every ten seconds it also retires
+//!   unclaimed drivers of a frontend's (team, environment) that has no pool any more (a reload
+//!   removed it).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -478,9 +480,13 @@ fn plan(members: Vec<Member>, pool: &Pool, ready_timeout: Duration, room: usize)
     Plan { kept, retire }
 }
 
+/// How often (in ticks) the keeper looks for unclaimed drivers of pools no longer configured.
+const SWEEP_EVERY: u32 = 10;
+
 /// Keeps every frontend's pools filled until the process stops.
 pub async fn keeper(shared: Arc<Shared>) {
     let mut failing: std::collections::HashSet<PoolKey> = Default::default();
+    let mut ticks = 0u32;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -521,7 +527,90 @@ pub async fn keeper(shared: Arc<Shared>) {
             }
         }
         shared.gateway.pools.saw(seen);
+        ticks = ticks.wrapping_add(1);
+        if ticks.is_multiple_of(SWEEP_EVERY) && is_leader(&shared) {
+            for fe in &snap.frontends {
+                let Some(od) = fe.config.grpc.as_ref().and_then(|g| g.on_demand.as_ref()) else {
+                    continue;
+                };
+                let Some(settings) = snap
+                    .backend(&fe.config.backend)
+                    .and_then(|b| b.config.discovery.as_ref())
+                else {
+                    continue;
+                };
+                if let Err(e) = sweep(&shared, &fe.config.name, od, settings).await {
+                    debug!("pool sweep of {}: {e}", fe.config.name);
+                }
+            }
+        }
     }
+}
+
+/// The reaper (or a lone sclb) keeps and retires pool drivers.
+fn is_leader(shared: &Shared) -> bool {
+    shared
+        .gateway
+        .store
+        .get()
+        .and_then(|s| s.kubernetes())
+        .is_none_or(|k| k.is_leader())
+}
+
+/// Retires the unclaimed drivers of `frontend` whose (team, environment) no longer has a pool
+/// (a reload removed the pool or the team), in every namespace its discovery watches.
+async fn sweep(
+    shared: &Arc<Shared>,
+    frontend: &str,
+    od: &OnDemand,
+    settings: &KubernetesDiscovery,
+) -> Result<(), String> {
+    let gw = &shared.gateway;
+    let lp = ListParams::default().labels(&format!(
+        "app.kubernetes.io/managed-by=sclb,{LABEL}={READY}"
+    ));
+    for api in gw.ondemand.apis_watched(settings).await? {
+        let list = timed(api.list(&lp))
+            .await
+            .map_err(|e| crate::k8s_api::chain(&e))?;
+        for o in list.items {
+            let m = &o.metadata;
+            let ann = |k: &str| m.annotations.as_ref().and_then(|a| a.get(k)).cloned();
+            let label = |k: &str| m.labels.as_ref().and_then(|l| l.get(k)).cloned();
+            let (Some(team), Some(env)) = (label("sclb.io/team"), label("sclb.io/environment"))
+            else {
+                continue;
+            };
+            if ann(a::FRONTEND).as_deref() != Some(frontend)
+                || ann(a::SESSION).is_some()
+                || Pools::pooled(od, &team, &env)
+            {
+                continue;
+            }
+            let (Some(ns), Some(name)) = (m.namespace.clone(), m.name.clone()) else {
+                continue;
+            };
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: m.resource_version.clone(),
+                    uid: None,
+                }),
+                ..Default::default()
+            };
+            let api = gw.ondemand.api_for(settings, &ns).await?;
+            match timed(api.delete(&name, &dp)).await {
+                Ok(_) => info!(
+                    target: "sclb::audit",
+                    namespace = %ns,
+                    name = %name,
+                    "pool driver retired (its pool is no longer configured): {ns}/{name}"
+                ),
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+                Err(e) => return Err(crate::k8s_api::chain(&e)),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One look at one pool: its members; on the reaper (or a lone sclb), the retired ones
@@ -549,12 +638,7 @@ async fn keep(
         pool: pool.clone(),
         members,
     };
-    let leader = gw
-        .store
-        .get()
-        .and_then(|s| s.kubernetes())
-        .is_none_or(|k| k.is_leader());
-    if !leader {
+    if !is_leader(shared) {
         return Ok(seen(members));
     }
     // Room the team's quota leaves: claimed sessions count, the pool does not.

@@ -585,3 +585,55 @@ async fn a_refused_session_does_not_keep_the_driver_it_claimed() {
         "the admitted session keeps its driver"
     );
 }
+
+/// A reload that removes a pool retires its unclaimed drivers (a claimed one stays its
+/// session's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_a_pool_retires_its_drivers() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "sjns-psweep-dev").await;
+    let connects = k.crd("v1alpha1", "SparkConnect", "sparkconnects");
+    let op = Operator::start(connects.clone(), 121, 6).await;
+    let d = tempfile::tempdir().unwrap();
+    let pool = r#"{ min_ready = 2, max_ready = 2, max_age = "2h", teams = ["psweep/dev"] }"#;
+    let cfg = pool_config(d.path(), api, op.port, &k.ns, 10, pool, "");
+    let mut lb = SclbProcess::start(d.path(), &cfg, &[]);
+    let gw = lb.frontend_addr("gw");
+    pool_becomes(&lb, 2, "two Ready pool drivers").await;
+    let team = [("x-spark-team", "psweep"), ("x-spark-environment", "dev")];
+    let r = first_rpc(gw, 120, team).await;
+    assert_eq!(r.status, 0, "{r:?}");
+    let claimed = driver_of(&r);
+
+    let without = cfg.replace(&format!(", pool = {pool}"), "");
+    assert_ne!(without, cfg);
+    std::fs::write(d.path().join("sclb.toml"), without).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lb.pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    eventually("the pool's drivers are retired", || {
+        let connects = connects.clone();
+        async move {
+            let left = connects
+                .list(&kube::api::ListParams::default().labels("sclb.io/pool=ready"))
+                .await
+                .unwrap()
+                .items
+                .len();
+            if left == 0 {
+                Ok(())
+            } else {
+                Err(format!("{left} unclaimed drivers left"))
+            }
+        }
+    })
+    .await;
+    assert!(
+        lb.log_text()
+            .contains("pool driver retired (its pool is no longer configured)")
+    );
+    assert!(connects.get_opt(&claimed).await.unwrap().is_some());
+    assert_eq!(lb.admin("show pool"), "# pools: 0 claims: hit=1 miss=0\n\n");
+}
