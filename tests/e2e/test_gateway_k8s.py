@@ -503,11 +503,26 @@ def pool_ready(gw: Gateway) -> int:
 
 def test_gateway_k8s_pool_hit_first_query_at_once_beside_a_miss(gateway_factory, kube, backends):
     """A warm pool of one Ready SparkConnect: a new PySpark session's first query is answered
-    by the claimed driver at once (figure: getOrCreate() to the first answer, on a hit and, on a
-    gateway without a pool, on a miss whose "operator" takes no time at all); the claimed driver
-    is the session's and is deleted on spark.stop(), never returned to the pool."""
+    by the claimed driver at once; the claimed driver is the session's and is deleted on
+    spark.stop(), never returned to the pool. Figures (sc1 warmed by one direct query first, so
+    that they are sclb's and not a cold JVM's): getOrCreate() to the first answer on a hit, and
+    on a miss (a gateway without a pool, whose "operator" takes no time at all)."""
+    warm = SparkSession.builder.remote(f"sc://127.0.0.1:{backends['sc1'].port}").create()
+    try:
+        assert warm.range(10).count() == 10
+    finally:
+        stop_quietly(warm)
     operator = Operator(kube)
     try:
+        plain = gateway_factory("10m", "1h")
+        miss, spark = first_query_seconds(plain.url)
+        answered_by_sc1(spark, backends)
+        harness.FIGURES["pool miss (no pool, instant operator): getOrCreate() to first answer"] = \
+            f"{miss:.2f} s"
+        spark.stop()
+        wait_until(lambda: kube.names() == [], DELETE_SLACK, "the miss's driver deleted")
+        plain.proc.stop()
+
         gw = gateway_factory("10m", "1h",
                              '{ min_ready = 1, max_ready = 2, max_age = "1h", teams = ["data/dev"] }')
         wait_until(lambda: pool_ready(gw) == 1, APPEAR_BUDGET, "one Ready pool driver")
@@ -527,16 +542,7 @@ def test_gateway_k8s_pool_hit_first_query_at_once_beside_a_miss(gateway_factory,
         wait_until(lambda: pooled[0] not in kube.names(), DELETE_SLACK,
                    "the claimed driver deleted when its session ends")
         assert pooled[0] not in gw.admin.cmd("show pool")
-        gw.proc.stop()
-        kube.delete_all()
-
-        plain = gateway_factory("10m", "1h")
-        miss, spark = first_query_seconds(plain.url)
-        answered_by_sc1(spark, backends)
-        harness.FIGURES["pool miss (no pool, instant operator): getOrCreate() to first answer"] = \
-            f"{miss:.2f} s"
-        spark.stop()
         # The issue's bound is 1 s on a hit; on a loaded 2-core CI box allow 3 s.
-        assert hit <= 3.0, f"first query on a pool hit took {hit:.2f} s"
+        assert hit <= 3.0, f"first query on a pool hit took {hit:.2f} s (a miss: {miss:.2f} s)"
     finally:
         operator.stop()
