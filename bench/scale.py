@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import bench as b
+import scale_watch
 
 TABLE = "spark_servers"
-PARTS = {"pins", "sessions", "servers"}
+PARTS = {"pins", "sessions", "servers", "watch"}
 ALGOS = ("roundrobin", "leastconn", "source")
 # Session ids of the harness's calls: the last 12 hex digits of the UUID are this + i (the
 # probe's own call, the captured request as it is, ends in ...000000000011).
@@ -51,6 +52,7 @@ class ScaleSettings:
     pin_ns: list[int]
     session_ns: list[int]
     server_ns: list[int]
+    watch_ns: list[int]
     idle_s: float          # how long sclb's idle CPU (the session reaper) is measured
     samples: int           # connections per connect-latency measurement
     stall_s: float         # length of each stall measurement (baseline and during)
@@ -68,14 +70,16 @@ def parse_args(argv: list[str]) -> ScaleSettings:
     ap = argparse.ArgumentParser(prog="bench/run --scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", action="store_true", help="(selects this driver)")
     ap.add_argument("--quick", action="store_true", help="small N for CI (the harness works; < 1 min)")
-    ap.add_argument("--parts", default="pins,sessions,servers",
-                    help="comma list out of: pins,sessions,servers (default: all)")
+    ap.add_argument("--parts", default="pins,sessions,servers,watch",
+                    help="comma list out of: pins,sessions,servers,watch (default: all)")
     ap.add_argument("--variants", default="haproxy,sclb", help="proxies: haproxy,sclb")
     ap.add_argument("--pins", help="comma list of stick-table sizes N (default 1000,10000,100000,1000000;"
                                    " --quick 300,1000)")
     ap.add_argument("--sessions", help="comma list of live gateway session counts N (default "
                                        "1000,10000,100000; --quick 300,1000)")
     ap.add_argument("--servers", help="comma list of backend sizes N (default 10,100,1000; --quick 10,100)")
+    ap.add_argument("--pods", help="comma list of pod counts N in a Kubernetes watch (default "
+                                   "100,1000,10000; --quick 50,200)")
     ap.add_argument("--no-build", action="store_true", help="never run cargo build")
     ap.add_argument("--out", default=str(b.BENCH / "results"), help="results directory")
     a = ap.parse_args(argv)
@@ -105,11 +109,17 @@ def parse_args(argv: list[str]) -> ScaleSettings:
         ap.error("--servers: a comma list of integers")
     if not vns or vns[0] < 3 or vns[-1] > 2000:
         ap.error("--servers: sizes within 3..2000")
+    try:
+        wns = sorted({int(x) for x in (a.pods or ("50,200" if a.quick else "100,1000,10000")).split(",") if x})
+    except ValueError:
+        ap.error("--pods: a comma list of integers")
+    if not wns or wns[0] < 10 or wns[-1] > 60000:
+        ap.error("--pods: counts within 10..60000 (one 127.3.x.y address each)")
     ports = [int(p) for p in os.environ.get("BENCH_BACKEND_PORTS", "19001,19002,19003").split(",")]
     if len(ports) != 3:
         ap.error("BENCH_BACKEND_PORTS needs exactly three ports")
     return ScaleSettings(
-        quick=a.quick, parts=parts, proxies=proxies, pin_ns=ns, session_ns=sns, server_ns=vns,
+        quick=a.quick, parts=parts, proxies=proxies, pin_ns=ns, session_ns=sns, server_ns=vns, watch_ns=wns,
         idle_s=3.0 if a.quick else 15.0,
         samples=300 if a.quick else 2000, stall_s=1.0 if a.quick else 3.0,
         build=not a.no_build,
@@ -754,7 +764,15 @@ def write_report(s: ScaleSettings, rows: list[Row], errors: list[str], envlog: l
            "a connection's cost is the pick's. CPU per connection over 20,000 connections (32 in "
            "flight, distinct sources); added latency of connections one at a time; reload: sclb's "
            "`reload` on the admin socket with the file unchanged (median of 3).", "",
-           servers or "(no servers figures)", ""]
+           servers or "(no servers figures)", "",
+           "## Pods in a Kubernetes watch (sclb `discovery.kubernetes`, the real kube-apiserver)", "",
+           "N pods created in batches and made Running + Ready by PATCHing their status (the bench "
+           "plays the kubelet), one 127.3.x.y podIP each; sclb watches them (`kind = \"pods\"`, a "
+           "selector, no health checks). B/pod = (RSS − RSS before any pod) ÷ N. Event → routable: "
+           "a pod goes NotReady then Ready; from the Ready PATCH's answer until `get weight` names "
+           "it. CPU per event: pods flipped NotReady then Ready, sclb's CPU ÷ events. See "
+           "bench/scale_watch.py.", "",
+           figures_table(rows, "watch", scale_watch.WATCH_COLUMNS), ""]
     if errors:
         doc += ["## Errors", ""] + [f"- {e.splitlines()[0]}" for e in errors] + [""]
     doc += ["## Environment", "", "```"] + envlog + ["```", ""]
@@ -762,7 +780,8 @@ def write_report(s: ScaleSettings, rows: list[Row], errors: list[str], envlog: l
     md = base.with_suffix(".md")
     md.write_text("\n".join(doc) + "\n")
     (s.workdir / "scale-rows.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
-    print("\n" + pins + "\n\n" + sessions + "\n\n" + servers + "\n")
+    print("\n" + pins + "\n\n" + sessions + "\n\n" + servers + "\n\n"
+          + figures_table(rows, "watch", scale_watch.WATCH_COLUMNS) + "\n")
     for e in errors:
         print(f"ERROR: {e}", file=sys.stderr)
     print(f"bench: wrote {md}" + (f" and {png}" if problem is None else f" ({problem})"))
@@ -826,6 +845,8 @@ def main(argv: list[str]) -> int:
                     run(f"{part} {variant}", lambda: runner(s, variant, rows, direct))
         if "sessions" in s.parts and sclb_ok and "sclb" in s.proxies:
             run("sessions", lambda: run_sessions(s, rows))
+        if "watch" in s.parts and sclb_ok and "sclb" in s.proxies:
+            run("watch", lambda: scale_watch.run_watch(s, rows, s.watch_ns, Row))
         d = [y - x for x, y in zip(cpu0, b.cpu_times())]
         total = sum(d) or 1
         envlog.append(f"machine busy {100 * (total - d[3] - d[4]) / total:.0f}% over the run "

@@ -53,24 +53,32 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Applies an update; returns whether the set of servers changed.
-    pub fn apply(&self, backend: &str, update: Update) -> bool {
+    /// Applies a source's updates, in order; returns whether the set of servers changed. Each
+    /// update costs what it touches (a reset: the whole set), not the size of the set.
+    pub fn apply(&self, backend: &str, updates: Vec<Update>) -> bool {
         let mut all = self.servers.lock();
         let set = all.entry(backend.to_string()).or_default();
-        let before = set.clone();
-        match update {
-            Update::Reset(list) => {
-                *set = list.into_iter().map(|d| (d.uid.clone(), d)).collect();
-            }
-            Update::Upsert(d) => {
-                set.insert(d.uid.clone(), d);
-            }
-            Update::Remove(uid) => {
-                set.remove(&uid);
+        let mut changed = false;
+        for update in updates {
+            match update {
+                Update::Reset(list) => {
+                    let new: BTreeMap<String, Discovered> =
+                        list.into_iter().map(|d| (d.uid.clone(), d)).collect();
+                    if *set != new {
+                        *set = new;
+                        changed = true;
+                    }
+                }
+                Update::Upsert(d) => {
+                    if set.get(&d.uid) != Some(&d) {
+                        set.insert(d.uid.clone(), d);
+                        changed = true;
+                    }
+                }
+                Update::Remove(uid) => changed |= set.remove(&uid).is_some(),
             }
         }
         let n = set.len();
-        let changed = *set != before;
         drop(all);
         self.status
             .lock()
@@ -101,5 +109,41 @@ impl Registry {
     /// Drops a backend's status (its source is gone).
     pub fn forget_status(&self, backend: &str) {
         self.status.lock().remove(backend);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(uid: &str, last: u8, draining: bool) -> Discovered {
+        Discovered {
+            name: format!("pod-{uid}"),
+            uid: uid.into(),
+            addr: SocketAddr::from(([10, 0, 0, last], 15002)),
+            draining,
+        }
+    }
+
+    #[test]
+    fn a_batch_of_updates_applies_in_order_and_says_whether_anything_changed() {
+        let r = Registry::default();
+        assert!(r.apply("be", vec![Update::Reset(vec![pod("a", 1, false)])]));
+        // The same again: nothing changed, no rebuild.
+        assert!(!r.apply("be", vec![Update::Upsert(pod("a", 1, false))]));
+        assert!(!r.apply("be", vec![Update::Remove("nobody".into())]));
+        assert!(!r.apply("be", vec![Update::Reset(vec![pod("a", 1, false)])]));
+        // A burst: one added, one changed, one removed, in order.
+        assert!(r.apply(
+            "be",
+            vec![
+                Update::Upsert(pod("b", 2, false)),
+                Update::Upsert(pod("c", 3, false)),
+                Update::Upsert(pod("a", 1, true)),
+                Update::Remove("b".into()),
+            ]
+        ));
+        assert_eq!(r.servers("be"), vec![pod("a", 1, true), pod("c", 3, false)]);
+        assert_eq!(r.statuses()["be"].servers, 2);
     }
 }

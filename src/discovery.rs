@@ -81,24 +81,24 @@ pub fn sync_sources(shared: &Arc<Shared>) {
         }
     }
     for backend in gone {
-        update(shared, &backend, Update::Reset(Vec::new()));
+        update(shared, &backend, vec![Update::Reset(Vec::new())]);
         registry.forget_status(&backend);
     }
 }
 
 /// Hands a source's update over unless the source has been stopped: checked and applied under
 /// the lock that stopping takes, so a stopped source can never bring its servers back.
-fn deliver(shared: &Arc<Shared>, backend: &str, stop: &CancellationToken, update: Update) {
+fn deliver(shared: &Arc<Shared>, backend: &str, stop: &CancellationToken, updates: Vec<Update>) {
     let _running = shared.discovery.0.lock();
     if !stop.is_cancelled() {
-        self::update(shared, backend, update);
+        self::update(shared, backend, updates);
     }
 }
 
-fn update(shared: &Arc<Shared>, backend: &str, update: Update) {
+fn update(shared: &Arc<Shared>, backend: &str, updates: Vec<Update>) {
     let change = Change::Discovery {
         backend: backend.to_string(),
-        update,
+        updates,
     };
     let _ = control::apply(shared, change);
 }

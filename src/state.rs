@@ -8,8 +8,8 @@
 //! replaces the snapshot: the methods that do take its writer.
 
 use parking_lot::Mutex;
-use std::collections::HashMap;
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -258,15 +258,28 @@ impl State {
                     }))
                     .chain(dynamic)
                     .collect();
+                // Indexed, not searched: a discovery update rebuilds this for every event, and a
+                // backend may hold thousands of pods.
+                let mut previous: HashMap<(&str, SocketAddr), Vec<&Arc<Server>>> = HashMap::new();
+                if let Some(p) = prev {
+                    for s in p.servers.iter().chain(p.leaving.iter()) {
+                        previous
+                            .entry((s.name.as_ref(), s.config_addr()))
+                            .or_default()
+                            .push(s);
+                    }
+                }
+                let draining_uids: HashSet<&str> = discovered
+                    .iter()
+                    .filter(|d| d.draining)
+                    .map(|d| d.uid.as_str())
+                    .collect();
                 let mut servers = Vec::with_capacity(configs.len());
                 for (i, sc) in configs.iter().enumerate() {
-                    let kept = prev.and_then(|p| {
-                        p.servers.iter().chain(p.leaving.iter()).find(|s| {
-                            s.name.as_ref() == sc.name
-                                && s.config_addr() == sc.addr
-                                && s.config().uid == sc.uid
-                        })
-                    });
+                    let kept = previous
+                        .get(&(sc.name.as_str(), sc.addr))
+                        .and_then(|same| same.iter().find(|s| s.config().uid == sc.uid))
+                        .copied();
                     let server = match kept {
                         Some(s) => {
                             s.sid.store(i as u32 + 1, Relaxed);
@@ -284,19 +297,17 @@ impl State {
                     };
                     // A terminating pod: its pinned sessions finish, no new ones start. This is
                     // discovery's own flag: the operator's word about the server stays as it is.
-                    let draining = sc.uid.is_some()
-                        && discovered
-                            .iter()
-                            .any(|d| Some(&d.uid) == sc.uid.as_ref() && d.draining);
+                    let draining = sc.uid.as_deref().is_some_and(|u| draining_uids.contains(u));
                     server.set_discovery_drain(w, draining);
                     servers.push(server);
                 }
+                let ids: HashSet<ServerId> = servers.iter().map(|s| s.id).collect();
                 let leaving = prev
                     .map(|p| {
                         p.servers
                             .iter()
                             .chain(p.leaving.iter())
-                            .filter(|s| !servers.iter().any(|n| n.id == s.id))
+                            .filter(|s| !ids.contains(&s.id))
                             .filter(|s| s.counters.cur.load(Relaxed) > 0)
                             .cloned()
                             .collect()

@@ -36,7 +36,10 @@ pub enum Change {
     /// A validated config replaces the running one.
     Reload(Box<Config>),
     /// A discovery source's update for one backend.
-    Discovery { backend: String, update: Update },
+    Discovery {
+        backend: String,
+        updates: Vec<Update>,
+    },
     /// One health check's result for a server.
     Health {
         server: Arc<Server>,
@@ -132,8 +135,8 @@ pub fn apply(shared: &Arc<Shared>, change: Change) -> Result<Applied, ControlErr
     match change {
         Change::Operator(op) => operator::apply(w, shared, op),
         Change::Reload(config) => reconcile::reload(w, shared, *config).map(Applied::Reloaded),
-        Change::Discovery { backend, update } => {
-            reconcile::discovery(w, shared, &backend, update);
+        Change::Discovery { backend, updates } => {
+            reconcile::discovery(w, shared, &backend, updates);
             Ok(Applied::Done)
         }
         Change::Health { server, result } => {

@@ -2,6 +2,7 @@
 //! for new servers, removed servers are retired (their pins go, their live connections drain),
 //! listeners and limits follow the config.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -10,7 +11,7 @@ use tracing::{info, warn};
 use crate::Shared;
 use crate::config::Config;
 use crate::discovered::Update;
-use crate::server::Writer;
+use crate::server::{ServerId, Writer};
 use crate::state::Snapshot;
 
 /// Applies a validated config, carrying live state; on a listener that cannot bind, puts the
@@ -72,8 +73,8 @@ pub(super) fn reload(
 /// Applies a discovery update for `backend`: the snapshot is rebuilt (the running config plus
 /// the discovered servers), then checkers start and retirements follow, as on a reload; state
 /// file entries that waited for these servers apply now.
-pub(super) fn discovery(w: &Writer, shared: &Arc<Shared>, backend: &str, update: Update) {
-    if !shared.state.discovered.apply(backend, update) {
+pub(super) fn discovery(w: &Writer, shared: &Arc<Shared>, backend: &str, updates: Vec<Update>) {
+    if !shared.state.discovered.apply(backend, updates) {
         return;
     }
     let (old, new) = shared.state.refresh(w);
@@ -96,16 +97,26 @@ pub(super) fn refresh_now(w: &Writer, shared: &Arc<Shared>) {
 /// After a new snapshot: start checkers for new servers, retire removed ones (their pins go;
 /// their live connections drain).
 fn after_snapshot(shared: &Arc<Shared>, old: &Snapshot, new: &Snapshot) {
+    // Sets, not searches: a discovery update runs this for every event.
+    let old_ids: HashSet<ServerId> = old.all_servers().map(|(_, s)| s.id).collect();
+    // Taking clients in the new snapshot (not merely leaving, with connections to finish).
+    let new_ids: HashSet<(&str, ServerId)> = new
+        .backends
+        .iter()
+        .flat_map(|b| {
+            b.servers
+                .iter()
+                .map(move |s| (b.config.name.as_str(), s.id))
+        })
+        .collect();
     let report = super::checker_report(shared);
     for (_, s) in new.all_servers() {
-        if !old.all_servers().any(|(_, o)| o.id == s.id) || !s.checker_running() {
+        if !old_ids.contains(&s.id) || !s.checker_running() {
             crate::health::spawn_checker(s.clone(), &report, &shared.life.stop_background);
         }
     }
     for (ob, s) in old.all_servers() {
-        let still = new
-            .backend(&ob.config.name)
-            .is_some_and(|nb| nb.server(s.id).is_some());
+        let still = new_ids.contains(&(ob.config.name.as_str(), s.id));
         if !still {
             s.retired.cancel();
             if let Some(t) = new.backend(&ob.config.name).and_then(|b| b.stick.clone()) {

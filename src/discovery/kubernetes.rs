@@ -6,7 +6,8 @@
 //! task (`pump`). The backend task keeps a `View` of the objects they report, turns them
 //! into [`super::Discovered`] servers, and hands the changes to
 //! [`crate::control`]: a `Reset` after every complete (re)list, `Upsert` and
-//! `Remove` for single events in between.
+//! `Remove` for single events in between. Events that arrive together (up to [`BATCH`]) are
+//! handed over as one change: the servers are rebuilt once per burst, not once per event.
 //!
 //! Faults never take servers away: a watch that fails (API server down, 403, 410 Gone, dropped
 //! stream) sends nothing; it pauses with backoff and lists again, and the last known servers
@@ -31,7 +32,13 @@ mod objects;
 mod view;
 
 use objects::{AppInfo, ConnectInfo, Object, PodInfo, SliceInfo};
-use view::View;
+use view::{Step, View};
+
+/// Most watch events applied as one change.
+const BATCH: usize = 4096;
+
+/// Shortest time between two hand-overs while events keep coming (see the run loop).
+const COALESCE: Duration = Duration::from_millis(50);
 
 use super::Update;
 use crate::Shared;
@@ -85,9 +92,9 @@ impl Source {
         }
     }
 
-    fn deliver(&self, update: Update) {
+    fn deliver(&self, updates: Vec<Update>) {
         if let Some(shared) = self.shared.upgrade() {
-            super::deliver(&shared, &self.backend, &self.stop, update);
+            super::deliver(&shared, &self.backend, &self.stop, updates);
         }
     }
 
@@ -144,8 +151,11 @@ async fn run(source: Source, settings: KubernetesDiscovery) {
     source.status(|s| s.state = "listing".into());
     let mut view = View::new(&settings, watches.len());
     let mut failing = vec![false; watches.len()];
+    let mut batch = Vec::with_capacity(BATCH);
+    let now = tokio::time::Instant::now();
+    let mut last_handover = now.checked_sub(COALESCE).unwrap_or(now);
     loop {
-        let (i, item) = tokio::select! {
+        let first = tokio::select! {
             biased;
             _ = source.stop.cancelled() => return,
             item = rx.recv() => match item {
@@ -156,27 +166,56 @@ async fn run(source: Source, settings: KubernetesDiscovery) {
         if source.shared.strong_count() == 0 {
             return; // the load balancer is gone
         }
-        let event = match item {
-            Ok(event) => event,
-            Err(e) => {
-                failing[i] = true;
-                let (state, message) = explain(&e, &watches[i]);
-                source.fault(state, message);
-                continue;
+        // The events already queued are applied together: a burst (a relist, a deployment
+        // rolling many pods) rebuilds the servers once, not once per event. Within
+        // `COALESCE` of the last hand-over, the events of that window wait for its end and go
+        // together: an isolated event is handed over at once, a stream of them at most every
+        // `COALESCE`, so rebuilding costs less per event the more events there are.
+        batch.push(first);
+        let window = tokio::time::sleep_until(last_handover + COALESCE);
+        tokio::pin!(window);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) if window.is_elapsed() => break,
+                Err(_) => tokio::select! {
+                    biased;
+                    _ = source.stop.cancelled() => return,
+                    item = rx.recv() => match item {
+                        Some(item) => batch.push(item),
+                        None => return,
+                    },
+                    _ = &mut window => break,
+                },
             }
-        };
-        let listed = matches!(event, Event::InitDone);
-        if listed && failing[i] {
-            failing[i] = false;
-            info!("{}: listed again, the watch works", watches[i].what());
         }
-        if let Some(change) = view.event(i, event) {
+        let (mut changed, mut listed) = (false, false);
+        for (i, item) in batch.drain(..) {
+            let event = match item {
+                Ok(event) => event,
+                Err(e) => {
+                    failing[i] = true;
+                    let (state, message) = explain(&e, &watches[i]);
+                    source.fault(state, message);
+                    continue;
+                }
+            };
+            if matches!(event, Event::InitDone) && failing[i] {
+                failing[i] = false;
+                info!("{}: listed again, the watch works", watches[i].what());
+            }
+            match view.apply(i, event) {
+                Step::Pending => {}
+                Step::Changed => changed = true,
+                Step::Listed => (changed, listed) = (true, true),
+            }
+        }
+        if changed && let Some(change) = view.changes(listed) {
             for line in &change.log {
                 info!("{line}");
             }
-            for update in change.reset.into_iter().chain(change.updates) {
-                source.deliver(update);
-            }
+            source.deliver(change.reset.into_iter().chain(change.updates).collect());
+            last_handover = tokio::time::Instant::now();
         }
         if listed && view.synced() {
             let healthy = !failing.iter().any(|f| *f);

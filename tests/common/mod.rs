@@ -235,7 +235,14 @@ pub fn set_state(sclb: &Sclb, server: &Arc<sclb::server::Server>, state: sclb::s
 pub fn discovery_update(sclb: &Sclb, backend: &str, update: sclb::discovery::Update) {
     use sclb::control::{Change, apply};
     let backend = backend.to_string();
-    apply(sclb.shared(), Change::Discovery { backend, update }).unwrap();
+    apply(
+        sclb.shared(),
+        Change::Discovery {
+            backend,
+            updates: vec![update],
+        },
+    )
+    .unwrap();
 }
 
 /// Connects from 127.0.0.`n`, sends `first`, then `ping\n`: the echoed line after the

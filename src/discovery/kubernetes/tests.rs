@@ -5,7 +5,7 @@ use kube::runtime::watcher::Event;
 
 use super::describe;
 use super::objects::{AppInfo, ConnectInfo, EndpointInfo, Object, PodInfo, SliceInfo};
-use super::view::{Change, View};
+use super::view::{Change, Step, View};
 use crate::config::selector::check_selector;
 use crate::config::{KubernetesDiscovery, KubernetesKind, PortRef};
 use crate::discovery::{Discovered, Update};
@@ -290,4 +290,38 @@ fn describes_sources_for_operators() {
         describe(&settings(KubernetesKind::SparkConnects, &[])),
         "kubernetes sparkconnects in all namespaces, port 15002"
     );
+}
+
+/// Events that arrive together are recorded one by one and handed over as one change: the net
+/// difference, in uid order, with nothing for an object that came and went within the burst.
+#[test]
+fn a_burst_of_events_is_one_change() {
+    let mut v = View::new(&settings(KubernetesKind::Pods, &["spark"]), 1);
+    list(&mut v, 0, vec![pod("a", Some("10.0.0.1"), true, false)]).unwrap();
+    let burst = [
+        Event::Apply(pod("b", Some("10.0.0.2"), true, false)),
+        Event::Apply(pod("c", Some("10.0.0.3"), true, false)),
+        Event::Apply(pod("a", Some("10.0.0.1"), true, true)),
+        Event::Apply(pod("d", Some("10.0.0.4"), true, false)),
+        Event::Delete(pod("d", Some("10.0.0.4"), true, false)),
+    ];
+    for e in burst {
+        assert_eq!(v.apply(0, e), Step::Changed);
+    }
+    let c = v.changes(false).unwrap();
+    assert_eq!(c.reset, None);
+    assert_eq!(
+        c.updates,
+        vec![
+            Update::Upsert(server("a", "10.0.0.1", true)),
+            Update::Upsert(server("b", "10.0.0.2", false)),
+            Update::Upsert(server("c", "10.0.0.3", false)),
+        ]
+    );
+    // Nothing new since: nothing to hand over, and the view still knows what it sent.
+    assert_eq!(v.changes(false), None);
+    let c = v
+        .event(0, Event::Delete(pod("b", Some("10.0.0.2"), true, false)))
+        .unwrap();
+    assert_eq!(c.updates, vec![Update::Remove("uid-b".into())]);
 }

@@ -40,6 +40,17 @@ pub(super) struct View {
     sent: Option<BTreeMap<String, Discovered>>,
 }
 
+/// What one event did to the view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Part of a list still under way: nothing to hand over yet.
+    Pending,
+    /// An object was added, changed or removed.
+    Changed,
+    /// A watch completed a (re)list.
+    Listed,
+}
+
 impl View {
     pub(super) fn new(s: &KubernetesDiscovery, watches: usize) -> Self {
         View {
@@ -57,35 +68,53 @@ impl View {
     }
 
     /// Applies watch `i`'s event; returns what to hand over, if anything changed.
+    #[cfg(test)]
     pub(super) fn event(&mut self, i: usize, event: Event<Object>) -> Option<Change> {
+        match self.apply(i, event) {
+            Step::Pending => None,
+            Step::Changed => self.changes(false),
+            Step::Listed => self.changes(true),
+        }
+    }
+
+    /// Records watch `i`'s event. What it changes is worked out by [`View::changes`], once for
+    /// all the events that arrived together.
+    pub(super) fn apply(&mut self, i: usize, event: Event<Object>) -> Step {
         let store = &mut self.stores[i];
-        let mut listed = false;
         match event {
             Event::Init => {
                 store.listing = Some(BTreeMap::new());
-                return None;
+                Step::Pending
             }
             Event::InitApply(o) => {
                 store.listing.get_or_insert_default().insert(o.key(), o);
-                return None;
+                Step::Pending
             }
             Event::InitDone => {
                 store.objects = store.listing.take().unwrap_or_default();
                 store.synced = true;
-                listed = true;
+                Step::Listed
             }
             Event::Apply(o) => {
                 store.objects.insert(o.key(), o);
+                Step::Changed
             }
             Event::Delete(o) => {
                 store.objects.remove(&o.key());
+                Step::Changed
             }
         }
+    }
+
+    /// What the objects now describe, against what was last handed over; `listed`: a watch
+    /// completed a (re)list since, so the whole set is handed over.
+    pub(super) fn changes(&mut self, listed: bool) -> Option<Change> {
         if !self.synced() {
             return None;
         }
         let want = self.desired();
-        let before = self.sent.clone().unwrap_or_default();
+        let first = self.sent.is_none();
+        let before = self.sent.take().unwrap_or_default();
         let mut change = Change::default();
         for (uid, d) in &want {
             match before.get(uid) {
@@ -114,10 +143,11 @@ impl View {
                 change.updates.push(Update::Remove(uid.clone()));
             }
         }
-        if listed || self.sent.is_none() {
+        if listed || first {
             change.updates.clear();
             change.reset = Some(Update::Reset(want.values().cloned().collect()));
         } else if change.updates.is_empty() {
+            self.sent = Some(before);
             return None;
         }
         self.sent = Some(want);
