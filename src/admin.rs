@@ -192,6 +192,7 @@ async fn run(shared: &Arc<Shared>, cmd: Command) -> Result<Reply, AdminError> {
             .ok_or(AdminError::NoSuchSessionId(id))?,
         Command::ShutdownSession(id) => change(shared, Operator::ShutdownConnection { id }).await?,
         Command::ShowSessions => live::spark_sessions(shared),
+        Command::ShowPool => shared.gateway.pools.show(),
         Command::KillSession(id) => {
             change(
                 shared,

@@ -276,6 +276,21 @@ pub struct OnDemand {
     /// Team and environment when the client sends none.
     pub default_team: Option<String>,
     pub default_environment: Option<String>,
+    /// A warm pool of Ready drivers that new sessions claim (`on_demand.pool`).
+    pub pool: Option<Pool>,
+}
+
+/// `on_demand.pool`: drivers kept Ready and unclaimed, per (team, environment).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    /// Ready (or starting) unclaimed drivers kept per (team, environment).
+    pub min_ready: usize,
+    /// Most unclaimed drivers per (team, environment); the oldest beyond it are retired.
+    pub max_ready: usize,
+    /// Unclaimed drivers older than this are retired (and replaced).
+    pub max_age: Duration,
+    /// The (team, environment) pairs that have a pool.
+    pub teams: Vec<(String, String)>,
 }
 
 /// A quarter of `sessions.max` by default: one client (a runaway script, a hostile peer) can

@@ -8,6 +8,7 @@
 //! - [`registry`]: session → server, activity, idle/TTL reaping, the `spark_connect_*` metrics.
 //! - [`upstream`]: one HTTP/2 connection per server and worker thread.
 //! - [`ondemand`]: drivers created per session on Kubernetes.
+//! - [`pool`]: a warm pool of Ready drivers that new sessions claim.
 //! - [`body`]: the two bodies of a forwarded RPC (bytes, activity, cancellation).
 //! - [`status`]: the gRPC statuses sclb raises itself.
 
@@ -16,6 +17,7 @@ pub mod decode;
 mod identity;
 mod lifetime;
 pub mod ondemand;
+pub mod pool;
 pub mod quota;
 pub mod registry;
 pub mod rewrite;
@@ -64,6 +66,7 @@ pub struct Gateway {
     pub store: std::sync::OnceLock<crate::store::SessionStore>,
     pub upstreams: upstream::Upstreams,
     pub ondemand: ondemand::OnDemandState,
+    pub pools: pool::Pools,
 }
 
 impl Gateway {

@@ -244,6 +244,7 @@ impl Sclb {
         tokio::spawn(purge_loop(shared.clone()));
         tokio::spawn(watch_security_files(shared.clone()));
         tokio::spawn(gateway::reaper(shared.clone()));
+        tokio::spawn(gateway::pool::keeper(shared.clone()));
         if let Some(store) = shared.gateway.store.get() {
             tokio::spawn(gateway::store_sync(shared.clone(), store.clone()));
         }

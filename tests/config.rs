@@ -131,3 +131,20 @@ servers = [ {{ name = "s1", addr = "127.0.0.1:1" }} ]
         "tcp_keepalive = true\ntimeout = { server = \"10s\" }"
     ));
 }
+
+#[test]
+fn a_warm_pool_reads_into_typed_settings() {
+    let c = config::load(Path::new("tests/fixtures/config/valid/gateway.toml")).unwrap();
+    let od = c
+        .frontends
+        .iter()
+        .find_map(|f| f.grpc.as_ref()?.on_demand.clone())
+        .expect("an on-demand frontend");
+    let pool = od.pool.expect("its pool");
+    assert_eq!((pool.min_ready, pool.max_ready), (2, 10));
+    assert_eq!(pool.max_age, std::time::Duration::from_secs(7200));
+    assert_eq!(
+        pool.teams,
+        [("data".into(), "dev".into()), ("ml".into(), "prod".into())]
+    );
+}

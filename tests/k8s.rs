@@ -17,6 +17,8 @@ mod apiserver;
 mod fake;
 #[path = "k8s/lb.rs"]
 mod lb;
+#[path = "k8s/pool.rs"]
+mod pool;
 mod realbin;
 #[path = "k8s/store.rs"]
 mod store;

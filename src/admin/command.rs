@@ -91,6 +91,8 @@ pub enum Command {
     ShutdownSession(u64),
     /// Gateway: live Spark sessions.
     ShowSessions,
+    /// Gateway: the warm pools of on-demand drivers.
+    ShowPool,
     /// Gateway: end a Spark session (its streams close, sclb releases it on its server).
     KillSession(String),
     SetState {
@@ -165,6 +167,7 @@ impl Command {
             | Command::ShowSess
             | Command::ShowSessId(_)
             | Command::ShowSessions
+            | Command::ShowPool
             | Command::GetWeight(_)
             | Command::ShowVersion
             | Command::ShowBackend
@@ -281,6 +284,7 @@ The following commands are valid at this level:
   show sess [<id>]                        : list live client connections (or one)
   shutdown session <id>                   : close one client connection
   show sessions                           : list live Spark sessions (gateway frontends)
+  show pool                               : warm pools of on-demand drivers and their members
   kill session <session_id>               : end a Spark session and close its streams
   clear table <table> [key <ip>]          : remove all pins of a table, or one
   (<bk>/<srv> may be a bare <srv> when that server name is in one backend only)
@@ -590,6 +594,7 @@ pub fn parse(cmd: &str) -> Result<Command, AdminError> {
             ));
         }
         ["show", "sessions"] => Command::ShowSessions,
+        ["show", "pool"] => Command::ShowPool,
         ["show", "sess"] => Command::ShowSess,
         ["show", "sess", id] => Command::ShowSessId(sess_id(id)?),
         ["shutdown", "session", id] => Command::ShutdownSession(sess_id(id)?),

@@ -1036,6 +1036,7 @@ fn read_on_demand(t: Table<'_, '_>) -> Option<OnDemand> {
         "max_sessions_per_team",
         "default_team",
         "default_environment",
+        "pool",
     ]);
     let template = if t.required("template") {
         t.str("template").map(PathBuf::from)
@@ -1090,6 +1091,36 @@ fn read_on_demand(t: Table<'_, '_>) -> Option<OnDemand> {
         .map(|n| n as usize);
     let default_team = label("default_team");
     let default_environment = label("default_environment");
+    let ppath = join(t.path, "pool");
+    let pool = t.table("pool", &ppath).and_then(|pt| {
+        read_pool(
+            pt,
+            (default_team.as_deref(), default_environment.as_deref()),
+        )
+    });
+    // Pool drivers are named before they have a session, and wait in one namespace per
+    // (team, environment).
+    if pool.is_some() {
+        if let Some(n) = &name
+            && !n.contains("{random}")
+            && !n.contains("{session}")
+        {
+            t.error(
+                "name",
+                format!(
+                    "a pool's drivers need distinct names: put {{random}} or {{session}} in \"{n}\""
+                ),
+            );
+        }
+        if let Some(ns) = &namespace
+            && (ns.contains("{random}") || ns.contains("{session}"))
+        {
+            t.error(
+                "namespace",
+                format!("a pool's drivers wait in one namespace per team: \"{ns}\" may use {{team}} and {{environment}} only"),
+            );
+        }
+    }
     Some(OnDemand {
         template: template?,
         name: name?,
@@ -1098,6 +1129,57 @@ fn read_on_demand(t: Table<'_, '_>) -> Option<OnDemand> {
         max_sessions_per_team,
         default_team,
         default_environment,
+        pool,
+    })
+}
+
+/// `on_demand.pool = { min_ready, max_ready, max_age, teams }`; `teams` defaults to the
+/// default team and environment.
+fn read_pool(t: Table<'_, '_>, defaults: (Option<&str>, Option<&str>)) -> Option<Pool> {
+    t.allow(&["min_ready", "max_ready", "max_age", "teams"]);
+    let min_ready = t.int("min_ready", 0, 1000).map(|n| n as usize);
+    let max_ready = t.int("max_ready", 1, 1000).map(|n| n as usize);
+    let max_age = t.duration("max_age");
+    if let (Some(min), Some(max)) = (min_ready, max_ready)
+        && min > max
+    {
+        t.error(
+            "max_ready",
+            format!("must be at least min_ready ({min}), got {max}"),
+        );
+    }
+    if max_age.is_some_and(|a| a.is_zero()) {
+        t.error("max_age", "must be longer than zero");
+    }
+    let mut teams = Vec::new();
+    for (v, at) in t.strings("teams") {
+        match v.split_once('/') {
+            Some((team, env)) if is_dns_label(team) && is_dns_label(env) => {
+                if !teams.iter().any(|(a, b)| a == team && b == env) {
+                    teams.push((team.to_string(), env.to_string()));
+                }
+            }
+            _ => t.error_at(
+                at,
+                &join(t.path, "teams"),
+                format!("\"{v}\" is not team/environment (two DNS labels, e.g. \"data/dev\")"),
+            ),
+        }
+    }
+    if !t.contains("teams") {
+        match defaults {
+            (Some(team), Some(env)) => teams.push((team.to_string(), env.to_string())),
+            _ => t.error(
+                "teams",
+                "say which teams get a pool (teams = [\"team/environment\"]), or set default_team and default_environment",
+            ),
+        }
+    }
+    Some(Pool {
+        min_ready: min_ready.unwrap_or(2),
+        max_ready: max_ready.unwrap_or(10).max(min_ready.unwrap_or(0)),
+        max_age: max_age.unwrap_or(Duration::from_secs(2 * 3600)),
+        teams,
     })
 }
 

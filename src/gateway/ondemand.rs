@@ -76,6 +76,11 @@ impl OnDemandState {
         (new, true)
     }
 
+    /// `key`'s session waits for `p` instead (a pool driver it claimed).
+    pub fn set_pending(&self, key: &SessionKey, p: Pending) {
+        self.pending.lock().insert(key.clone(), p);
+    }
+
     pub fn done(&self, key: &SessionKey) {
         self.pending.lock().remove(key);
     }
@@ -118,28 +123,44 @@ impl OnDemandState {
         kind: KubernetesKind,
         namespace: &str,
     ) -> Result<Api<DynamicObject>, String> {
-        let ar = match kind {
-            KubernetesKind::SparkConnects => crate::k8s_api::spark_connects(),
-            KubernetesKind::SparkApplications => crate::k8s_api::spark_applications(),
-            other => {
-                return Err(format!(
-                    "cannot create {other}: only sparkconnects or sparkapplications"
-                ));
-            }
-        };
-        Ok(Api::namespaced_with(client, namespace, &ar))
+        Ok(Api::namespaced_with(
+            client,
+            namespace,
+            &Self::resource(kind)?,
+        ))
     }
 
-    /// Creates the driver object of `p` from the template, annotated as the record of `key`'s
-    /// session on (frontend, backend) `placed`.
-    pub async fn create(
+    fn resource(kind: KubernetesKind) -> Result<kube::api::ApiResource, String> {
+        match kind {
+            KubernetesKind::SparkConnects => Ok(crate::k8s_api::spark_connects()),
+            KubernetesKind::SparkApplications => Ok(crate::k8s_api::spark_applications()),
+            other => Err(format!(
+                "cannot create {other}: only sparkconnects or sparkapplications"
+            )),
+        }
+    }
+
+    /// The APIs of `settings`' driver kind in every namespace its discovery watches (all of
+    /// them when it names none).
+    pub async fn apis_watched(
         &self,
         settings: &KubernetesDiscovery,
-        od: &OnDemand,
-        p: &Pending,
-        key: &SessionKey,
-        placed: (&str, &str),
-    ) -> Result<(), String> {
+    ) -> Result<Vec<Api<DynamicObject>>, String> {
+        let client = self.client(settings).await?;
+        let ar = Self::resource(settings.kind)?;
+        if settings.namespaces.is_empty() {
+            return Ok(vec![Api::all_with(client, &ar)]);
+        }
+        Ok(settings
+            .namespaces
+            .iter()
+            .map(|ns| Api::namespaced_with(client.clone(), ns, &ar))
+            .collect())
+    }
+
+    /// The driver object of `p` from the template: named, labelled managed-by=sclb with its
+    /// team and environment.
+    fn render(od: &OnDemand, p: &Pending) -> Result<serde_json::Value, String> {
         let text = crate::files::read_text(&od.template, crate::files::MAX_CONFIG)
             .map_err(|e| format!("template {}: {e}", od.template.display()))?;
         let text = text
@@ -164,6 +185,73 @@ impl OnDemandState {
         labels["app.kubernetes.io/managed-by"] = "sclb".into();
         labels["sclb.io/team"] = p.team.clone().into();
         labels["sclb.io/environment"] = p.environment.clone().into();
+        Ok(value)
+    }
+
+    /// Creates an unclaimed driver of frontend `frontend`'s warm pool (labelled
+    /// `sclb.io/pool=ready`, no session annotation).
+    pub async fn create_member(
+        &self,
+        settings: &KubernetesDiscovery,
+        od: &OnDemand,
+        p: &Pending,
+        placed: (&str, &str),
+    ) -> Result<(), String> {
+        let mut value = Self::render(od, p)?;
+        let meta = &mut value["metadata"];
+        meta["labels"][super::pool::LABEL] = super::pool::READY.into();
+        use crate::store::kubernetes::annotation as a;
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        for (k, v) in [
+            (a::FRONTEND, placed.0),
+            (a::BACKEND, placed.1),
+            (a::TEAM, p.team.as_str()),
+            (a::ENVIRONMENT, p.environment.as_str()),
+            (a::CREATED, now.as_str()),
+        ] {
+            meta["annotations"][k] = v.into();
+        }
+        let obj: DynamicObject = serde_json::from_value(value)
+            .map_err(|e| format!("template {}: {e}", od.template.display()))?;
+        let api = self.api_for(settings, &p.namespace).await?;
+        api.create(&PostParams::default(), &obj)
+            .await
+            .map_err(|e| crate::k8s_api::chain(&e))?;
+        info!(
+            target: "sclb::audit",
+            namespace = %p.namespace,
+            name = %p.name,
+            team = %p.team,
+            environment = %p.environment,
+            "pool driver created: {} {}/{}",
+            settings.kind,
+            p.namespace,
+            p.name
+        );
+        Ok(())
+    }
+
+    /// The API of `settings`' driver kind in `namespace`.
+    pub async fn api_for(
+        &self,
+        settings: &KubernetesDiscovery,
+        namespace: &str,
+    ) -> Result<Api<DynamicObject>, String> {
+        Self::api(self.client(settings).await?, settings.kind, namespace)
+    }
+
+    /// Creates the driver object of `p` from the template, annotated as the record of `key`'s
+    /// session on (frontend, backend) `placed`.
+    pub async fn create(
+        &self,
+        settings: &KubernetesDiscovery,
+        od: &OnDemand,
+        p: &Pending,
+        key: &SessionKey,
+        placed: (&str, &str),
+    ) -> Result<(), String> {
+        let mut value = Self::render(od, p)?;
+        let meta = &mut value["metadata"];
         // The session's record (read back by the kubernetes store's watch).
         use crate::store::kubernetes::annotation as a;
         let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();

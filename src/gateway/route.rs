@@ -1,6 +1,7 @@
 //! Where an RPC goes, in order: a driver named by header, an on-demand driver for a new
 //! session, then the session registry (pin, else balance).
 
+use super::pool::{self, Pools};
 use super::rpc::{Refusal, header, placement, session_ended, session_hash_ip};
 use super::*;
 
@@ -31,12 +32,14 @@ pub(super) fn named_server(
 }
 
 /// The driver a request names by header (`x-spark-session-id`, in `x-spark-namespace`), if
-/// it names one; refused when no such driver serves or it takes no clients now.
+/// it names one; refused when no such driver serves, it takes no clients now, or it is an
+/// unclaimed driver of a warm pool (it is kept for one new session of its own).
 fn named_driver(
     backend: &Backend,
     headers: &http::HeaderMap,
     g: &crate::config::GrpcConfig,
     namespace: Option<&str>,
+    pools: &Pools,
 ) -> Result<Option<(Arc<Server>, String)>, Refusal> {
     match header(headers, &g.route.session) {
         Some(name) => {
@@ -57,6 +60,19 @@ fn named_driver(
                     ),
                 ));
             };
+            if pools.is_unclaimed(namespace, name) {
+                return Err((
+                    "not_found",
+                    Status::new(
+                        Code::NotFound,
+                        format!(
+                            "sclb: {} is a warm-pool driver that no session has claimed yet; open a new session without {} to get one",
+                            crate::escape::token(name),
+                            g.route.session
+                        ),
+                    ),
+                ));
+            }
             if !s.takes_pinned_clients() {
                 return Err((
                     "not_ready",
@@ -83,7 +99,7 @@ pub(super) async fn route(
     method: Method,
     key: Option<&RoutingKey>,
     identity: Option<&crate::auth::Identity>,
-) -> Result<(Option<Arc<Session>>, Arc<Server>), Refusal> {
+) -> Result<(Option<Arc<Session>>, Arc<Server>, Option<bool>), Refusal> {
     let no_server = || {
         (
             "no_server",
@@ -99,15 +115,15 @@ pub(super) async fn route(
     let gw = &cx.shared.gateway;
     let namespace = header(headers, &g.route.namespace);
     // 1. A header names the driver.
-    let named = named_driver(backend, headers, g, namespace)?;
+    let named = named_driver(backend, headers, g, namespace, &gw.pools)?;
     let Some(k) = key else {
         if let Some((s, _)) = named {
-            return Ok((None, s));
+            return Ok((None, s, None));
         }
         let (s, _) = backend
             .choose_pinned(None, cx.peer.ip(), &[])
             .ok_or_else(no_server)?;
-        return Ok((None, s));
+        return Ok((None, s, None));
     };
     let skey = SessionKey {
         session_id: k.session_id.clone(),
@@ -148,7 +164,7 @@ pub(super) async fn route(
             if matches!(method, Method::ReleaseExecute | Method::ReleaseSession)
                 && let Some(s) = backend.server(was.server)
             {
-                return Ok((None, s.clone()));
+                return Ok((None, s.clone(), None));
             }
             return Err(session_ended(&skey, reason));
         }
@@ -156,6 +172,8 @@ pub(super) async fn route(
         None => None,
     };
     let mut fixed = named.as_ref().map(|(s, _)| s.clone());
+    // Some(pool hit) when this RPC placed a new session on a driver of its own.
+    let mut first = None;
     // Not known here: a shared store knows whether another sclb (or this one before a
     // restart) placed it. On-demand sessions are placed by creating their driver.
     let live = match (live, gw.store.get()) {
@@ -186,11 +204,20 @@ pub(super) async fn route(
                 },
                 // 2. A new session, no header: its own driver.
                 None if g.on_demand.is_some() => {
-                    let (s, m) = on_demand(cx, backend, g, headers, &skey, identity).await?;
+                    let (s, m, hit) = on_demand(cx, backend, g, headers, &skey, identity).await?;
                     fixed = Some(s);
+                    first = Some(hit);
                     m
                 }
                 None => SessionMeta::default(),
+            };
+            // A driver this RPC created or claimed: deleted if the session is refused below
+            // (it would serve nobody, and a refused client must not drain the pool).
+            let own_driver = match (&meta.source, &meta.namespace, &meta.app) {
+                (Some(src), Some(ns), Some(app)) if meta.created && first.is_some() => {
+                    Some((src.clone(), ns.clone(), app.clone()))
+                }
+                _ => None,
             };
             // 3. A new session without a driver of its own: balanced (two first RPCs racing
             // agree on one server).
@@ -209,6 +236,12 @@ pub(super) async fn route(
                     .choose_pinned(None, ip, &[])
                     .map(|(s, _)| placement(&s)),
             });
+            if !matches!(admitted, Some(Admit::Live { .. }))
+                && let Some((src, ns, app)) = own_driver
+            {
+                let gw = cx.shared.gateway.clone();
+                tokio::spawn(async move { gw.ondemand.delete(&src, &ns, &app).await });
+            }
             match admitted {
                 None => return Err(no_server()),
                 Some(Admit::Full) => {
@@ -294,7 +327,7 @@ pub(super) async fn route(
         gw.registry
             .admit(&clone_key, new, || Some(placement(&server)));
     }
-    Ok((Some(session), server))
+    Ok((Some(session), server, first))
 }
 
 fn per_client(g: &crate::config::GrpcConfig) -> super::quota::Limits {
@@ -367,8 +400,9 @@ async fn from_store(
 /// How long a first RPC waits for a replica that just started to read the session store.
 const STORE_LISTED_WITHIN: Duration = Duration::from_secs(5);
 
-/// Route 2: creates (or keeps waiting for) the driver of a new session and returns it once
-/// discovery reports it ready, within `ready_timeout`.
+/// Route 2: claims a Ready driver of the warm pool for a new session, else creates (or keeps
+/// waiting for) its driver and returns it once discovery reports it ready, within
+/// `ready_timeout`. The bool: whether the pool had one.
 pub(super) async fn on_demand(
     cx: &Conn,
     backend: &Arc<Backend>,
@@ -376,7 +410,7 @@ pub(super) async fn on_demand(
     headers: &http::HeaderMap,
     skey: &SessionKey,
     identity: Option<&crate::auth::Identity>,
-) -> Result<(Arc<Server>, SessionMeta), Refusal> {
+) -> Result<(Arc<Server>, SessionMeta, bool), Refusal> {
     let od = g.on_demand.as_ref().expect("checked by the caller");
     let Some(settings) = backend.config.discovery.clone() else {
         return Err((
@@ -418,7 +452,9 @@ pub(super) async fn on_demand(
             environment,
             since: Instant::now(),
         });
-        return wait_for_driver(cx, backend, od, &settings, skey, pending).await;
+        return wait_for_driver(cx, backend, od, &settings, skey, pending)
+            .await
+            .map(|(s, m)| (s, m, false));
     }
     // With authentication on, team and environment come from the token, never from headers
     // a client can set.
@@ -461,7 +497,7 @@ pub(super) async fn on_demand(
         authed.map(|i| &i.environment),
         &od.default_environment,
     )?;
-    let (pending, is_new) = gw.ondemand.pending_or(skey, || ondemand::Pending {
+    let (mut pending, is_new) = gw.ondemand.pending_or(skey, || ondemand::Pending {
         namespace: ondemand::fill(&od.namespace, &team, &environment, skey),
         name: ondemand::fill(&od.name, &team, &environment, skey),
         team: team.clone(),
@@ -486,6 +522,27 @@ pub(super) async fn on_demand(
             }
         }
         let placed = (&*cx.frontend, backend.config.name.as_str());
+        let claimed = match Pools::pooled(od, &team, &environment) {
+            true => {
+                let c = pool::Claim {
+                    key: skey,
+                    frontend: &cx.frontend,
+                    backend,
+                    team: &team,
+                    environment: &environment,
+                };
+                gw.pools.claim(&gw.ondemand, &settings, od, c).await
+            }
+            false => None,
+        };
+        if let Some(p) = claimed {
+            // A retried first RPC waits for the claimed driver, not the one not created.
+            gw.ondemand.set_pending(skey, p.clone());
+            pending = p;
+            return wait_for_driver(cx, backend, od, &settings, skey, pending)
+                .await
+                .map(|(s, m)| (s, m, true));
+        }
         if let Err(e) = gw
             .ondemand
             .create(&settings, od, &pending, skey, placed)
@@ -504,7 +561,9 @@ pub(super) async fn on_demand(
             ));
         }
     }
-    wait_for_driver(cx, backend, od, &settings, skey, pending).await
+    wait_for_driver(cx, backend, od, &settings, skey, pending)
+        .await
+        .map(|(s, m)| (s, m, false))
 }
 
 /// Holds a new session's first RPC until its driver is ready (discovery reports it), within

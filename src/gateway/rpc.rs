@@ -57,6 +57,7 @@ pub(super) fn placement(s: &Server) -> Placement {
 
 /// One RPC, from its request headers to the response handed back to hyper.
 pub(super) async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownBody> {
+    let arrived = Instant::now();
     let gw = cx.shared.gateway.clone();
     let path = req.uri().path().to_string();
     let Some(method) = decode::method(&path) else {
@@ -148,7 +149,7 @@ pub(super) async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownB
             }
         }
     };
-    let (session, server) = match route(
+    let (session, server, pool_hit) = match route(
         &cx,
         &backend,
         grpc_cfg,
@@ -267,6 +268,10 @@ pub(super) async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownB
         }
     };
     gw.registry.metrics.latency(m, t0.elapsed().as_secs_f64());
+    // The first RPC of a session on a driver of its own: how long its user waited.
+    if let Some(hit) = pool_hit {
+        gw.pools.first_response(hit, arrived.elapsed());
+    }
     let (parts, inner) = resp.into_parts();
     if inner.is_end_stream() {
         // Trailers-only: the status is in the headers.

@@ -14,6 +14,8 @@
 //! - Every replica watches both and builds its registry from the watch; a new session costs one
 //!   create (bind-if-absent: AlreadyExists means another replica bound it first).
 //! - Last activity is written at most once per `activity_interval` per session.
+//! - Unclaimed drivers of a warm pool (`sclb.io/pool=ready`) name no session and are not
+//!   orphans: the pool's keeper ([`crate::gateway::pool`]) retires them.
 //! - Idle and TTL reaping and deleting orphaned drivers run on the holder of the reaper Lease
 //!   ([`super::election`]); each delete carries the `resourceVersion` (or uid) the reaper read,
 //!   so a reaper that lost its Lease, or read a record before another replica wrote activity to
@@ -129,8 +131,11 @@ struct Rec {
     rv: String,
     uid: String,
     created_ms: i64,
-    /// `None`: a driver labelled managed-by=sclb that names no session (an orphan).
+    /// `None`: a driver labelled managed-by=sclb that names no session (an orphan, unless it
+    /// is an unclaimed member of a warm pool).
     session: Option<Known>,
+    /// An unclaimed member of a warm pool (its keeper retires it, not the orphan reaper).
+    pool: bool,
     ended: Option<EndReason>,
 }
 
@@ -499,6 +504,11 @@ impl KubeStore {
             uid: m.uid.clone().unwrap_or_default(),
             created_ms,
             session,
+            pool: m
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::gateway::pool::LABEL))
+                .is_some_and(|v| v == crate::gateway::pool::READY),
             ended: get(annotation::ENDED).map(|r| super::parse_reason(&r)),
         }
     }
@@ -707,6 +717,7 @@ impl KubeStore {
             .objects
             .values()
             .filter_map(|r| match &r.session {
+                None if r.pool => None,
                 None => (now - r.created_ms >= grace).then(|| (r.clone(), EndReason::Idle)),
                 Some(s) if !live(&s.key) => {
                     let (idle, ttl) = limits(&s.frontend);
@@ -830,6 +841,7 @@ impl KubeStore {
             uid: String::new(),
             created_ms: 0,
             session: None,
+            pool: false,
             ended: None,
         })
     }

@@ -384,7 +384,7 @@ async fn metrics(
         .is_some_and(|a| a.contains("application/openmetrics-text"));
     let snap = Snapshot::take(&shared);
     let gateway = &shared.gateway.registry.metrics.registry;
-    let mut extra = vec![&shared.auth.registry];
+    let mut extra = vec![&shared.auth.registry, &shared.gateway.pools.registry];
     extra.extend(shared.gateway.store.get().map(|s| s.metrics()));
     let (body, content_type) = if openmetrics {
         (

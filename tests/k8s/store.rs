@@ -17,7 +17,7 @@ use crate::lb::eventually;
 use crate::realbin::SclbProcess;
 
 /// `[global] store = { kind = "kubernetes" }` in `ns`, with quick intervals.
-fn store_line(api: &ApiServer, ns: &str, extra: &str) -> String {
+pub(crate) fn store_line(api: &ApiServer, ns: &str, extra: &str) -> String {
     format!(
         "store = {{ kind = \"kubernetes\", namespace = \"{ns}\", lease = \"sclb-reaper\", kubeconfig = \"{}\", lease_duration = \"3s\", activity_interval = \"1s\", sync_interval = \"300ms\"{extra} }}",
         api.kubeconfig().display()
