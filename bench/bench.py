@@ -839,11 +839,12 @@ def measure_bulk(ctx: Ctx, streams: int) -> dict:
     return m
 
 
-def measure_connrate(ctx: Ctx) -> dict:
+def measure_connrate(ctx: Ctx, scheme: str = "http", what: str = "wrk") -> dict:
+    """wrk with `Connection: close`: a new connection per request."""
     secs = max(1, round(ctx.s.connrate_s))
     argv = ["wrk", "-t", 2, "-c", 32, "-d", f"{secs}s", "--timeout", "5s",
-            "-H", "Connection: close", f"http://{ctx.host}:{ctx.port}/"]
-    out, wall, cpu = timed(ctx, lambda: PROCS.run(ctx.name("wrk"), argv, timeout=secs + 30))
+            "-H", "Connection: close", f"{scheme}://{ctx.host}:{ctx.port}/"]
+    out, wall, cpu = timed(ctx, lambda: PROCS.run(ctx.name(what), argv, timeout=secs + 30))
     done = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if not done or not rate or int(done.group(1)) == 0:
@@ -860,20 +861,7 @@ def measure_connrate(ctx: Ctx) -> dict:
 def measure_tls_handshakes(ctx: Ctx) -> dict:
     """wrk over HTTPS with `Connection: close` through a TLS frontend: one full TLS handshake
     per request (wrk keeps no session for resumption); direct is the same over plain HTTP."""
-    secs = max(1, round(ctx.s.connrate_s))
-    scheme = "https" if ctx.variant in TLS_VARIANTS else "http"
-    argv = ["wrk", "-t", 2, "-c", 32, "-d", f"{secs}s", "--timeout", "5s",
-            "-H", "Connection: close", f"{scheme}://{ctx.host}:{ctx.port}/"]
-    out, wall, cpu = timed(ctx, lambda: PROCS.run(ctx.name("wrk-tls"), argv, timeout=secs + 30))
-    done = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not done or not rate or int(done.group(1)) == 0:
-        raise BenchError(f"wrk completed no request through {ctx.variant}: {out[-300:]}")
-    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
-    m = {"conns_per_s": float(rate.group(1)), "errors": float(errors)}
-    if ctx.proxy:
-        m.update(proxy_cpu_pct=100 * cpu / wall, proxy_cpu_us_per_conn=cpu * 1e6 / int(done.group(1)))
-    return m
+    return measure_connrate(ctx, "https" if ctx.variant in TLS_VARIANTS else "http", "wrk-tls")
 
 
 def measure_tls_bulk(ctx: Ctx) -> dict:
