@@ -288,6 +288,13 @@ impl Bursts {
     }
 }
 
+/// An accept (or the fd held for one) failed for want of resources: give back the file
+/// descriptors this thread keeps pooled (idle pipes) and count it in the burst.
+fn out_of_fds(e: &io::Error) {
+    crate::pipe::release_pools();
+    ACCEPT_FAILURES.failed(e);
+}
+
 async fn accept_loop(
     listener: TcpListener,
     frontend: Arc<ArcSwap<FeName>>,
@@ -325,8 +332,7 @@ async fn accept_loop(
                 Ok(fd) => Some(fd),
                 Err(e) => {
                     if sockopt::is_resource_exhaustion(&e) {
-                        crate::pipe::release_pools();
-                        ACCEPT_FAILURES.failed(&e);
+                        out_of_fds(&e);
                     } else {
                         debug!("reserving a file descriptor: {e}");
                     }
@@ -391,9 +397,7 @@ async fn accept_loop(
                 });
             }
             Err(e) if sockopt::is_resource_exhaustion(&e) => {
-                // Give back the file descriptors this thread keeps pooled (idle pipes).
-                crate::pipe::release_pools();
-                ACCEPT_FAILURES.failed(&e);
+                out_of_fds(&e);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             // A client that reset before we accepted it, and the like: routine.

@@ -301,13 +301,14 @@ impl State {
                     server.set_discovery_drain(w, draining);
                     servers.push(server);
                 }
-                let ids: HashSet<ServerId> = servers.iter().map(|s| s.id).collect();
+                // Its index of the servers by id also tells which of the old ones are gone.
+                let balancer = Balancer::new(bc.balance, &servers);
                 let leaving = prev
                     .map(|p| {
                         p.servers
                             .iter()
                             .chain(p.leaving.iter())
-                            .filter(|s| !ids.contains(&s.id))
+                            .filter(|s| balancer.position(s.id).is_none())
                             .filter(|s| s.counters.cur.load(Relaxed) > 0)
                             .cloned()
                             .collect()
@@ -331,7 +332,7 @@ impl State {
                 Arc::new(Backend {
                     repins,
                     config: bc.clone(),
-                    balancer: Balancer::new(bc.balance, &servers),
+                    balancer,
                     servers,
                     leaving,
                     stick,

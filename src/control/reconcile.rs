@@ -97,18 +97,8 @@ pub(super) fn refresh_now(w: &Writer, shared: &Arc<Shared>) {
 /// After a new snapshot: start checkers for new servers, retire removed ones (their pins go;
 /// their live connections drain).
 fn after_snapshot(shared: &Arc<Shared>, old: &Snapshot, new: &Snapshot) {
-    // Sets, not searches: a discovery update runs this for every event.
+    // A set, not a search per server: a discovery update runs this for every batch of events.
     let old_ids: HashSet<ServerId> = old.all_servers().map(|(_, s)| s.id).collect();
-    // Taking clients in the new snapshot (not merely leaving, with connections to finish).
-    let new_ids: HashSet<(&str, ServerId)> = new
-        .backends
-        .iter()
-        .flat_map(|b| {
-            b.servers
-                .iter()
-                .map(move |s| (b.config.name.as_str(), s.id))
-        })
-        .collect();
     let report = super::checker_report(shared);
     for (_, s) in new.all_servers() {
         if !old_ids.contains(&s.id) || !s.checker_running() {
@@ -116,7 +106,11 @@ fn after_snapshot(shared: &Arc<Shared>, old: &Snapshot, new: &Snapshot) {
         }
     }
     for (ob, s) in old.all_servers() {
-        let still = new_ids.contains(&(ob.config.name.as_str(), s.id));
+        // Taking clients in the new snapshot (not merely leaving, with connections to finish):
+        // the backend's index of its servers answers that.
+        let still = new
+            .backend(&ob.config.name)
+            .is_some_and(|nb| nb.server(s.id).is_some());
         if !still {
             s.retired.cancel();
             if let Some(t) = new.backend(&ob.config.name).and_then(|b| b.stick.clone()) {
