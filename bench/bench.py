@@ -14,6 +14,7 @@ figure of the same repetition; the table shows medians and [min-max].
 from __future__ import annotations
 
 import argparse
+import base64
 import ctypes
 import datetime as dt
 import json
@@ -503,7 +504,6 @@ def tls_material(s: Settings) -> tuple[Path, Path, Path]:
 
 
 def b64url(data: bytes) -> str:
-    import base64
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
@@ -700,6 +700,25 @@ def prepare_sclb(s: Settings) -> tuple[bool, str]:
         return False, f"not built ({why})"
     mtime = dt.datetime.fromtimestamp(b.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return True, f"{b} (built {mtime})"
+
+
+# ------------------------------------------------------------- admin socket
+
+def admin(path: Path, line: str, timeout: float = 300.0) -> tuple[str, float]:
+    """One command on a HAProxy-style admin socket (non-interactive: the answer ends at EOF);
+    returns (answer, seconds from sending to EOF)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        t0 = time.monotonic()
+        s.sendall(line.encode() + b"\n")
+        chunks = []
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace"), time.monotonic() - t0
 
 
 # ----------------------------------------------------- forwarding probes

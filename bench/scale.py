@@ -131,27 +131,8 @@ def parse_args(argv: list[str]) -> ScaleSettings:
     )
 
 
-# ------------------------------------------------------------- admin socket
-
-def admin(path: Path, line: str, timeout: float = 300.0) -> tuple[str, float]:
-    """One command on a HAProxy-style admin socket (non-interactive: the answer ends at EOF);
-    returns (answer, seconds from sending to EOF)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        t0 = time.monotonic()
-        s.sendall(line.encode() + b"\n")
-        chunks = []
-        while True:
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks).decode(errors="replace"), time.monotonic() - t0
-
-
 def table_used(sock: Path) -> int:
-    out, _ = admin(sock, f"show table")
+    out, _ = b.admin(sock, f"show table")
     m = re.search(rf"# table: {TABLE}, type: ip, size:\d+, used:(\d+)", out)
     if not m:
         raise b.BenchError(f"show table: no '{TABLE}' header in {out[:200]!r}")
@@ -160,7 +141,7 @@ def table_used(sock: Path) -> int:
 
 def show_table(sock: Path) -> tuple[int, float]:
     """Dumps the whole table; (entries in the dump, seconds)."""
-    out, secs = admin(sock, f"show table {TABLE}")
+    out, secs = b.admin(sock, f"show table {TABLE}")
     return sum(1 for line in out.splitlines() if line.startswith("0x")), secs
 
 
@@ -298,7 +279,7 @@ class Row:
 
 def sclb_save(p: Proxy) -> float:
     """Seconds for an admin change to answer: it answers once the state file is on disk."""
-    out, secs = admin(p.sock, f"set server {TABLE}/s1 state ready")
+    out, secs = b.admin(p.sock, f"set server {TABLE}/s1 state ready")
     if out.strip():
         raise b.BenchError(f"sclb: 'set server … state ready' answered {out.strip()[:200]!r}")
     return secs
@@ -306,7 +287,7 @@ def sclb_save(p: Proxy) -> float:
 
 def sclb_reload(sock: Path) -> float:
     """Seconds for `reload` (the config file unchanged) to answer."""
-    out, secs = admin(sock, "reload")
+    out, secs = b.admin(sock, "reload")
     if "fail" in out.lower():
         raise b.BenchError(f"sclb: reload answered {out.strip()[:200]!r}")
     return secs
@@ -319,7 +300,7 @@ def run_pins(s: ScaleSettings, variant: str, rows: list[Row], direct: dict) -> N
         cfg = render_proxy(s, variant, be)
         proxy, _ = start_proxy(s, variant, cfg, f"{variant}-pins")
         conns(f"{variant}-probe", proxy.port, 1, 1, 10_000_000, 0, "seq", 15)
-        admin(proxy.sock, f"clear table {TABLE}")  # the probe's pin
+        b.admin(proxy.sock, f"clear table {TABLE}")  # the probe's pin
         time.sleep(0.5)
         base_rss = b.rss_kb(proxy.proc.pid)
         filled, prev_rss, saves = 0, base_rss, []
@@ -365,7 +346,7 @@ def run_pins(s: ScaleSettings, variant: str, rows: list[Row], direct: dict) -> N
                 f.update({f"reload_{k}": v for k, v in reloading.items()})
                 if table_used(proxy.sock) < n:
                     raise b.BenchError(f"sclb lost pins in a reload: {table_used(proxy.sock)} of {n}")
-            admin(proxy.sock, f"clear table {TABLE} key {b.HOST}")  # the ping-pong's own pin
+            b.admin(proxy.sock, f"clear table {TABLE} key {b.HOST}")  # the ping-pong's own pin
             if not proxy.proc.alive():
                 raise b.Broken(f"{variant} died:\n{proxy.proc.log_tail()}")
             rows.append(Row("pins", variant, n, f))
@@ -422,7 +403,7 @@ def render_gateway(s: ScaleSettings, be: b.Backend) -> Path:
 
 def live_sessions(sock: Path) -> tuple[int, int, float]:
     """`show sessions`: (the count in its header, session lines, seconds)."""
-    out, secs = admin(sock, "show sessions")
+    out, secs = b.admin(sock, "show sessions")
     m = re.match(r"# sessions: (\d+)", out)
     if not m:
         raise b.BenchError(f"show sessions: unexpected answer {out[:200]!r}")
@@ -550,7 +531,7 @@ def run_servers(s: ScaleSettings, variant: str, rows: list[Row], direct: dict) -
                          "conn_added_p99_us": lat["p99_us"] - direct["p99_us"],
                          "start_ms": start_s * 1000}
                     if variant == "sclb":  # reload with nothing changed: the admin answer
-                        f["reload_ms"] = statistics.median(admin(proxy.sock, "reload")[1] for _ in range(3)) * 1000
+                        f["reload_ms"] = statistics.median(b.admin(proxy.sock, "reload")[1] for _ in range(3)) * 1000
                     if not proxy.proc.alive():
                         raise b.Broken(f"{variant} died:\n{proxy.proc.log_tail()}")
                 finally:

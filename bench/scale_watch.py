@@ -157,20 +157,8 @@ kubeconfig = "{kubeconfig}"
     return cfg, sock
 
 
-def admin(sock: Path, line: str) -> tuple[str, float]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sk:
-        sk.settimeout(60)
-        sk.connect(str(sock))
-        t0 = time.monotonic()
-        sk.sendall(line.encode() + b"\n")
-        chunks = []
-        while chunk := sk.recv(1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks).decode(errors="replace"), time.monotonic() - t0
-
-
 def routable(sock: Path, name: str) -> bool:
-    out, _ = admin(sock, f"get weight {BACKEND}/{name}")
+    out, _ = b.admin(sock, f"get weight {BACKEND}/{name}", timeout=60)
     return "(initial" in out
 
 
@@ -186,7 +174,7 @@ def wait_routable(sock: Path, name: str, want: bool, budget: float = 60.0) -> fl
 
 
 def servers(sock: Path) -> tuple[int, float]:
-    out, secs = admin(sock, "show stat")
+    out, secs = b.admin(sock, "show stat", timeout=60)
     rows = [ln for ln in out.splitlines() if ln.startswith(f"{BACKEND},")
             and not ln.startswith((f"{BACKEND},BACKEND", f"{BACKEND},FRONTEND"))]
     return len(rows), secs
@@ -255,7 +243,7 @@ def run_watch(s, rows: list, ns: list[int], row_type) -> None:
                 fig["show_stat_ms"] = statistics.median(servers(sock)[1] for _ in range(3)) * 1000
                 reloads = []
                 for _ in range(3):
-                    out, secs = admin(sock, "reload")
+                    out, secs = b.admin(sock, "reload", timeout=60)
                     if "fail" in out.lower():
                         raise b.BenchError(f"sclb: reload answered {out.strip()[:200]!r}")
                     reloads.append(secs * 1000)
