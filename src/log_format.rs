@@ -90,6 +90,36 @@ where
     }
 }
 
+/// A client's address in a log line (`client = %Addr(peer)`): what `SocketAddr`'s `Display`
+/// writes, an IPv4 one made with `itoa` (the std way costs ~1,700 instructions, a tenth of a
+/// whole access line).
+pub struct Addr(pub std::net::SocketAddr);
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let std::net::SocketAddr::V4(a) = self.0 else {
+            return fmt::Display::fmt(&self.0, f);
+        };
+        // "255.255.255.255:65535" is 21 bytes.
+        let mut out = [0u8; 21];
+        let mut n = 0;
+        let mut put = |s: &[u8]| {
+            out[n..n + s.len()].copy_from_slice(s);
+            n += s.len();
+        };
+        let mut num = itoa::Buffer::new();
+        for (i, octet) in a.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                put(b".");
+            }
+            put(num.format(octet).as_bytes());
+        }
+        put(b":");
+        put(num.format(a.port()).as_bytes());
+        f.pad(std::str::from_utf8(&out[..n]).map_err(|_| fmt::Error)?)
+    }
+}
+
 /// The JSON format (see the module's documentation).
 pub struct Json {
     /// For lines inside a span.
@@ -559,6 +589,21 @@ mod tests {
             "{}",
             ours[1]
         );
+    }
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        for a in [
+            "127.0.0.1:58262",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.20.3.4:80",
+            "[::1]:15002",
+            "[fd00::1%3]:1",
+        ] {
+            let a: std::net::SocketAddr = a.parse().unwrap();
+            assert_eq!(Addr(a).to_string(), a.to_string());
+        }
     }
 
     /// A value from outside cannot start a line of its own or send terminal escapes.
