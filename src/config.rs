@@ -310,7 +310,9 @@ pub struct Pool {
 /// released after) before any session may claim it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WarmUp {
-    /// Spark SQL, collected and dropped.
+    /// Spark SQL, collected and dropped. The default runs a small job (an aggregate over a
+    /// shuffle), as a first query does: `SELECT 1` would leave job scheduling and code
+    /// generation cold.
     pub query: String,
     /// A warm-up not answered within this fails: the driver is retired and replaced.
     pub timeout: Duration,
@@ -319,7 +321,7 @@ pub struct WarmUp {
 impl Default for WarmUp {
     fn default() -> Self {
         WarmUp {
-            query: "SELECT 1".into(),
+            query: "SELECT count(*) FROM range(1000)".into(),
             timeout: Duration::from_secs(120),
         }
     }

@@ -1245,7 +1245,7 @@ fn read_warm_up(t: Table<'_, '_>) -> Option<WarmUp> {
     if !t.is_table("warm_up") {
         t.error(
             "warm_up",
-            "expected true, false or { query = \"SELECT 1\", timeout = \"2m\" }",
+            "expected true, false or { query = \"SELECT ...\", timeout = \"2m\" }",
         );
         return None;
     }
