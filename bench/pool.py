@@ -17,6 +17,8 @@ claims and deletes the objects. Each figure is the time a fresh PySpark process 
 - hit, no warm-up: the same with `warm_up = false`: the claimed driver is a cold JVM.
 - miss: no pool; the session waits for its driver: the object is created, the (bench)
   operator starts a cold Spark server, and the first query runs on it.
+- direct: the floor — no sclb, no Kubernetes wait: a fresh PySpark process straight to a warm
+  Spark server the operator started (one query run on it first).
 
 While a hit is measured the operator starts nothing (a pool's replacement would otherwise start
 a JVM on the bench's two cores during the measurement; in a cluster it starts on another node).
@@ -79,6 +81,8 @@ SCENARIOS = {
     "hit-no-warm-up": '{ min_ready = 1, max_ready = 1, max_age = "1h", teams = ["bench/dev"], '
                       'warm_up = false }',
     "miss": None,
+    # The floor: PySpark straight to a warm Spark server (one query run on it first), no sclb.
+    "direct": None,
 }
 
 
@@ -216,13 +220,47 @@ def pool_ready(sock: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def first_query(spark_python: Path, port: int, name: str) -> float:
-    url = f"sc://{b.HOST}:{port}/;x-spark-team={TEAM[0]};x-spark-environment={TEAM[1]}"
+def first_query(spark_python: Path, port: int, name: str, host: str = b.HOST) -> float:
+    url = f"sc://{host}:{port}/;x-spark-team={TEAM[0]};x-spark-environment={TEAM[1]}"
     out = b.PROCS.run(name, [spark_python, "-c", FIRST_QUERY, url], timeout=600)
     return json.loads(out.strip().splitlines()[-1])["seconds"]
 
 
+def run_direct(s, api: k8s.Api, op: Operator) -> dict:
+    """The floor a pool hit is measured against: the operator starts one Spark server, one
+    query warms it, then each rep is a fresh PySpark process straight to it (no sclb)."""
+    name = "bench-direct"
+    api.call("POST", CONNECTS, {
+        "apiVersion": "sparkoperator.k8s.io/v1alpha1", "kind": "SparkConnect", "metadata": {"name": name},
+        # TEMPLATE's spec, as a dict (the standard library reads no YAML)
+        "spec": {"sparkVersion": "4.0.5",
+                 "server": {"template": {"spec": {"containers": [
+                     {"name": "spark-kubernetes-driver", "image": "docker.io/apache/spark:4.0.5"}]}}},
+                 "executor": {"instances": 1}}})
+    times: list[float] = []
+    try:
+        deadline = time.monotonic() + SPARK_START_BUDGET
+        while name not in op.ready:
+            if op.error or time.monotonic() > deadline:
+                raise b.BenchError(f"direct: the Spark server did not start: {op.error or 'timed out'}")
+            time.sleep(0.2)
+        ip = op.servers[name][1]
+        first_query(s.spark_python, s.spark_port, "client-direct-warm-up", host=ip)
+        for rep in range(s.reps):
+            took = first_query(s.spark_python, s.spark_port, f"client-direct-{rep}", host=ip)
+            times.append(took)
+            print(f"  direct #{rep + 1}: {took:.2f} s", flush=True)
+    finally:
+        try:
+            api.call("DELETE", f"{CONNECTS}/{name}")
+        except b.BenchError:
+            pass
+    return {"scenario": "direct", "times": times, "warmups": 0, "warmup_mean_s": None}
+
+
 def run_scenario(s, api: k8s.Api, kubeconfig: Path, scenario: str, op: Operator) -> dict:
+    if scenario == "direct":
+        return run_direct(s, api, op)
     pool = SCENARIOS[scenario]
     d = s.workdir / scenario
     d.mkdir(parents=True, exist_ok=True)
