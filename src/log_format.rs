@@ -32,6 +32,24 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
+/// The `Visit` methods for numbers and booleans, written as they are in both formats (through
+/// the visitor's `raw`, which writes the field's name first).
+macro_rules! plain_values {
+    () => {
+        fn record_u64(&mut self, field: &Field, value: u64) {
+            self.raw(field, itoa::Buffer::new().format(value));
+        }
+
+        fn record_i64(&mut self, field: &Field, value: i64) {
+            self.raw(field, itoa::Buffer::new().format(value));
+        }
+
+        fn record_bool(&mut self, field: &Field, value: bool) {
+            self.raw(field, if value { "true" } else { "false" });
+        }
+    };
+}
+
 /// The text format (see the module's documentation).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Text;
@@ -205,17 +223,7 @@ impl Visit for JsonFields<'_, '_> {
         }
     }
 
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.raw(field, itoa::Buffer::new().format(value));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.raw(field, itoa::Buffer::new().format(value));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.raw(field, if value { "true" } else { "false" });
-    }
+    plain_values!();
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         // serde_json's way with the odd ones (NaN and infinities are null).
@@ -345,7 +353,7 @@ impl Fields<'_, '_> {
         self.result.is_ok()
     }
 
-    fn number(&mut self, field: &Field, text: &str) {
+    fn raw(&mut self, field: &Field, text: &str) {
         if self.start(field) {
             self.result = self.w.write_str(text);
         }
@@ -372,17 +380,7 @@ impl Visit for Fields<'_, '_> {
         };
     }
 
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.number(field, itoa::Buffer::new().format(value));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.number(field, itoa::Buffer::new().format(value));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.number(field, if value { "true" } else { "false" });
-    }
+    plain_values!();
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         if !self.start(field) {
