@@ -56,7 +56,8 @@
  *       or GOAWAY loses the connection. Prints "window NAME start|end" lines at
  *       the window's edges (for the caller to sample a proxy's CPU), then one
  *       JSON line: per phase count, calls/s, errors, lost connections, calls
- *       unfinished after a 10 s drain, paced calls never sent ("behind"), and
+ *       unfinished after a 10 s drain, paced calls never sent ("behind"), PINGs
+ *       the server sent in the window (each a round trip the client answers), and
  *       latency percentiles (us) of the calls that completed in the window.
  *   benchtool memcpy
  *       prints memcpy bandwidth (cache-resident 64 KiB and 256 MiB), a quick
@@ -907,6 +908,7 @@ struct phase {
     int64_t *lat;            /* latencies of the calls that completed OK inside the window */
     long done, cap;
     long errors, lost, unfinished, behind;
+    long pings;              /* PINGs the server sent in the window (each one a round trip) */
 };
 
 struct conc {
@@ -1091,6 +1093,8 @@ static void gc_frames(struct conc *g, struct gconn *c) {
         } else if (type == 0x4 && !(flags & 0x1)) {          /* SETTINGS -> ACK */
             gc_write(g, c, ctl, h2_frame(ctl, 0, 0x4, 0x1, 0));
         } else if (type == 0x6 && !(flags & 0x1) && len == 8) { /* PING -> ACK */
+            int64_t now = now_ns();
+            if (g->ph && now >= g->ph->w0 && now < g->ph->w1) g->ph->pings++;
             size_t n = h2_frame(ctl, 8, 0x6, 0x1, 0);
             memcpy(ctl + n, pl, 8);
             gc_write(g, c, ctl, n + 8);
@@ -1236,8 +1240,8 @@ static void gc_phase(struct conc *g, struct phase *p, double warm_s, double wind
 
 static void gc_print_phase(struct phase *p, double window_s) {
     printf("\"%s\": {\"offered_per_s\": %.1f, \"count\": %ld, \"per_s\": %.1f, \"errors\": %ld, "
-           "\"conns_lost\": %ld, \"unfinished\": %ld, \"behind\": %ld",
-           p->name, p->rate, p->done, p->done / window_s, p->errors, p->lost, p->unfinished, p->behind);
+           "\"conns_lost\": %ld, \"unfinished\": %ld, \"behind\": %ld, \"server_pings\": %ld",
+           p->name, p->rate, p->done, p->done / window_s, p->errors, p->lost, p->unfinished, p->behind, p->pings);
     if (p->done) {
         qsort(p->lat, (size_t)p->done, sizeof(int64_t), cmp_i64);
         printf(", \"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f",

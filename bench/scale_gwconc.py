@@ -52,6 +52,7 @@ COLUMNS = [  # (figure key, header, format)
     ("paced_added_p99_us", "added p99 µs", lambda v: f"{v:+.0f}"),
     ("paced_cpu_us_per_rpc", "proxy CPU µs/call (paced)", lambda v: f"{v:.1f}"),
     ("paced_behind", "paced calls never sent", lambda v: f"{v:.0f}"),
+    ("paced_pings_per_call", "proxy PINGs per call", lambda v: f"{v:.2f}"),
     ("closed_per_s", "closed-loop calls/s", lambda v: f"{v:,.0f}"),
     ("closed_p50_us", "p50 µs", lambda v: f"{v:,.0f}"),
     ("closed_p99_us", "p99 µs", lambda v: f"{v:,.0f}"),
@@ -174,6 +175,8 @@ def figures(r: dict, cpu: dict, proxied: bool) -> dict:
         f.update({f"{ph}_{k}": p[k] for k in ("p50_us", "p99_us", "p999_us", "max_us") if k in p})
         if ph == "paced":
             f["paced_behind"] = p["behind"]
+            if p["count"]:
+                f["paced_pings_per_call"] = p.get("server_pings", 0) / p["count"]
         used, wall = cpu.get(ph, (0.0, 0.0))
         if proxied and wall > 0:
             f[f"{ph}_cpu_pct"] = 100 * used / wall
