@@ -280,6 +280,16 @@ pub struct OnDemand {
     pub pool: Option<Pool>,
 }
 
+impl OnDemand {
+    /// The namespace where the pool's drivers of (team, environment) wait: a pool's namespace
+    /// pattern holds no `{random}` nor `{session}` (checked at load).
+    pub fn pool_namespace(&self, team: &str, environment: &str) -> String {
+        self.namespace
+            .replace("{team}", team)
+            .replace("{environment}", environment)
+    }
+}
+
 /// `on_demand.pool`: drivers kept Ready and unclaimed, per (team, environment).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pool {
@@ -291,6 +301,30 @@ pub struct Pool {
     pub max_age: Duration,
     /// The (team, environment) pairs that have a pool.
     pub teams: Vec<(String, String)>,
+    /// The query run on each new driver before it is offered (`None`: offered once Ready).
+    pub warm_up: Option<WarmUp>,
+}
+
+/// `on_demand.pool.warm_up`: a fresh Spark driver is a cold JVM whose first query takes
+/// seconds; the pool runs this throwaway query on each new driver (in a session of its own,
+/// released after) before any session may claim it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmUp {
+    /// Spark SQL, collected and dropped. The default runs a small job (an aggregate over a
+    /// shuffle), as a first query does: `SELECT 1` would leave job scheduling and code
+    /// generation cold.
+    pub query: String,
+    /// A warm-up not answered within this fails: the driver is retired and replaced.
+    pub timeout: Duration,
+}
+
+impl Default for WarmUp {
+    fn default() -> Self {
+        WarmUp {
+            query: "SELECT count(*) FROM range(1000)".into(),
+            timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 /// A quarter of `sessions.max` by default: one client (a runaway script, a hostile peer) can

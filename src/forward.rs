@@ -1,6 +1,7 @@
 //! One client connection, from accept to its log line: choose a server (pin first), wait for
 //! a slot if the server is full, connect with retries and redispatch, pin, splice, log.
 
+use crate::log_format::Addr;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,7 +74,7 @@ async fn accept_tls(
     shared: &Shared,
 ) -> Option<(ClientStream, Option<crate::auth::Identity>)> {
     let Some(tls) = shared.tls.get(frontend) else {
-        warn!(client = %peer, frontend, "TLS client refused: the frontend's certificate is not loaded");
+        warn!(client = %Addr(peer), frontend, "TLS client refused: the frontend's certificate is not loaded");
         return None;
     };
     match timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(client)).await {
@@ -82,11 +83,11 @@ async fn accept_tls(
             Some((ClientStream::Tls(Box::new(s)), id))
         }
         Ok(Err(e)) => {
-            info!(client = %peer, frontend, end = "tls_handshake", "TLS handshake failed: {e}");
+            info!(client = %Addr(peer), frontend, end = "tls_handshake", "TLS handshake failed: {e}");
             None
         }
         Err(_) => {
-            info!(client = %peer, frontend, end = "tls_handshake", "TLS handshake timed out after {TLS_HANDSHAKE_TIMEOUT:?}");
+            info!(client = %Addr(peer), frontend, end = "tls_handshake", "TLS handshake timed out after {TLS_HANDSHAKE_TIMEOUT:?}");
             None
         }
     }
@@ -141,7 +142,7 @@ pub async fn handle(
         match Box::pin(admit(&mut client, peer, &fe.config.access)).await {
             Ok(real) => peer = real,
             Err(why) => {
-                info!(client = %peer, frontend = %frontend, end = "refused", "connection refused: {why}");
+                info!(client = %Addr(peer), frontend = %frontend, end = "refused", "connection refused: {why}");
                 fe_counters.denied.fetch_add(1, Relaxed);
                 fe_counters.cur.fetch_sub(1, Relaxed);
                 return;
@@ -214,7 +215,7 @@ pub async fn handle(
             fe_counters.denied.fetch_add(1, Relaxed);
             fe_counters.cur.fetch_sub(1, Relaxed);
             info!(
-                client = %peer,
+                client = %Addr(peer),
                 frontend = %frontend,
                 backend = %backend.config.name,
                 total_ms = start.elapsed().as_millis() as u64,
@@ -304,7 +305,7 @@ pub async fn handle(
         .add(start.elapsed().as_millis() as u64);
     fe_counters.cur.fetch_sub(1, Relaxed);
     info!(
-        client = %peer,
+        client = %Addr(peer),
         frontend = %frontend,
         backend = %backend.config.name,
         server = %server.name,
@@ -486,7 +487,7 @@ async fn connect(
             Err(e) => e,
         };
         server.counters.conn_errors.fetch_add(1, Relaxed);
-        debug!(client = %peer, server = %server.name, "connect attempt failed: {err}");
+        debug!(client = %Addr(peer), server = %server.name, "connect attempt failed: {err}");
         if attempts_left == 0 {
             return Err(err);
         }
@@ -535,7 +536,7 @@ fn log_repin(
         .unwrap_or_else(|| "a removed server".into());
     backend.note_repin(key, from, to.id);
     info!(
-        client = %peer,
+        client = %Addr(peer),
         backend = %backend.config.name,
         from = %from_name,
         to = %to.name,

@@ -29,6 +29,7 @@ mod watchdog;
 
 pub use lifetime::{kill_session, reap_once, reaper, release_sessions, session_json, store_sync};
 
+use crate::log_format::Addr;
 use std::convert::Infallible;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -204,13 +205,13 @@ pub async fn serve<S>(
             fe_counters.cur.fetch_sub(1, Relaxed);
             if activity.rpcs() == 0 {
                 // Never spoke: nothing to say goodbye to.
-                debug!(client = %peer, frontend = %frontend, "gateway connection closed: {}", why.as_str());
+                debug!(client = %Addr(peer), frontend = %frontend, "gateway connection closed: {}", why.as_str());
                 return;
             }
             // GOAWAY; a client that starts an RPC meanwhile retries it on a new connection.
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
-            info!(client = %peer, frontend = %frontend, rpcs = activity.rpcs(), "gateway connection closed: {}", why.as_str());
+            info!(client = %Addr(peer), frontend = %frontend, rpcs = activity.rpcs(), "gateway connection closed: {}", why.as_str());
             return;
         }
     };
@@ -223,11 +224,11 @@ pub async fn serve<S>(
     let total_ms = start.elapsed().as_millis() as u64;
     if rpcs == 0 {
         // A port probe or a client that never spoke HTTP/2: routine, not worth a line.
-        debug!(client = %peer, frontend = %frontend, total_ms, end = %end, "gateway connection closed without an RPC");
+        debug!(client = %Addr(peer), frontend = %frontend, total_ms, end = %end, "gateway connection closed without an RPC");
         return;
     }
     info!(
-        client = %peer,
+        client = %Addr(peer),
         frontend = %frontend,
         total_ms,
         rpcs,

@@ -40,6 +40,7 @@ pub mod health;
 pub mod instance;
 pub mod k8s_api;
 pub mod live_conns;
+pub mod log_format;
 pub mod persist;
 pub mod pipe;
 pub mod proxy_proto;

@@ -54,6 +54,42 @@ fn check_accepts_a_good_config_and_lists_every_error_of_a_bad_one() {
     );
 }
 
+/// A warm pool whose drivers would wait in a namespace the backend's discovery does not watch
+/// (it would create drivers it never sees Ready, without end) is refused, per team, with the
+/// file, line and field.
+#[test]
+fn check_refuses_a_pool_in_a_namespace_discovery_does_not_watch() {
+    let bad = Command::new(SCLB)
+        .args([
+            "check",
+            "-c",
+            "tests/fixtures/config/invalid/pool_unwatched.toml",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    for (line, team, ns) in [
+        (8, "ml/prod", "sjns-ml-prod"),
+        (15, "web/dev", "sjns-web-dev"),
+    ] {
+        let want = format!(
+            "frontend[{}].on_demand.pool.teams: the drivers of {team} would wait in namespace \"{ns}\", which backend \"drivers\" does not watch",
+            if line == 8 { 0 } else { 1 }
+        );
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("pool_unwatched.toml:{line}:")) && l.contains(&want)),
+            "{err}"
+        );
+    }
+    assert!(
+        !err.contains("data/dev") && !err.contains("ml/dev"),
+        "{err}"
+    );
+    assert!(err.contains("2 error(s)"), "{err}");
+}
+
 #[test]
 fn runs_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

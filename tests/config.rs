@@ -147,4 +147,41 @@ fn a_warm_pool_reads_into_typed_settings() {
         pool.teams,
         [("data".into(), "dev".into()), ("ml".into(), "prod".into())]
     );
+    assert_eq!(
+        pool.warm_up,
+        Some(config::WarmUp {
+            query: "SELECT sum(id) FROM range(10)".into(),
+            timeout: std::time::Duration::from_secs(90),
+        })
+    );
+}
+
+/// `pool.warm_up`: on by default (a small Spark job, 2 minutes), off with `false`.
+#[test]
+fn a_pool_warms_its_drivers_up_unless_told_not_to() {
+    let text = std::fs::read_to_string("tests/fixtures/config/valid/gateway.toml").unwrap();
+    let written = r#", warm_up = { query = "SELECT sum(id) FROM range(10)", timeout = "90s" }"#;
+    assert!(text.contains(written));
+    let warm_up = |setting: &str| {
+        let c = config::parse(Path::new("gateway.toml"), &text.replace(written, setting)).unwrap();
+        c.frontends
+            .iter()
+            .find_map(|f| f.grpc.as_ref()?.on_demand.clone()?.pool)
+            .expect("a pool")
+            .warm_up
+    };
+    let default = Some(config::WarmUp {
+        query: "SELECT count(*) FROM range(1000)".into(),
+        timeout: std::time::Duration::from_secs(120),
+    });
+    assert_eq!(warm_up(""), default);
+    assert_eq!(warm_up(", warm_up = true"), default);
+    assert_eq!(warm_up(", warm_up = false"), None);
+    assert_eq!(
+        warm_up(r#", warm_up = { timeout = "5m" }"#).map(|w| (w.query, w.timeout)),
+        Some((
+            "SELECT count(*) FROM range(1000)".into(),
+            std::time::Duration::from_secs(300)
+        ))
+    );
 }

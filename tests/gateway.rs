@@ -116,6 +116,7 @@ fn slow(n: usize) -> Behaviour {
         stream_messages: n,
         stream_every: Duration::from_millis(20),
         message_size: 0,
+        ..Default::default()
     }
 }
 
@@ -621,6 +622,7 @@ async fn a_client_that_cancels_resets_the_servers_stream_and_a_slow_reader_slows
         stream_messages: 2000,
         stream_every: Duration::ZERO,
         message_size: 64 * 1024,
+        ..Default::default()
     };
     let a = FakeGrpc::start("sc1", big).await;
     let gw = gateway(&[&a], "", "").await;

@@ -285,6 +285,7 @@ async fn a_hundred_stalled_readers_cost_their_windows_and_delay_nobody() {
             stream_messages: 400,
             stream_every: Duration::ZERO,
             message_size: 64 * 1024,
+            ..Default::default()
         },
     )
     .await;

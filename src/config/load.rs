@@ -142,6 +142,11 @@ fn read_config(path: &Path, root: Table<'_, '_>) -> Option<Config> {
             }
         }
     }
+    for (fe, t) in frontends.iter().zip(&fe_tables) {
+        if let Some(fe) = fe {
+            pool_is_watched(fe, &backends, *t);
+        }
+    }
     let pg_store = global
         .as_ref()
         .is_some_and(|g| matches!(g.store, StoreConfig::Postgres(_)));
@@ -1133,10 +1138,51 @@ fn read_on_demand(t: Table<'_, '_>) -> Option<OnDemand> {
     })
 }
 
+/// A pool whose drivers wait in a namespace its backend's discovery does not watch would
+/// never see them Ready, and would create them without end: refused, per team.
+fn pool_is_watched(fe: &Frontend, backends: &[Option<Backend>], t: Table<'_, '_>) {
+    let Some(od) = fe.grpc.as_ref().and_then(|g| g.on_demand.as_ref()) else {
+        return;
+    };
+    let Some(pool) = &od.pool else { return };
+    let Some(b) = backends.iter().flatten().find(|b| b.name == fe.backend) else {
+        return;
+    };
+    let Some(d) = b.discovery.as_ref().filter(|d| !d.namespaces.is_empty()) else {
+        return;
+    };
+    let (opath, ppath) = (join(t.path, "on_demand"), join(t.path, "on_demand.pool"));
+    let Some(pt) = t
+        .table("on_demand", &opath)
+        .and_then(|ot| ot.table("pool", &ppath))
+    else {
+        return;
+    };
+    for (team, environment) in &pool.teams {
+        let ns = od.pool_namespace(team, environment);
+        if !d.namespaces.contains(&ns) {
+            pt.error_at(
+                pt.string_pos("teams", &format!("{team}/{environment}")),
+                &join(pt.path, "teams"),
+                format!(
+                    "the drivers of {team}/{environment} would wait in namespace \"{ns}\", which backend \"{}\" does not watch (its discovery watches {}): they would never be seen Ready, and the pool would create them without end; add \"{ns}\" to its discovery's namespaces",
+                    b.name,
+                    d.namespaces
+                        .iter()
+                        .map(|n| format!("\"{n}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+    }
+}
+
 /// `on_demand.pool = { min_ready, max_ready, max_age, teams }`; `teams` defaults to the
 /// default team and environment.
 fn read_pool(t: Table<'_, '_>, defaults: (Option<&str>, Option<&str>)) -> Option<Pool> {
-    t.allow(&["min_ready", "max_ready", "max_age", "teams"]);
+    t.allow(&["min_ready", "max_ready", "max_age", "teams", "warm_up"]);
+    let warm_up = read_warm_up(t);
     let min_ready = t.int("min_ready", 0, 1000).map(|n| n as usize);
     let max_ready = t.int("max_ready", 1, 1000).map(|n| n as usize);
     let max_age = t.duration("max_age");
@@ -1180,7 +1226,65 @@ fn read_pool(t: Table<'_, '_>, defaults: (Option<&str>, Option<&str>)) -> Option
         max_ready: max_ready.unwrap_or(10).max(min_ready.unwrap_or(0)),
         max_age: max_age.unwrap_or(Duration::from_secs(2 * 3600)),
         teams,
+        warm_up,
     })
+}
+
+/// Longest warm-up query accepted.
+const MAX_WARM_UP_QUERY: usize = 4096;
+/// Bounds of a warm-up's timeout: a cold JVM takes seconds; a stuck one is retired.
+const WARM_UP_TIMEOUT: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(30 * 60));
+
+/// `pool.warm_up`: absent or `true` (the default query and timeout), `false` (no warm-up:
+/// a driver is offered once Ready), or `{ query, timeout }`.
+fn read_warm_up(t: Table<'_, '_>) -> Option<WarmUp> {
+    if !t.contains("warm_up") || t.is_bool("warm_up") {
+        return t.bool("warm_up").unwrap_or(true).then(WarmUp::default);
+    }
+    if !t.is_table("warm_up") {
+        t.error(
+            "warm_up",
+            "expected true, false or { query = \"SELECT ...\", timeout = \"2m\" }",
+        );
+        return None;
+    }
+    let path = join(t.path, "warm_up");
+    let wt = t.table("warm_up", &path)?;
+    wt.allow(&["query", "timeout"]);
+    let mut w = WarmUp::default();
+    if let Some(q) = wt.str("query") {
+        if q.trim().is_empty() {
+            wt.error(
+                "query",
+                "must not be empty (write warm_up = false for no warm-up)",
+            );
+        } else if q.len() > MAX_WARM_UP_QUERY {
+            wt.error(
+                "query",
+                format!("{} bytes is longer than {MAX_WARM_UP_QUERY}", q.len()),
+            );
+        } else {
+            w.query = q.to_string();
+        }
+    }
+    if let Some(d) = wt.duration("timeout") {
+        let (min, max) = WARM_UP_TIMEOUT;
+        if d < min || d > max {
+            wt.error(
+                "timeout",
+                format!(
+                    "must be between {} and {}, got {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max),
+                    humantime::format_duration(d)
+                ),
+            );
+        } else {
+            w.timeout = d;
+        }
+    }
+    Some(w)
 }
 
 fn read_backend(t: Table<'_, '_>, d: &Defaults) -> Option<Backend> {

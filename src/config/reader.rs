@@ -164,6 +164,19 @@ impl<'a, 'i> Table<'a, 'i> {
         matches!(self.get(key).map(|v| v.get_ref()), Some(DeValue::String(_)))
     }
 
+    /// Whether `key` holds a boolean (for keys that take `false` or a table).
+    pub fn is_bool(&self, key: &str) -> bool {
+        matches!(
+            self.get(key).map(|v| v.get_ref()),
+            Some(DeValue::Boolean(_))
+        )
+    }
+
+    /// Whether `key` holds a table.
+    pub fn is_table(&self, key: &str) -> bool {
+        matches!(self.get(key).map(|v| v.get_ref()), Some(DeValue::Table(_)))
+    }
+
     /// Byte offset of a key's value, or of the table itself when the key is absent.
     pub fn pos(&self, key: &str) -> usize {
         self.get(key).map(|v| v.span().start).unwrap_or(self.at)
@@ -311,6 +324,22 @@ impl<'a, 'i> Table<'a, 'i> {
                 Vec::new()
             }
         }
+    }
+
+    /// Where the string `want` is in `key` (a string or an array of them), quietly: errors
+    /// about the values were reported when they were read. The key's position otherwise.
+    pub fn string_pos(&self, key: &str, want: &str) -> usize {
+        let found = |v: &Spanned<DeValue<'i>>| {
+            matches!(v.get_ref(), DeValue::String(s) if s.as_ref() == want).then(|| v.span().start)
+        };
+        let Some(v) = self.get(key) else {
+            return self.at;
+        };
+        let at = match v.get_ref() {
+            DeValue::Array(items) => items.iter().find_map(found),
+            _ => found(v),
+        };
+        at.unwrap_or(v.span().start)
     }
 
     /// Strings of an array; a single string is accepted as a list of one.

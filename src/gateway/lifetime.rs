@@ -384,64 +384,19 @@ async fn release_on_server(
     key: &SessionKey,
     cfg: &crate::config::Backend,
 ) {
-    let token = cfg.backend_token.as_ref();
-    let msg = release_session_request(key);
-    let r = async {
-        let send = gw
-            .upstreams
-            .get(
-                server.id,
-                server.addr(),
-                cfg.timeout_connect,
-                cfg.server_tls.as_ref(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let scheme = if cfg.server_tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let req = Request::post(format!(
-            "{scheme}://{}/spark.connect.SparkConnectService/ReleaseSession",
-            server.addr()
-        ))
-        .header(header::CONTENT_TYPE, "application/grpc")
-        .header(header::TE, "trailers")
-        .body(())
-        .map_err(|e| e.to_string())?;
-        // A server that requires sclb's token refuses a release without it.
-        let mut req = req;
-        if let Some(t) = token
-            && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", t.0))
-        {
-            v.set_sensitive(true);
-            req.headers_mut().insert(header::AUTHORIZATION, v);
-        }
-        let mut send = send.ready().await.map_err(|e| e.to_string())?;
-        let (resp, mut tx) = send.send_request(req, false).map_err(|e| e.to_string())?;
-        tx.send_data(msg, true).map_err(|e| e.to_string())?;
-        let (parts, mut body) = resp.await.map_err(|e| e.to_string())?.into_parts();
-        while let Some(d) = body.data().await {
-            let d = d.map_err(|e| e.to_string())?;
-            let _ = body.flow_control().release_capacity(d.len());
-        }
-        let trailers = body
-            .trailers()
-            .await
-            .map_err(|e| e.to_string())?
-            .unwrap_or(parts.headers);
-        Ok::<_, String>(spark_proto::grpc_status_code(&trailers).map_or("none", grpc_code_name))
-    };
-    match tokio::time::timeout(Duration::from_secs(10), r).await {
-        Ok(Ok(code)) => {
-            debug!(session = %crate::escape::token(&key.session_id), server = %server.name, "ReleaseSession sent: {code}")
+    let call = gw
+        .upstreams
+        .call(server, cfg, "ReleaseSession", release_session_request(key));
+    let session = crate::escape::token(&key.session_id);
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok((code, _))) => {
+            debug!(session = %session, server = %server.name, "ReleaseSession sent: {}", grpc_code_name(code))
         }
         Ok(Err(e)) => {
-            debug!(session = %crate::escape::token(&key.session_id), server = %server.name, "ReleaseSession failed: {e}")
+            debug!(session = %session, server = %server.name, "ReleaseSession failed: {e}")
         }
         Err(_) => {
-            debug!(session = %crate::escape::token(&key.session_id), server = %server.name, "ReleaseSession timed out")
+            debug!(session = %session, server = %server.name, "ReleaseSession timed out")
         }
     }
 }

@@ -19,6 +19,11 @@
 //!   the team's `max_sessions_per_team` leaves room for. Every ten seconds it also retires
 //!   unclaimed drivers of a frontend's (team, environment) that has no pool any more (a reload
 //!   removed it).
+//! - A new driver is a cold JVM: its first query takes seconds. With `warm_up` (the default),
+//!   the keeper runs a throwaway query on each member once it is Ready (and passes its health
+//!   check), in a session of its own that it then releases, and only then marks the member
+//!   warm (annotation `sclb.io/warmed-up`): only warm members are claimed and counted Ready.
+//!   A warm-up that fails or times out retires the member, and it is replaced.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,10 +47,15 @@ use crate::config::{KubernetesDiscovery, OnDemand, Pool};
 use crate::state::Backend;
 use crate::store::kubernetes::annotation as a;
 
+mod warm_up;
+use warm_up::{Warm, warm_ups, warms};
+
 /// The label that marks a pool driver, and its values.
 pub const LABEL: &str = "sclb.io/pool";
 pub const READY: &str = "ready";
 pub const CLAIMED: &str = "claimed";
+/// The annotation the keeper puts on a member once its warm-up succeeded (when).
+pub const WARMED: &str = "sclb.io/warmed-up";
 
 /// How often the keeper looks at the pools.
 const TICK: Duration = Duration::from_secs(1);
@@ -63,8 +73,12 @@ pub struct PoolKey {
 /// Whether a member can be claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemberState {
-    /// Discovered, and it takes new clients.
+    /// Discovered, it takes new clients, and it is warm (or the pool has no warm-up).
     Ready,
+    /// Discovered and taking new clients, its warm-up not done yet.
+    Warming,
+    /// Its warm-up failed (seen by the keeper that ran it): retired.
+    WarmUpFailed,
     /// Not (yet) discovered Ready.
     Starting,
     /// Discovered, and its health check fails.
@@ -75,6 +89,8 @@ impl MemberState {
     fn as_str(self) -> &'static str {
         match self {
             MemberState::Ready => "Ready",
+            MemberState::Warming => "Warming",
+            MemberState::WarmUpFailed => "WarmUpFailed",
             MemberState::Starting => "Starting",
             MemberState::Down => "Down",
         }
@@ -101,14 +117,18 @@ struct Seen {
 
 type Labels1 = [(&'static str, &'static str); 1];
 
-/// The pools' last look, and their metrics (`sclb_pool_*`).
+/// The pools' last look, the keeper's warm-ups, and their metrics (`sclb_pool_*`).
 pub struct Pools {
     seen: Mutex<BTreeMap<PoolKey, Seen>>,
+    /// By pool and member name.
+    warm: Mutex<BTreeMap<(PoolKey, String), Warm>>,
     wake: Notify,
     pub registry: PromRegistry,
     ready: Family<Vec<(&'static str, String)>, Gauge>,
     claims: Family<Labels1, Counter>,
     first_response: Family<Labels1, Histogram>,
+    warmups: Family<Labels1, Counter>,
+    warmup_seconds: Histogram,
 }
 
 impl Default for Pools {
@@ -120,6 +140,9 @@ impl Default for Pools {
         let first_response = Family::<Labels1, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.01, 2.0, 18))
         });
+        let warmups = Family::<Labels1, Counter>::default();
+        // 50 ms .. ~7 min
+        let warmup_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 14));
         registry.register(
             "pool_ready",
             "Ready unclaimed drivers of each warm pool.",
@@ -135,17 +158,33 @@ impl Default for Pools {
             "Time from an on-demand session's first RPC to its first response, by pool hit or miss.",
             first_response.clone(),
         );
+        registry.register(
+            "pool_warmups",
+            "Warm-up queries run on new pool drivers: ok (the driver is offered) or failed (it is retired).",
+            warmups.clone(),
+        );
+        registry.register(
+            "pool_warmup_seconds",
+            "Time a successful warm-up of a pool driver took (its query and the release of its session).",
+            warmup_seconds.clone(),
+        );
         for r in ["hit", "miss"] {
             let _ = claims.get_or_create(&[("result", r)]);
             let _ = first_response.get_or_create(&[("result", r)]);
         }
+        for r in ["ok", "failed"] {
+            let _ = warmups.get_or_create(&[("result", r)]);
+        }
         Pools {
             seen: Mutex::default(),
+            warm: Mutex::default(),
             wake: Notify::new(),
             registry,
             ready,
             claims,
             first_response,
+            warmups,
+            warmup_seconds,
         }
     }
 }
@@ -160,7 +199,7 @@ fn nobody() -> SessionKey {
 
 /// The namespace of a (team, environment)'s drivers.
 pub fn namespace(od: &OnDemand, team: &str, environment: &str) -> String {
-    ondemand::fill(&od.namespace, team, environment, &nobody())
+    od.pool_namespace(team, environment)
 }
 
 fn selector(team: &str, environment: &str) -> String {
@@ -180,14 +219,15 @@ async fn timed<T>(
     }
 }
 
-/// A pool's unclaimed drivers, oldest first, as discovery sees them in `backend`.
+/// A pool's unclaimed drivers, oldest first, as discovery sees them in `backend`; with
+/// `warm_up`, a discovered driver is Ready once warm, Warming until then.
 async fn list(
     api: &kube::Api<DynamicObject>,
     frontend: &str,
     namespace: &str,
-    team: &str,
-    environment: &str,
+    (team, environment): (&str, &str),
     backend: &Backend,
+    warm_up: bool,
 ) -> Result<Vec<Member>, String> {
     let lp = ListParams::default().labels(&selector(team, environment));
     let list = timed(api.list(&lp))
@@ -217,8 +257,14 @@ async fn list(
                 .creation_timestamp
                 .as_ref()
                 .map_or(now, |t| t.0.as_millisecond());
+            let warm = !warm_up
+                || o.metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(WARMED));
             let state = match super::route::named_server(backend, Some(namespace), &name) {
-                Some(s) if s.takes_new_clients() => MemberState::Ready,
+                Some(s) if s.takes_new_clients() && warm => MemberState::Ready,
+                Some(s) if s.takes_new_clients() => MemberState::Warming,
                 Some(s) if !s.takes_pinned_clients() => MemberState::Down,
                 _ => MemberState::Starting,
             };
@@ -263,7 +309,7 @@ impl Pools {
     ) -> Option<Pending> {
         let namespace = namespace(od, c.team, c.environment);
         let got = match ondemand.api_for(settings, &namespace).await {
-            Ok(api) => self.claim_in(&api, &namespace, &c).await,
+            Ok(api) => self.claim_in(&api, &namespace, &c, warms(od)).await,
             Err(e) => {
                 warn!("pool of {}/{}: {e}", c.team, c.environment);
                 None
@@ -287,9 +333,10 @@ impl Pools {
         api: &kube::Api<DynamicObject>,
         namespace: &str,
         c: &Claim<'_>,
+        warm_up: bool,
     ) -> Option<String> {
-        let members = match list(api, c.frontend, namespace, c.team, c.environment, c.backend).await
-        {
+        let team = (c.team, c.environment);
+        let members = match list(api, c.frontend, namespace, team, c.backend, warm_up).await {
             Ok(m) => m,
             Err(e) => {
                 warn!(
@@ -371,6 +418,17 @@ impl Pools {
             .observe(took.as_secs_f64());
     }
 
+    /// Stops and forgets the warm-ups of pools no longer configured (or no longer warming up).
+    fn forget_warm_ups(&self, warming: &std::collections::HashSet<PoolKey>) {
+        self.warm.lock().retain(|(k, _), st| {
+            let keep = warming.contains(k);
+            if !keep && let Warm::Running(task) = st {
+                task.abort();
+            }
+            keep
+        });
+    }
+
     /// Keeps what the keeper saw and sets the gauges (a pool gone from the config goes).
     fn saw(&self, now: BTreeMap<PoolKey, Seen>) {
         let mut seen = self.seen.lock();
@@ -412,12 +470,13 @@ impl Pools {
             let n = |st: MemberState| s.members.iter().filter(|m| m.state == st).count();
             let _ = writeln!(
                 out,
-                "{} team={} environment={} namespace={} ready={} starting={} down={} min_ready={} max_ready={} max_age={}",
+                "{} team={} environment={} namespace={} ready={} warming={} starting={} down={} min_ready={} max_ready={} max_age={}",
                 k.frontend,
                 k.team,
                 k.environment,
                 s.namespace,
                 n(MemberState::Ready),
+                n(MemberState::Warming),
                 n(MemberState::Starting),
                 n(MemberState::Down),
                 s.pool.min_ready,
@@ -459,6 +518,8 @@ fn plan(members: Vec<Member>, pool: &Pool, ready_timeout: Duration, room: usize)
             Some("older than max_age")
         } else if m.state == MemberState::Down {
             Some("failing its health check")
+        } else if m.state == MemberState::WarmUpFailed {
+            Some("its warm-up failed")
         } else if m.state == MemberState::Starting && m.age >= ready_timeout {
             Some("not Ready within ready_timeout")
         } else {
@@ -495,6 +556,8 @@ pub async fn keeper(shared: Arc<Shared>) {
         }
         let snap = shared.state.snapshot();
         let mut seen = BTreeMap::new();
+        // Pools that warm their drivers up.
+        let mut warming = std::collections::HashSet::new();
         for fe in &snap.frontends {
             let Some(od) = fe.config.grpc.as_ref().and_then(|g| g.on_demand.as_ref()) else {
                 continue;
@@ -511,6 +574,9 @@ pub async fn keeper(shared: Arc<Shared>) {
                     team: team.clone(),
                     environment: environment.clone(),
                 };
+                if pool.warm_up.is_some() {
+                    warming.insert(key.clone());
+                }
                 match keep(&shared, &key, b, settings, od, pool).await {
                     Ok(s) => {
                         if failing.remove(&key) {
@@ -526,6 +592,7 @@ pub async fn keeper(shared: Arc<Shared>) {
                 }
             }
         }
+        shared.gateway.pools.forget_warm_ups(&warming);
         shared.gateway.pools.saw(seen);
         ticks = ticks.wrapping_add(1);
         if ticks.is_multiple_of(SWEEP_EVERY) && is_leader(&shared) {
@@ -627,7 +694,16 @@ async fn keep(
     let (team, environment) = (key.team.as_str(), key.environment.as_str());
     let namespace = namespace(od, team, environment);
     let api = gw.ondemand.api_for(settings, &namespace).await?;
-    let members = list(&api, &key.frontend, &namespace, team, environment, b).await?;
+    let warm_up = pool.warm_up.as_ref();
+    let members = list(
+        &api,
+        &key.frontend,
+        &namespace,
+        (team, environment),
+        b,
+        warm_up.is_some(),
+    )
+    .await?;
     let template = od
         .template
         .file_name()
@@ -645,6 +721,10 @@ async fn keep(
     let room = od.max_sessions_per_team.map_or(usize::MAX, |max| {
         max.saturating_sub(gw.registry.created_for_team(team) + gw.ondemand.pending_for_team(team))
     });
+    let members = match warm_up {
+        Some(w) => warm_ups(shared, (key, &namespace), &api, b, w, members),
+        None => members,
+    };
     let Plan { mut kept, retire } = plan(members, pool, od.ready_timeout, room);
     for (m, why) in retire {
         let dp = DeleteParams {
@@ -724,6 +804,7 @@ mod tests {
             max_ready: 2,
             max_age: Duration::from_secs(100),
             teams: vec![],
+            warm_up: None,
         };
         let t = Duration::from_secs(30);
         let members = || {

@@ -315,16 +315,7 @@ async fn connect(
     let cfg = &backend.config;
     let mut tried = Vec::new();
     loop {
-        match gw
-            .upstreams
-            .get(
-                server.id,
-                server.addr(),
-                cfg.timeout_connect,
-                cfg.server_tls.as_ref(),
-            )
-            .await
-        {
+        match gw.upstreams.to(&server, cfg).await {
             Ok(s) => return Ok((s, server)),
             Err(e) => {
                 server.counters.conn_errors.fetch_add(1, Relaxed);

@@ -20,9 +20,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
+use http::{HeaderValue, Request, header};
 use tracing::debug;
 
-use crate::server::ServerId;
+use crate::health::spark_proto;
+use crate::server::{Server, ServerId};
 use crate::sockopt;
 use crate::tls::client::ServerTls;
 
@@ -36,6 +38,9 @@ const STREAM_WINDOW: u32 = 256 << 10;
 const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// Largest DATA frame a server may send: the unit handed down to a client at a time.
 const MAX_FRAME: u32 = 64 << 10;
+
+/// Most characters of a server's grpc-message kept by [`Upstreams::call`].
+const MAX_MESSAGE: usize = 300;
 
 pub type Sender = SendRequest<Bytes>;
 
@@ -92,6 +97,90 @@ impl Upstreams {
         let s = connect(addr, connect_timeout, tls).await?;
         *held = Some(s.clone());
         Ok(s)
+    }
+
+    /// [`Upstreams::get`] for `server` of backend `cfg` (its connect timeout and TLS).
+    pub async fn to(
+        &self,
+        server: &Server,
+        cfg: &crate::config::Backend,
+    ) -> Result<Sender, UpstreamError> {
+        self.get(
+            server.id,
+            server.addr(),
+            cfg.timeout_connect,
+            cfg.server_tls.as_ref(),
+        )
+        .await
+    }
+
+    /// One gRPC call of sclb's own (not a client's) to `server` of backend `cfg`, over the
+    /// shared connection, with sclb's `backend_token`: its reply is read to the end and
+    /// dropped. The answer: the grpc-status and grpc-message (bounded, escaped); `Err`: why
+    /// no status came back. The caller bounds the time.
+    pub async fn call(
+        &self,
+        server: &Server,
+        cfg: &crate::config::Backend,
+        method: &str,
+        body: Bytes,
+    ) -> Result<(u32, String), String> {
+        let send = self.to(server, cfg).await.map_err(|e| e.to_string())?;
+        let scheme = if cfg.server_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut req = Request::post(format!(
+            "{scheme}://{}/spark.connect.SparkConnectService/{method}",
+            server.addr()
+        ))
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header(header::TE, "trailers")
+        .header(
+            header::USER_AGENT,
+            concat!("sclb/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(())
+        .map_err(|e| e.to_string())?;
+        // A server that requires sclb's token refuses a call without it.
+        if let Some(t) = &cfg.backend_token
+            && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", t.0))
+        {
+            v.set_sensitive(true);
+            req.headers_mut().insert(header::AUTHORIZATION, v);
+        }
+        let mut send = send.ready().await.map_err(|e| e.to_string())?;
+        let (resp, mut tx) = send.send_request(req, false).map_err(|e| e.to_string())?;
+        tx.send_data(body, true).map_err(|e| e.to_string())?;
+        let (parts, mut body) = resp.await.map_err(|e| e.to_string())?.into_parts();
+        if parts.status != http::StatusCode::OK {
+            return Err(format!("HTTP status {}", parts.status.as_u16()));
+        }
+        while let Some(d) = body.data().await {
+            let d = d.map_err(|e| e.to_string())?;
+            let _ = body.flow_control().release_capacity(d.len());
+        }
+        let trailers = body
+            .trailers()
+            .await
+            .map_err(|e| e.to_string())?
+            .unwrap_or(parts.headers);
+        let code = spark_proto::grpc_status_code(&trailers)
+            .ok_or("no grpc-status in the reply: not a gRPC server")?;
+        let message = trailers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .map(|m| {
+                // The server's text, on its way into sclb's log: one bounded line.
+                spark_proto::percent_decode(m)
+                    .chars()
+                    .take(MAX_MESSAGE)
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((code, message))
     }
 
     /// Forgets connections to servers not in `keep` (removed by a reload or discovery).

@@ -40,6 +40,61 @@ pub struct ReleaseSessionRequest {
     pub client_type: Option<String>,
 }
 
+/// `SQL` (relations.proto): a query as `spark.sql()` takes it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Sql {
+    #[prost(string, tag = "1")]
+    pub query: String,
+}
+
+/// `Relation`, with only its `sql` (10) form declared.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Relation {
+    #[prost(message, optional, tag = "10")]
+    pub sql: Option<Sql>,
+}
+
+/// `Plan`, with only its `root` relation (1) declared.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Plan {
+    #[prost(message, optional, tag = "1")]
+    pub root: Option<Relation>,
+}
+
+/// `ExecutePlanRequest`: what the pool's warm-up sends (no request options: not reattachable,
+/// so the server streams the whole result on this one call).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecutePlanRequest {
+    #[prost(string, tag = "1")]
+    pub session_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub user_context: Option<UserContext>,
+    #[prost(message, optional, tag = "3")]
+    pub plan: Option<Plan>,
+    #[prost(string, optional, tag = "4")]
+    pub client_type: Option<String>,
+}
+
+impl ExecutePlanRequest {
+    /// `spark.sql(query)` collected, on `session_id`.
+    pub fn sql(session_id: &str, user_id: &str, client_type: &str, query: &str) -> Self {
+        ExecutePlanRequest {
+            session_id: session_id.to_string(),
+            user_context: Some(UserContext {
+                user_id: user_id.to_string(),
+            }),
+            plan: Some(Plan {
+                root: Some(Relation {
+                    sql: Some(Sql {
+                        query: query.to_string(),
+                    }),
+                }),
+            }),
+            client_type: Some(client_type.to_string()),
+        }
+    }
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct SparkVersion {
     #[prost(string, tag = "1")]
@@ -186,6 +241,18 @@ mod tests {
         // spark_version (10, length-delimited, empty): 0x52 0x00.
         assert!(bytes.windows(2).any(|w| w == [0x52, 0x00]));
         assert_eq!(AnalyzePlanRequest::decode(&bytes[..]).unwrap(), req);
+    }
+
+    #[test]
+    fn an_sql_plan_has_spark_field_numbers() {
+        let req = ExecutePlanRequest::sql("s", "u", "c", "SELECT 1");
+        let bytes = req.encode_to_vec();
+        // plan (3) { root (1) { sql (10) { query (1) "SELECT 1" } } }
+        let plan = [
+            0x1a, 14, 0x0a, 12, 0x52, 10, 0x0a, 8, b'S', b'E', b'L', b'E', b'C', b'T', b' ', b'1',
+        ];
+        assert!(bytes.windows(plan.len()).any(|w| w == plan), "{bytes:?}");
+        assert_eq!(ExecutePlanRequest::decode(&bytes[..]).unwrap(), req);
     }
 
     #[test]

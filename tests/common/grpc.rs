@@ -58,6 +58,10 @@ pub struct Behaviour {
     pub stream_every: Duration,
     /// Padding added to each streamed message.
     pub message_size: usize,
+    /// `ExecutePlan` answers only once it takes a permit from this (the test hands them out).
+    pub execute_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// `ExecutePlan` fails with this gRPC status and message.
+    pub execute_fails: Option<(u32, &'static str)>,
 }
 
 impl Default for Behaviour {
@@ -66,6 +70,8 @@ impl Default for Behaviour {
             stream_messages: 3,
             stream_every: Duration::from_millis(10),
             message_size: 0,
+            execute_gate: None,
+            execute_fails: None,
         }
     }
 }
@@ -229,6 +235,18 @@ async fn answer(
     }
     let reply = format!("{name} {} bytes={}", method.name(), data.len());
     headers = headers.header("x-request-bytes", data.len());
+    if method == decode::Method::ExecutePlan
+        && let Some(gate) = &b.execute_gate
+    {
+        gate.acquire().await.expect("the gate stays open").forget();
+    }
+    if method == decode::Method::ExecutePlan
+        && let Some((code, msg)) = b.execute_fails
+    {
+        let mut r = headers.body(Full::new(Bytes::new()).boxed()).unwrap();
+        r.headers_mut().extend(trailers(code, msg));
+        return r;
+    }
     if method == decode::Method::ExecutePlan {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
         let (n, every, pad) = (b.stream_messages, b.stream_every, b.message_size);

@@ -171,9 +171,11 @@ def _spawn(name: str, argv: list[str], log: Path, cwd: Path, env: dict | None = 
     return Proc(name, popen, log)
 
 
-def start_spark_server(name: str, port: int, workdir: Path, token: str | None = None) -> Proc:
-    """Start a Spark Connect server from the pyspark package (see spark-connect-facts.md);
-    with `token`, it requires `authorization: Bearer <token>` (spark.connect.authenticate.token).
+def start_spark_server(name: str, port: int, workdir: Path, token: str | None = None,
+                       address: str = "127.0.0.1") -> Proc:
+    """Start a Spark Connect server from the pyspark package (see spark-connect-facts.md) on
+    `address`:`port`; with `token`, it requires `authorization: Bearer <token>`
+    (spark.connect.authenticate.token).
 
     spark-submit execs spark-class which execs java, so the PID is the JVM's.
     The working directory (spark-warehouse, derby files) is `workdir`.
@@ -181,14 +183,14 @@ def start_spark_server(name: str, port: int, workdir: Path, token: str | None = 
     workdir.mkdir(parents=True, exist_ok=True)
     # Python UDFs (test_gateway's artifact test) run in workers started with PYSPARK_PYTHON:
     # this interpreter (the venv's), which has pyspark; a bare `python3` may not.
-    env = dict(os.environ, SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP="127.0.0.1",
+    env = dict(os.environ, SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP=address,
                PYSPARK_PYTHON=sys.executable)
     argv = [
         str(SPARK_HOME / "bin" / "spark-submit"),
         "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
         "--master", "local[2]",
         "--driver-memory", "1g",
-        "--conf", "spark.connect.grpc.binding.address=127.0.0.1",
+        "--conf", f"spark.connect.grpc.binding.address={address}",
         "--conf", f"spark.connect.grpc.binding.port={port}",
         "--conf", "spark.ui.enabled=false",
         "--conf", "spark.connect.execute.reattachable.senderMaxStreamDuration="
@@ -200,11 +202,11 @@ def start_spark_server(name: str, port: int, workdir: Path, token: str | None = 
     return _spawn(name, argv, workdir / f"{name}.log", workdir, env)
 
 
-def wait_port(proc: Proc, port: int, budget: float) -> float:
-    """Wait until `port` accepts; fail early if `proc` dies. Returns seconds waited."""
+def wait_port(proc: Proc, port: int, budget: float, host: str = "127.0.0.1") -> float:
+    """Wait until `host`:`port` accepts; fail early if `proc` dies. Returns seconds waited."""
     deadline = time.monotonic() + budget
     while time.monotonic() < deadline:
-        if port_accepts(port):
+        if port_accepts(port, host):
             return time.monotonic() - proc.started
         if not proc.alive():
             raise RuntimeError(

@@ -33,17 +33,24 @@ struct Operator {
 
 impl Operator {
     async fn start(connects: Api<DynamicObject>, first: u8, n: u8) -> Operator {
+        Self::start_with(connects, first, n, |_| Behaviour::default()).await
+    }
+
+    /// With stand-in `i` (0-based, in the order drivers are made Ready) behaving as
+    /// `behaviour(i)`.
+    async fn start_with(
+        connects: Api<DynamicObject>,
+        first: u8,
+        n: u8,
+        behaviour: impl Fn(u8) -> Behaviour,
+    ) -> Operator {
         let mut drivers = Vec::new();
         let mut port = 0;
         for i in 0..n {
             let ip = std::net::Ipv4Addr::new(127, 0, 0, first + i);
             let l = TcpListener::bind((ip, port)).await.unwrap();
             port = l.local_addr().unwrap().port();
-            drivers.push(FakeGrpc::serve(
-                &format!("d{}", first + i),
-                l,
-                Behaviour::default(),
-            ));
+            drivers.push(FakeGrpc::serve(&format!("d{}", first + i), l, behaviour(i)));
         }
         let on = Arc::new(AtomicBool::new(true));
         let serves = Arc::new(parking_lot::Mutex::new(BTreeMap::new()));
@@ -108,6 +115,23 @@ impl Operator {
     /// The stand-in serving SparkConnect `name`.
     fn server_of(&self, name: &str) -> String {
         self.serves.lock().get(name).cloned().unwrap_or_default()
+    }
+
+    /// The methods of each session of sclb's warm-up that the stand-in serving `name` saw.
+    fn warm_ups(&self, name: &str) -> Vec<Vec<String>> {
+        let server = self.server_of(name);
+        let Some(d) = self.drivers.iter().find(|d| d.name == server) else {
+            return vec![];
+        };
+        let seen = d.seen.lock().unwrap();
+        seen.by_session
+            .values()
+            .filter(|rpcs| {
+                rpcs.iter()
+                    .all(|(_, user)| user.as_deref() == Some("sclb-warm-up"))
+            })
+            .map(|rpcs| rpcs.iter().map(|(m, _)| m.clone()).collect())
+            .collect()
     }
 }
 
@@ -228,6 +252,14 @@ async fn a_warm_pool_serves_new_sessions_at_once_and_never_reuses_a_driver() {
         assert_eq!(o.labels()["sclb.io/pool"], "ready");
         assert_eq!(o.labels()["app.kubernetes.io/managed-by"], "sclb");
         assert!(!o.annotations().contains_key("sclb.io/spark-session"));
+        // Warmed up (the default) before it was offered: one query in a session of its own,
+        // then that session released.
+        assert!(o.annotations().contains_key("sclb.io/warmed-up"));
+        assert_eq!(
+            op.warm_ups(name),
+            [["ExecutePlan", "ReleaseSession"]],
+            "{name}"
+        );
     }
     let shown = lb.admin("show pool");
     assert!(
@@ -474,7 +506,10 @@ async fn pool_drivers_are_replaced_retired_and_shrunk_by_the_quota() {
     assert_eq!(claims(&lb, "hit"), 2.0, "both from the pool");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let shown = lb.admin("show pool");
-    assert!(shown.contains(" ready=0 starting=0 down=0 "), "{shown}");
+    assert!(
+        shown.contains(" ready=0 warming=0 starting=0 down=0 "),
+        "{shown}"
+    );
     assert_eq!(members().await, 0, "nothing kept for a team at its quota");
     op.resume();
 
@@ -636,4 +671,133 @@ async fn a_reload_that_removes_a_pool_retires_its_drivers() {
     );
     assert!(connects.get_opt(&claimed).await.unwrap().is_some());
     assert_eq!(lb.admin("show pool"), "# pools: 0 claims: hit=1 miss=0\n\n");
+}
+
+/// A pool driver is offered only once its warm-up query has been answered (and its session
+/// released): until then a new session is a miss and gets a driver of its own. A driver whose
+/// warm-up fails is retired and replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_driver_is_offered_only_once_warm_and_one_failing_its_warm_up_is_replaced() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "sjns-pwarm-dev").await;
+    let connects = k.crd("v1alpha1", "SparkConnect", "sparkconnects");
+    // The first driver made Ready fails every query; the others answer one only when the
+    // test opens the gate.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let op = Operator::start_with(connects.clone(), 131, 8, move |i| Behaviour {
+        execute_fails: (i == 0).then_some((13, "the JVM fell over")),
+        execute_gate: (i > 0).then(|| g.clone()),
+        ..Behaviour::default()
+    })
+    .await;
+    let d = tempfile::tempdir().unwrap();
+    let cfg = pool_config(
+        d.path(),
+        api,
+        op.port,
+        &k.ns,
+        10,
+        r#"{ min_ready = 1, max_ready = 1, max_age = "2h", teams = ["pwarm/dev"], warm_up = { query = "SELECT 42 AS warm", timeout = "2m" } }"#,
+        "",
+    );
+    let mut lb = SclbProcess::start(d.path(), &cfg, &[]);
+    let gw = lb.frontend_addr("gw");
+    let warm_ups = |result: &str| {
+        metric(
+            &lb.metrics(),
+            &format!("sclb_pool_warmups_total{{result=\"{result}\"}}"),
+        )
+        .unwrap_or(-1.0)
+    };
+
+    // The first driver's warm-up fails: retired, and a second one is made.
+    eventually("the first driver's warm-up fails", || async {
+        if lb
+            .log_text()
+            .contains("pool driver retired (its warm-up failed)")
+        {
+            Ok(())
+        } else {
+            Err(lb.admin("show pool"))
+        }
+    })
+    .await;
+    assert!(
+        lb.log_text().contains("the JVM fell over"),
+        "{}",
+        lb.log_text()
+    );
+    assert_eq!(warm_ups("failed"), 1.0);
+    let warming = eventually("a second driver, warming", || async {
+        let shown = lb.admin("show pool");
+        let name = shown
+            .lines()
+            .find_map(|l| l.strip_prefix("  ")?.split_once(" Warming "))
+            .map(|(n, _)| n.to_string());
+        match name {
+            Some(n) if shown.contains(" ready=0 warming=1 ") && !op.server_of(&n).is_empty() => {
+                Ok(n)
+            }
+            _ => Err(shown),
+        }
+    })
+    .await;
+    let first = op
+        .serves
+        .lock()
+        .iter()
+        .find(|(_, s)| *s == "d131")
+        .map(|(n, _)| n.clone())
+        .expect("d131 served the first driver");
+    assert_ne!(first, warming);
+    assert!(
+        connects.get_opt(&first).await.unwrap().is_none(),
+        "{first} is deleted"
+    );
+
+    // Its warm-up query is held: it is not offered. A new session is a miss.
+    eventually("the warm-up query reaches the driver", || async {
+        let server = op.server_of(&warming);
+        let d = op.drivers.iter().find(|d| d.name == server).unwrap();
+        let seen = d.seen.lock().unwrap();
+        if seen
+            .bodies
+            .iter()
+            .any(|b| b.windows(16).any(|w| w == b"SELECT 42 AS war"))
+        {
+            Ok(())
+        } else {
+            Err(format!("{} RPCs", seen.rpcs))
+        }
+    })
+    .await;
+    let o = connects.get(&warming).await.unwrap();
+    assert!(!o.annotations().contains_key("sclb.io/warmed-up"));
+    assert_eq!(
+        metric(
+            &lb.metrics(),
+            "sclb_pool_ready{template=\"sparkconnect.yaml\",team=\"pwarm\",environment=\"dev\"}"
+        ),
+        Some(0.0)
+    );
+    let team = [("x-spark-team", "pwarm"), ("x-spark-environment", "dev")];
+    let r = first_rpc(gw, 130, team).await;
+    assert_eq!(r.status, 0, "{r:?}");
+    assert_ne!(driver_of(&r), warming, "a warming driver is not claimed");
+    assert_eq!((claims(&lb, "hit"), claims(&lb, "miss")), (0.0, 1.0));
+
+    // Answered: warm, offered, claimed by the next session.
+    gate.add_permits(10);
+    let ready = pool_becomes(&lb, 1, "the warmed-up driver is Ready").await;
+    assert_eq!(ready, std::slice::from_ref(&warming));
+    let o = connects.get(&warming).await.unwrap();
+    assert!(o.annotations().contains_key("sclb.io/warmed-up"));
+    assert_eq!(op.warm_ups(&warming), [["ExecutePlan", "ReleaseSession"]]);
+    assert_eq!(warm_ups("ok"), 1.0);
+    let r = first_rpc(gw, 131, team).await;
+    assert_eq!(r.status, 0, "{r:?}");
+    assert_eq!(driver_of(&r), warming);
+    assert_eq!(claims(&lb, "hit"), 1.0);
+    assert!(lb.log_text().contains("pool driver warmed up in"));
 }
