@@ -41,6 +41,24 @@
  *       so every call opens a new Spark session. A call is ok when its response
  *       has a DATA frame before END_STREAM (a gRPC error is trailers-only).
  *       Prints one JSON line: count, errors, seconds, calls/s, percentiles (us).
+ *   benchtool grpcconc HOST PORT BODY_FILE CONNS ADDR_BASE SESSION_BASE RATE WARMUP_S WINDOW_S
+ *       CONNS concurrent Spark sessions, one h2c connection each (as PySpark keeps
+ *       one channel per session), connection i from source address ADDR_BASE+i
+ *       (as conns) and its calls carrying session id SESSION_BASE+i (as grpccalls).
+ *       Each connection opens with one call (its session's first), then unary
+ *       Config calls with at most one in flight per connection, in two phases of
+ *       WARMUP_S + WINDOW_S seconds: "paced" (RATE calls/s offered over all
+ *       connections, latency counted from when a call was due; skipped if RATE
+ *       is 0), then "closed" (each connection calls again as soon as its call
+ *       returns). A call is OK when it gets :status 200, a DATA frame and
+ *       grpc-status 0 (response headers are decoded with libnghttp2's HPACK
+ *       inflater); anything else, RST_STREAM included, is an error; a reset, EOF
+ *       or GOAWAY loses the connection. Prints "window NAME start|end" lines at
+ *       the window's edges (for the caller to sample a proxy's CPU), then one
+ *       JSON line: per phase count, calls/s, errors, lost connections, calls
+ *       unfinished after a 10 s drain, paced calls never sent ("behind"), PINGs
+ *       the server sent in the window (each a round trip the client answers), and
+ *       latency percentiles (us) of the calls that completed in the window.
  *   benchtool memcpy
  *       prints memcpy bandwidth (cache-resident 64 KiB and 256 MiB), a quick
  *       indicator of how loaded the shared VM is.
@@ -51,6 +69,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <nghttp2/nghttp2.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -709,6 +728,44 @@ static size_t hpack_literal(unsigned char *o, uint8_t first, const char *name, c
     return n + vl;
 }
 
+/* Reads BODY_FILE, a gRPC-framed Spark request whose session id (a UUID) sits at byte
+ * SID_OFFSET; its length, or 0 (with a message) when it is not one. */
+static size_t spark_body(const char *path, unsigned char *body, size_t cap) {
+    FILE *bf = fopen(path, "rb");
+    if (!bf) die("open BODY_FILE");
+    size_t len = fread(body, 1, cap, bf);
+    fclose(bf);
+    if (len < SID_OFFSET + SID_LEN || len == cap || body[5] != 0x0a || body[6] != SID_LEN) {
+        fprintf(stderr, "benchtool: BODY_FILE is not a gRPC message starting with a session id\n");
+        return 0;
+    }
+    return len;
+}
+
+/* The header block of a unary Config call, the same for every call: literals without
+ * indexing only, so the server's HPACK decoder needs no state of ours. Returns its length. */
+static size_t config_call_headers(unsigned char *hdr, const char *authority) {
+    size_t hl = 0;
+    hdr[hl++] = 0x83; /* :method POST */
+    hdr[hl++] = 0x86; /* :scheme http */
+    hl += hpack_literal(hdr + hl, 0x04, NULL, "/spark.connect.SparkConnectService/Config");
+    hl += hpack_literal(hdr + hl, 0x01, NULL, authority);
+    hdr[hl++] = 0x0f; /* content-type: static index 31 = 15 + 16 */
+    hl += hpack_literal(hdr + hl, 16, NULL, "application/grpc");
+    hl += hpack_literal(hdr + hl, 0x00, "te", "trailers");
+    return hl;
+}
+
+/* A client's first bytes: the preface, SETTINGS (defaults), the connection window + 1 GiB. */
+static size_t client_preface(unsigned char *out) {
+    size_t n = H2_PREFACE_LEN;
+    memcpy(out, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", H2_PREFACE_LEN);
+    n += h2_frame(out + n, 0, 0x4, 0, 0);
+    n += h2_frame(out + n, 4, 0x8, 0, 0);
+    out[n++] = 0x40; out[n++] = 0; out[n++] = 0; out[n++] = 0;
+    return n;
+}
+
 static int cmd_grpccalls(int argc, char **argv) {
     if (argc < 7) {
         fprintf(stderr, "usage: benchtool grpccalls HOST PORT BODY_FILE COUNT IN_FLIGHT BASE MAX_SECONDS\n");
@@ -723,25 +780,10 @@ static int cmd_grpccalls(int argc, char **argv) {
         fprintf(stderr, "benchtool grpccalls: bad arguments\n");
         return 2;
     }
-    unsigned char body[4096];
-    FILE *bf = fopen(argv[2], "rb");
-    if (!bf) die("open BODY_FILE");
-    size_t body_len = fread(body, 1, sizeof body, bf);
-    fclose(bf);
-    if (body_len < SID_OFFSET + SID_LEN || body_len == sizeof body || body[5] != 0x0a || body[6] != SID_LEN) {
-        fprintf(stderr, "benchtool grpccalls: BODY_FILE is not a gRPC message starting with a session id\n");
-        return 2;
-    }
-    /* the request's header block, the same for every call */
-    unsigned char hdr[256];
-    size_t hl = 0;
-    hdr[hl++] = 0x83; /* :method POST */
-    hdr[hl++] = 0x86; /* :scheme http */
-    hl += hpack_literal(hdr + hl, 0x04, NULL, "/spark.connect.SparkConnectService/Config");
-    hl += hpack_literal(hdr + hl, 0x01, NULL, argv[0]);
-    hdr[hl++] = 0x0f; /* content-type: static index 31 = 15 + 16 */
-    hl += hpack_literal(hdr + hl, 16, NULL, "application/grpc");
-    hl += hpack_literal(hdr + hl, 0x00, "te", "trailers");
+    unsigned char body[4096], hdr[256];
+    size_t body_len = spark_body(argv[2], body, sizeof body);
+    if (body_len == 0) return 2;
+    size_t hl = config_call_headers(hdr, argv[0]);
 
     int64_t *lat = malloc(sizeof(int64_t) * (size_t)count);
     struct call_slot *slots = calloc(CALLS_MAX_INFLIGHT, sizeof *slots);
@@ -752,12 +794,7 @@ static int cmd_grpccalls(int argc, char **argv) {
     if (fd < 0) die("socket");
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("connect");
     set_nodelay(fd);
-    size_t n = 0;
-    memcpy(out, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", H2_PREFACE_LEN);
-    n = H2_PREFACE_LEN;
-    n += h2_frame(out + n, 0, 0x4, 0, 0);                  /* SETTINGS (defaults) */
-    n += h2_frame(out + n, 4, 0x8, 0, 0);                  /* connection window + 1 GiB */
-    out[n++] = 0x40; out[n++] = 0; out[n++] = 0; out[n++] = 0;
+    size_t n = client_preface(out);
     if (write_all(fd, (char *)out, n) < 0) die("write preface");
     set_nonblock(fd);
 
@@ -833,6 +870,445 @@ static int cmd_grpccalls(int argc, char **argv) {
     return print_load_result(lat, done, count - done - errors, errors, elapsed);
 }
 
+/* ------------------------------------------ concurrent Spark sessions client */
+
+#define CONC_MAX_CONNS 60000L
+#define CONC_MAX_OPEN_S 300.0
+#define CONC_DRAIN_S 10.0
+#define CONC_IN_MAX (1 << 20)
+#define CONC_MAX_LAT (1L << 27)
+
+enum { GC_CONNECTING = 1, GC_OPENING, GC_OPEN, GC_DEAD };
+
+/* One client connection = one Spark session, as PySpark keeps one channel per session. */
+struct gconn {
+    int fd, state;
+    int busy;                /* a call is in flight on stream `sid` */
+    uint32_t sid, next_sid;
+    int64_t t_due;           /* when the call in flight was due: its latency counts from here */
+    int status_200, got_data, grpc_status; /* of the call in flight; grpc_status -1: none seen */
+    uint32_t hdr_sid;        /* a header block continues (CONTINUATION) on this stream; 0: none */
+    int hdr_end_stream;
+    long k_sent;             /* calls sent in the current phase */
+    uint32_t unacked;        /* DATA bytes received since our last WINDOW_UPDATE */
+    size_t inlen, incap;
+    unsigned char *in;
+    nghttp2_hd_inflater *hd; /* the server's header compression state (HPACK, Huffman) */
+    char session[12];        /* the last 12 hex digits of this connection's session id */
+};
+
+/* A measured phase: paced (a total rate over all connections, each due call sent on its
+ * connection when that one has no call in flight, its latency counted from when it was due)
+ * or closed loop (rate 0: each connection sends its next call when the last one returns). */
+struct phase {
+    const char *name;
+    double rate;
+    int64_t t0, w0, w1;      /* start, window start, window end (ns) */
+    long next_j;             /* paced: the next call number in the schedule */
+    int64_t *lat;            /* latencies of the calls that completed OK inside the window */
+    long done, cap;
+    long errors, lost, unfinished, behind;
+    long pings;              /* PINGs the server sent in the window (each one a round trip) */
+};
+
+struct conc {
+    struct gconn *c;
+    long n;
+    int ep;
+    unsigned char body[4096], hdr[256];
+    size_t body_len, hdr_len;
+    struct phase *ph;        /* NULL while the connections open */
+    long open_ok, open_failed, inflight;
+};
+
+static void gc_close(struct conc *g, struct gconn *c) {
+    if (c->busy) g->inflight--;
+    c->busy = 0;
+    c->state = GC_DEAD;
+    close(c->fd); /* also leaves the epoll set */
+    free(c->in);
+    c->in = NULL;
+    if (c->hd) nghttp2_hd_inflate_del(c->hd);
+    c->hd = NULL;
+}
+
+/* The connection broke (reset, EOF, GOAWAY, a protocol error, a stalled write). */
+static void gc_lost(struct conc *g, struct gconn *c) {
+    if (c->state == GC_DEAD) return;
+    if (c->state == GC_OPEN && g->ph) {
+        g->ph->lost++;
+        g->ph->errors += c->busy;
+    } else {
+        g->open_failed++;
+    }
+    gc_close(g, c);
+}
+
+/* Small writes (one call, or a control frame) on a connection with at most one call in
+ * flight: a short write means the peer stopped reading, and the connection counts as lost. */
+static int gc_write(struct conc *g, struct gconn *c, const unsigned char *buf, size_t n) {
+    if (write(c->fd, buf, n) == (ssize_t)n) return 0;
+    gc_lost(g, c);
+    return -1;
+}
+
+static void gc_send(struct conc *g, struct gconn *c, int64_t t_due) {
+    unsigned char out[4608];
+    size_t n = 0;
+    c->sid = c->next_sid;
+    c->next_sid += 2;
+    memcpy(g->body + SID_OFFSET + SID_LEN - 12, c->session, 12);
+    n += h2_frame(out + n, (uint32_t)g->hdr_len, 0x1, 0x4, c->sid);
+    memcpy(out + n, g->hdr, g->hdr_len); n += g->hdr_len;
+    n += h2_frame(out + n, (uint32_t)g->body_len, 0x0, 0x1, c->sid);
+    memcpy(out + n, g->body, g->body_len); n += g->body_len;
+    if (c->unacked >= 32768) { /* replenish the connection window */
+        n += h2_frame(out + n, 4, 0x8, 0, 0);
+        out[n++] = (unsigned char)(c->unacked >> 24); out[n++] = (unsigned char)(c->unacked >> 16);
+        out[n++] = (unsigned char)(c->unacked >> 8); out[n++] = (unsigned char)c->unacked;
+        c->unacked = 0;
+    }
+    c->busy = 1;
+    c->t_due = t_due;
+    c->status_200 = c->got_data = 0;
+    c->grpc_status = -1;
+    c->k_sent++;
+    g->inflight++;
+    gc_write(g, c, out, n);
+}
+
+/* Sends the connection's next call if the phase wants one now. */
+static void gc_next(struct conc *g, struct gconn *c, int64_t now) {
+    struct phase *p = g->ph;
+    if (!p || c->state != GC_OPEN || c->busy || now >= p->w1) return;
+    if (p->rate <= 0) {
+        gc_send(g, c, now);
+        return;
+    }
+    long idx = (long)(c - g->c);
+    int64_t due = p->t0 + (int64_t)((double)(c->k_sent * g->n + idx) * 1e9 / p->rate);
+    if (due <= now) gc_send(g, c, due); /* behind its schedule: catch up */
+}
+
+static void gc_done(struct conc *g, struct gconn *c, int ok) {
+    int64_t now = now_ns();
+    c->busy = 0;
+    g->inflight--;
+    if (c->state == GC_OPENING) { /* the session's first call */
+        if (!ok) {
+            gc_lost(g, c);
+            return;
+        }
+        c->state = GC_OPEN;
+        g->open_ok++;
+        return;
+    }
+    struct phase *p = g->ph;
+    if (!p) return;
+    if (!ok) {
+        p->errors++;
+    } else if (now >= p->w0 && now < p->w1) {
+        if (p->done == p->cap) {
+            if (p->cap >= CONC_MAX_LAT) die("too many calls to record");
+            p->cap = p->cap ? p->cap * 2 : 65536;
+            p->lat = realloc(p->lat, sizeof(int64_t) * (size_t)p->cap);
+            if (!p->lat) die("realloc");
+        }
+        p->lat[p->done++] = now - c->t_due;
+    }
+    gc_next(g, c, now);
+}
+
+static int gc_ok(const struct gconn *c) { return c->status_200 && c->got_data && c->grpc_status == 0; }
+
+/* Decodes a header block fragment (keeping the HPACK state in step for every stream); for
+ * the call in flight, notes :status and grpc-status. -1: a compression error. */
+static int gc_inflate(struct gconn *c, const unsigned char *in, size_t len, int final) {
+    int mine = c->busy && c->hdr_sid == c->sid;
+    for (;;) {
+        nghttp2_nv nv;
+        int fl = 0;
+        ssize_t r = nghttp2_hd_inflate_hd2(c->hd, &nv, &fl, in, len, final);
+        if (r < 0) return -1;
+        in += r;
+        len -= (size_t)r;
+        if ((fl & NGHTTP2_HD_INFLATE_EMIT) && mine) {
+            if (nv.namelen == 7 && memcmp(nv.name, ":status", 7) == 0) {
+                c->status_200 = nv.valuelen == 3 && memcmp(nv.value, "200", 3) == 0;
+            } else if (nv.namelen == 11 && memcmp(nv.name, "grpc-status", 11) == 0) {
+                int v = 0;
+                for (size_t i = 0; i < nv.valuelen && i < 4; i++)
+                    v = nv.value[i] >= '0' && nv.value[i] <= '9' ? v * 10 + (nv.value[i] - '0') : 999;
+                c->grpc_status = nv.valuelen ? v : 999;
+            }
+        }
+        if (fl & NGHTTP2_HD_INFLATE_FINAL) {
+            nghttp2_hd_inflate_end_headers(c->hd);
+            return 0;
+        }
+        if (!(fl & NGHTTP2_HD_INFLATE_EMIT) && len == 0) return 0;
+    }
+}
+
+/* Consumes the complete frames in c->in. The connection may be lost (closed, c->in freed)
+ * on the way: every step checks. */
+static void gc_frames(struct conc *g, struct gconn *c) {
+    size_t off = 0;
+    while (c->state != GC_DEAD && c->inlen - off >= 9) {
+        unsigned char *f = c->in + off, ctl[32];
+        uint32_t len = ((uint32_t)f[0] << 16) | ((uint32_t)f[1] << 8) | f[2];
+        uint8_t type = f[3], flags = f[4];
+        uint32_t sid = (((uint32_t)f[5] & 0x7f) << 24) | ((uint32_t)f[6] << 16) | ((uint32_t)f[7] << 8) | f[8];
+        if (len > CONC_IN_MAX / 2) { gc_lost(g, c); return; }
+        if (c->inlen - off < 9 + (size_t)len) break;
+        off += 9 + len;
+        unsigned char *pl = f + 9;
+        int mine = c->busy && sid == c->sid;
+        if (type == 0x0) {                                   /* DATA */
+            c->unacked += len;
+            if (mine) c->got_data = 1;
+            if (mine && (flags & 0x1)) gc_done(g, c, gc_ok(c));
+        } else if (type == 0x1 || type == 0x9) {             /* HEADERS, CONTINUATION */
+            size_t plen = len;
+            if (type == 0x1) {
+                size_t pad = 0;
+                if (flags & 0x8) { pad = plen ? pl[0] : 0; pl++; plen = plen ? plen - 1 : 0; }
+                if (flags & 0x20) { pl += 5; plen = plen >= 5 ? plen - 5 : 0; }
+                if (pad > plen) { gc_lost(g, c); return; }
+                plen -= pad;
+                c->hdr_sid = sid;
+                c->hdr_end_stream = flags & 0x1;
+            } else if (sid != c->hdr_sid) {
+                gc_lost(g, c);
+                return;
+            }
+            if (gc_inflate(c, pl, plen, flags & 0x4) < 0) { gc_lost(g, c); return; }
+            if (flags & 0x4) {
+                int ends = c->hdr_end_stream && c->busy && c->hdr_sid == c->sid;
+                c->hdr_sid = 0;
+                if (ends) gc_done(g, c, gc_ok(c));
+            }
+        } else if (type == 0x3) {                            /* RST_STREAM */
+            if (mine) gc_done(g, c, 0);
+        } else if (type == 0x4 && !(flags & 0x1)) {          /* SETTINGS -> ACK */
+            gc_write(g, c, ctl, h2_frame(ctl, 0, 0x4, 0x1, 0));
+        } else if (type == 0x6 && !(flags & 0x1) && len == 8) { /* PING -> ACK */
+            int64_t now = now_ns();
+            if (g->ph && now >= g->ph->w0 && now < g->ph->w1) g->ph->pings++;
+            size_t n = h2_frame(ctl, 8, 0x6, 0x1, 0);
+            memcpy(ctl + n, pl, 8);
+            gc_write(g, c, ctl, n + 8);
+        } else if (type == 0x7) {                            /* GOAWAY */
+            gc_lost(g, c);
+            return;
+        }
+    }
+    if (c->state == GC_DEAD) return;
+    memmove(c->in, c->in + off, c->inlen - off);
+    c->inlen -= off;
+}
+
+/* The connect finished: the preface and the session's first call. */
+static void gc_connected(struct conc *g, struct gconn *c) {
+    int err = 0;
+    socklen_t el = sizeof err;
+    unsigned char pre[64];
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err) { gc_lost(g, c); return; }
+    c->incap = 4096;
+    c->in = malloc(c->incap);
+    if (!c->in || nghttp2_hd_inflate_new(&c->hd) != 0) die("malloc");
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(c - g->c)};
+    if (epoll_ctl(g->ep, EPOLL_CTL_MOD, c->fd, &ev) < 0) die("epoll_ctl");
+    c->state = GC_OPENING;
+    if (gc_write(g, c, pre, client_preface(pre)) == 0) gc_send(g, c, now_ns());
+}
+
+static void gc_readable(struct conc *g, struct gconn *c) {
+    for (int rounds = 0; rounds < 16 && c->state != GC_DEAD; rounds++) {
+        if (c->inlen == c->incap) {
+            unsigned char *bigger = c->incap < CONC_IN_MAX ? realloc(c->in, c->incap * 2) : NULL;
+            if (!bigger) { gc_lost(g, c); return; }
+            c->in = bigger;
+            c->incap *= 2;
+        }
+        ssize_t r = read(c->fd, c->in + c->inlen, c->incap - c->inlen);
+        if (r > 0) {
+            c->inlen += (size_t)r;
+            gc_frames(g, c);
+        } else if (r < 0 && errno == EAGAIN) {
+            return;
+        } else if (!(r < 0 && errno == EINTR)) {
+            gc_lost(g, c); /* EOF or a reset */
+            return;
+        }
+    }
+}
+
+/* Handles what is ready, waiting at most until `until` (ns, and never over 100 ms). */
+static void gc_poll(struct conc *g, int64_t until) {
+    struct epoll_event evs[256];
+    int64_t wait = until - now_ns();
+    if (wait < 0) wait = 0;
+    if (wait > 100000000) wait = 100000000;
+    struct timespec ts = {.tv_sec = wait / 1000000000, .tv_nsec = wait % 1000000000};
+    int n = epoll_pwait2(g->ep, evs, 256, &ts, NULL);
+    if (n < 0 && errno != EINTR) die("epoll_pwait2");
+    for (int i = 0; i < n; i++) {
+        struct gconn *c = &g->c[evs[i].data.u64];
+        if (c->state == GC_CONNECTING) gc_connected(g, c);
+        else if (c->state != GC_DEAD) gc_readable(g, c);
+    }
+}
+
+/* Opens the N connections, at most MAX_PENDING_CONNECTS not yet open at a time, each from
+ * its own source address and with its own session, whose first call must answer OK. */
+static void gc_open(struct conc *g, const struct sockaddr_in *dst, uint32_t addr_base, double max_s) {
+    long started = 0;
+    int64_t deadline = now_ns() + (int64_t)(max_s * 1e9);
+    while (g->open_ok + g->open_failed < g->n && now_ns() < deadline) {
+        while (started < g->n && started - g->open_ok - g->open_failed < MAX_PENDING_CONNECTS) {
+            struct gconn *c = &g->c[started];
+            c->fd = conns_start(dst, addr_base + (uint32_t)started);
+            c->state = GC_CONNECTING;
+            struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)started};
+            started++;
+            if (c->fd < 0) { c->state = GC_DEAD; g->open_failed++; continue; }
+            if (epoll_ctl(g->ep, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
+        }
+        gc_poll(g, deadline);
+    }
+    for (long i = 0; i < g->n; i++) { /* not open in time */
+        struct gconn *c = &g->c[i];
+        if (c->state == GC_CONNECTING || c->state == GC_OPENING) {
+            gc_lost(g, c);
+        } else if (c->state == 0) {
+            c->state = GC_DEAD;
+            g->open_failed++;
+        }
+    }
+}
+
+static void gc_phase(struct conc *g, struct phase *p, double warm_s, double window_s) {
+    p->t0 = now_ns();
+    p->w0 = p->t0 + (int64_t)(warm_s * 1e9);
+    p->w1 = p->w0 + (int64_t)(window_s * 1e9);
+    g->ph = p;
+    for (long i = 0; i < g->n; i++) g->c[i].k_sent = 0;
+    if (p->rate <= 0)
+        for (long i = 0; i < g->n; i++) gc_next(g, &g->c[i], p->t0);
+    int in_window = 0;
+    for (;;) {
+        int64_t now = now_ns();
+        if (!in_window && now >= p->w0) {
+            printf("window %s start\n", p->name);
+            fflush(stdout);
+            in_window = 1;
+        }
+        if (now >= p->w1) break;
+        int64_t wake = in_window ? p->w1 : p->w0;
+        if (p->rate > 0) {
+            long due = (long)((double)(now - p->t0) * p->rate / 1e9) + 1;
+            for (; p->next_j < due; p->next_j++) {
+                long idx = p->next_j % g->n;
+                struct gconn *c = &g->c[idx];
+                if (c->state == GC_OPEN && !c->busy && c->k_sent <= p->next_j / g->n)
+                    gc_send(g, c, p->t0 + (int64_t)((double)(c->k_sent * g->n + idx) * 1e9 / p->rate));
+            }
+            int64_t next = p->t0 + (int64_t)((double)p->next_j * 1e9 / p->rate);
+            if (next < wake) wake = next;
+        }
+        gc_poll(g, wake);
+    }
+    printf("window %s end\n", p->name);
+    fflush(stdout);
+    if (p->rate > 0) { /* calls due by the window's end that no connection could send */
+        double x = (double)(p->w1 - p->t0) * p->rate / 1e9; /* calls due before w1: ceil(x) */
+        long due = (long)x + ((double)(long)x < x), sent = 0;
+        for (long i = 0; i < g->n; i++) sent += g->c[i].k_sent;
+        p->behind = due > sent ? due - sent : 0;
+    }
+    int64_t drain_end = p->w1 + (int64_t)(CONC_DRAIN_S * 1e9);
+    while (g->inflight > 0 && now_ns() < drain_end) gc_poll(g, drain_end);
+    for (long i = 0; i < g->n; i++) { /* no answer within the drain: the connection is given up */
+        struct gconn *c = &g->c[i];
+        if (c->busy) {
+            p->unfinished++;
+            gc_close(g, c);
+        }
+    }
+}
+
+static void gc_print_phase(struct phase *p, double window_s) {
+    printf("\"%s\": {\"offered_per_s\": %.1f, \"count\": %ld, \"per_s\": %.1f, \"errors\": %ld, "
+           "\"conns_lost\": %ld, \"unfinished\": %ld, \"behind\": %ld, \"server_pings\": %ld",
+           p->name, p->rate, p->done, p->done / window_s, p->errors, p->lost, p->unfinished, p->behind, p->pings);
+    if (p->done) {
+        qsort(p->lat, (size_t)p->done, sizeof(int64_t), cmp_i64);
+        printf(", \"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f",
+               pct_us(p->lat, p->done, 50), pct_us(p->lat, p->done, 90), pct_us(p->lat, p->done, 99),
+               pct_us(p->lat, p->done, 99.9), p->lat[p->done - 1] / 1000.0);
+    }
+    printf("}");
+}
+
+static int cmd_grpcconc(int argc, char **argv) {
+    if (argc < 9) {
+        fprintf(stderr, "usage: benchtool grpcconc HOST PORT BODY_FILE CONNS ADDR_BASE SESSION_BASE RATE "
+                        "WARMUP_S WINDOW_S\n");
+        return 2;
+    }
+    static struct conc g;
+    struct sockaddr_in dst = make_addr(argv[0], atoi(argv[1]));
+    g.n = atol(argv[3]);
+    uint32_t addr_base = (uint32_t)atol(argv[4]);
+    unsigned long long session_base = strtoull(argv[5], NULL, 10);
+    double rate = atof(argv[6]), warm_s = atof(argv[7]), window_s = atof(argv[8]);
+    if (g.n <= 0 || g.n > CONC_MAX_CONNS || (uint64_t)addr_base + (uint64_t)g.n > CONNS_MAX_ADDRS ||
+        session_base + (unsigned long long)g.n > 0xFFFFFFFFFFFFull || rate < 0 || rate > 1e6 ||
+        warm_s < 0 || warm_s > 60 || window_s <= 0 || window_s > 600) {
+        fprintf(stderr, "benchtool grpcconc: bad arguments\n");
+        return 2;
+    }
+    raise_nofile();
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)g.n + 64) {
+        fprintf(stderr, "benchtool grpcconc: the fd limit %lu is too low for %ld connections\n",
+                (unsigned long)rl.rlim_cur, g.n);
+        return 2;
+    }
+    g.body_len = spark_body(argv[2], g.body, sizeof g.body);
+    if (g.body_len == 0) return 2;
+    g.hdr_len = config_call_headers(g.hdr, argv[0]);
+    g.c = calloc((size_t)g.n, sizeof *g.c);
+    g.ep = epoll_create1(0);
+    if (!g.c || g.ep < 0) die("setup");
+    char hex[16];
+    for (long i = 0; i < g.n; i++) {
+        snprintf(hex, sizeof hex, "%012llx", session_base + (unsigned long long)i);
+        memcpy(g.c[i].session, hex, 12);
+        g.c[i].next_sid = 1;
+    }
+    int64_t t_open = now_ns();
+    gc_open(&g, &dst, addr_base, CONC_MAX_OPEN_S);
+    double open_s = (now_ns() - t_open) / 1e9;
+    printf("opened %ld of %ld in %.1f s\n", g.open_ok, g.n, open_s);
+    fflush(stdout);
+    struct phase paced = {.name = "paced", .rate = rate}, closed = {.name = "closed"};
+    if (g.open_ok > 0) {
+        if (rate > 0) gc_phase(&g, &paced, warm_s, window_s);
+        gc_phase(&g, &closed, warm_s, window_s);
+    }
+    printf("{\"conns\": %ld, \"opened\": %ld, \"open_failed\": %ld, \"open_s\": %.3f, ", g.n, g.open_ok,
+           g.open_failed, open_s);
+    if (rate > 0) {
+        gc_print_phase(&paced, window_s);
+        printf(", ");
+    }
+    gc_print_phase(&closed, window_s);
+    printf("}\n");
+    return g.open_ok > 0 ? 0 : 1;
+}
+
 /* ---------------------------------------------------------------- memcpy */
 
 static double memcpy_gbps(size_t size, double min_seconds) {
@@ -869,10 +1345,11 @@ int main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "echo1") == 0) return cmd_echo(argc - 2, argv + 2, 1);
     if (argc >= 2 && strcmp(argv[1], "conns") == 0) return cmd_conns(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "grpccalls") == 0) return cmd_grpccalls(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "grpcconc") == 0) return cmd_grpcconc(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "idle") == 0) return cmd_idle(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "pingpong") == 0) return cmd_pingpong(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "grpc") == 0) return cmd_grpc(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "memcpy") == 0) return cmd_memcpy();
-    fprintf(stderr, "usage: benchtool echo|echo1|conns|idle|pingpong|grpc|grpccalls|memcpy ...\n");
+    fprintf(stderr, "usage: benchtool echo|echo1|conns|idle|pingpong|grpc|grpccalls|grpcconc|memcpy ...\n");
     return 2;
 }

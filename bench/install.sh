@@ -20,6 +20,8 @@ for cmd in "${!pkg[@]}"; do
 done
 # Debian keeps initdb off PATH; psql alone (postgresql-client) is not the server.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+# benchtool's grpcconc decodes response headers (HPACK) with libnghttp2: its header and library.
+[[ -f /usr/include/nghttp2/nghttp2.h ]] || missing+=(libnghttp2-dev)
 if ((${#missing[@]} == 0)); then
   exit 0
 fi

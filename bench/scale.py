@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import bench as b
+import scale_gwconc
 import scale_watch
 
 TABLE = "spark_servers"
-PARTS = {"pins", "sessions", "servers", "watch"}
+PARTS = {"pins", "sessions", "servers", "watch", "gwconc"}
 ALGOS = ("roundrobin", "leastconn", "source")
 # Session ids of the harness's calls: the last 12 hex digits of the UUID are this + i (the
 # probe's own call, the captured request as it is, ends in ...000000000011).
@@ -53,6 +54,10 @@ class ScaleSettings:
     session_ns: list[int]
     server_ns: list[int]
     watch_ns: list[int]
+    gwconc_ns: list[int]   # concurrent sessions doing small RPCs (bench/scale_gwconc.py)
+    gwconc_rate: float     # its paced phase: calls/s offered over all N sessions
+    gwconc_warm_s: float
+    gwconc_s: float        # each phase's measured window
     idle_s: float          # how long sclb's idle CPU (the session reaper) is measured
     samples: int           # connections per connect-latency measurement
     stall_s: float         # length of each stall measurement (baseline and during)
@@ -64,14 +69,16 @@ class ScaleSettings:
     outdir: Path
     workdir: Path = Path()
     stamp: str = ""
+    sclb_ok: bool = False
+    notes: list[str] = field(default_factory=list)  # for the report's environment block
 
 
 def parse_args(argv: list[str]) -> ScaleSettings:
     ap = argparse.ArgumentParser(prog="bench/run --scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", action="store_true", help="(selects this driver)")
     ap.add_argument("--quick", action="store_true", help="small N for CI (the harness works; < 1 min)")
-    ap.add_argument("--parts", default="pins,sessions,servers,watch",
-                    help="comma list out of: pins,sessions,servers,watch (default: all)")
+    ap.add_argument("--parts", default="pins,sessions,servers,watch,gwconc",
+                    help="comma list out of: pins,sessions,servers,watch,gwconc (default: all)")
     ap.add_argument("--variants", default="haproxy,sclb", help="proxies: haproxy,sclb")
     ap.add_argument("--pins", help="comma list of stick-table sizes N (default 1000,10000,100000,1000000;"
                                    " --quick 300,1000)")
@@ -80,6 +87,10 @@ def parse_args(argv: list[str]) -> ScaleSettings:
     ap.add_argument("--servers", help="comma list of backend sizes N (default 10,100,1000; --quick 10,100)")
     ap.add_argument("--pods", help="comma list of pod counts N in a Kubernetes watch (default "
                                    "100,1000,10000; --quick 50,200)")
+    ap.add_argument("--gwconc", help="comma list of concurrent gateway session counts N (default "
+                                     "10,100,1000,10000; --quick 10,100)")
+    ap.add_argument("--gwconc-rate", type=float, default=2000.0,
+                    help="gwconc's paced phase: calls/s offered over all N sessions (default 2000)")
     ap.add_argument("--no-build", action="store_true", help="never run cargo build")
     ap.add_argument("--out", default=str(b.BENCH / "results"), help="results directory")
     a = ap.parse_args(argv)
@@ -115,11 +126,21 @@ def parse_args(argv: list[str]) -> ScaleSettings:
         ap.error("--pods: a comma list of integers")
     if not wns or wns[0] < 10 or wns[-1] > 60000:
         ap.error("--pods: counts within 10..60000 (one 127.3.x.y address each)")
+    try:
+        gns = sorted({int(x) for x in (a.gwconc or ("10,100" if a.quick else "10,100,1000,10000")).split(",") if x})
+    except ValueError:
+        ap.error("--gwconc: a comma list of integers")
+    if not gns or gns[0] < 1 or gns[-1] > 50000:
+        ap.error("--gwconc: counts within 1..50000 (one 127.x.y.z source address and fd each)")
+    if not 1 <= a.gwconc_rate <= 100000:
+        ap.error("--gwconc-rate: within 1..100000 calls/s")
     ports = [int(p) for p in os.environ.get("BENCH_BACKEND_PORTS", "19001,19002,19003").split(",")]
     if len(ports) != 3:
         ap.error("BENCH_BACKEND_PORTS needs exactly three ports")
     return ScaleSettings(
         quick=a.quick, parts=parts, proxies=proxies, pin_ns=ns, session_ns=sns, server_ns=vns, watch_ns=wns,
+        gwconc_ns=gns, gwconc_rate=a.gwconc_rate, gwconc_warm_s=0.5 if a.quick else 1.0,
+        gwconc_s=1.5 if a.quick else 5.0,
         idle_s=3.0 if a.quick else 15.0,
         samples=300 if a.quick else 2000, stall_s=1.0 if a.quick else 3.0,
         build=not a.no_build,
@@ -586,7 +607,7 @@ PIN_COLUMNS = [  # (figure key, header, format)
 ]
 
 
-COLORS = {"haproxy": "#8c8c8c", "sclb": "#e4572e"}
+COLORS = {"haproxy": "#8c8c8c", "sclb": "#e4572e", "direct": "#1b9e77"}
 
 
 def chart(s: ScaleSettings, rows: list[Row], png: Path) -> str | None:
@@ -634,7 +655,8 @@ def chart(s: ScaleSettings, rows: list[Row], png: Path) -> str | None:
                     ("sclb", "reload_conn_errors", "connections failed during reloads", 2)]))
     panels.append(("sessions", "sclb reload with N sessions, ms", False,
                    [("sclb", "reload_ms", "reload ms (median of 3)", 1)]))
-    xlabel = {"pins": "N (stick entries)", "sessions": "N (live sessions)"}
+    panels += scale_gwconc.PANELS
+    xlabel = {"pins": "N (stick entries)", "sessions": "N (live sessions)", "gwconc": scale_gwconc.XLABEL}
     xlabel.update({"servers-" + a: "N (servers in the backend)" for a in ALGOS})
     plots = []
     for i, (part, title, ylog, series) in enumerate(panels):
@@ -740,6 +762,7 @@ def write_report(s: ScaleSettings, rows: list[Row], errors: list[str], envlog: l
            f"Idle CPU: the process's CPU over {s.idle_s:g} s with no traffic and `cleanup_interval = 1s` "
            "(nothing expires: idle_timeout 30m); '… above N=0' is what the N sessions add, i.e. the "
            "session reaper's cost of finding nothing to do.", "", sessions, "",
+           *scale_gwconc.section(s, rows, figures_table),
            "## Servers in a backend", "",
            "N servers (all `benchtool echo1`, one port each), no stick table, no health checks, so "
            "a connection's cost is the pick's. CPU per connection over 20,000 connections (32 in "
@@ -761,7 +784,8 @@ def write_report(s: ScaleSettings, rows: list[Row], errors: list[str], envlog: l
     md = base.with_suffix(".md")
     md.write_text("\n".join(doc) + "\n")
     (s.workdir / "scale-rows.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
-    print("\n" + pins + "\n\n" + sessions + "\n\n" + servers + "\n\n"
+    print("\n" + pins + "\n\n" + sessions + "\n\n" + figures_table(rows, "gwconc", scale_gwconc.COLUMNS)
+          + "\n\n" + "\n".join(scale_gwconc.verdicts(rows, s.quick)) + "\n\n" + servers + "\n\n"
           + figures_table(rows, "watch", scale_watch.WATCH_COLUMNS) + "\n")
     for e in errors:
         print(f"ERROR: {e}", file=sys.stderr)
@@ -776,7 +800,8 @@ def environment(s: ScaleSettings, sclb_note: str) -> list[str]:
                          capture_output=True, text=True).stdout.strip() or "no commit"
     return [
         f"date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
-        f"mode: {'quick' if s.quick else 'full'}; pins N = {','.join(map(str, s.pin_ns))}",
+        f"mode: {'quick' if s.quick else 'full'}; pins N = {','.join(map(str, s.pin_ns))}; "
+        f"gwconc N = {','.join(map(str, s.gwconc_ns))}",
         f"cpus: {os.cpu_count()}  model name: {model.group(1) if model else '?'}  "
         f"memory: {int(mem.group(1)) // 1024 if mem else '?'} MiB",
         f"haproxy: {b.tool_version(['haproxy', '-v'])}",
@@ -807,6 +832,7 @@ def main(argv: list[str]) -> int:
             raise b.BenchError(f"port(s) {busy} already in use (see bench/README.md)")
         sclb_ok, sclb_note = b.prepare_sclb(s) if "sclb" in s.proxies else (False, "not selected")
         proxies = [v for v in s.proxies if v != "sclb" or sclb_ok]
+        s.sclb_ok = sclb_ok
         print(f"bench: scale {'quick ' if s.quick else ''}run {s.stamp}, parts {','.join(s.parts)}, "
               f"proxies {','.join(proxies)}; sclb: {sclb_note}; logs in {s.workdir}", flush=True)
         envlog = environment(s, sclb_note)
@@ -828,10 +854,13 @@ def main(argv: list[str]) -> int:
             run("sessions", lambda: run_sessions(s, rows))
         if "watch" in s.parts and sclb_ok and "sclb" in s.proxies:
             run("watch", lambda: scale_watch.run_watch(s, rows, s.watch_ns, Row))
+        if "gwconc" in s.parts:
+            run("gwconc", lambda: scale_gwconc.run_gwconc(s, rows, Row, SESSION_LIMITS))
         d = [y - x for x, y in zip(cpu0, b.cpu_times())]
         total = sum(d) or 1
         envlog.append(f"machine busy {100 * (total - d[3] - d[4]) / total:.0f}% over the run "
                       f"(this run's own load included), steal {100 * d[7] / total:.1f}%")
+        envlog += s.notes
         envlog.append(f"{b.memcpy_probe()} (after)")
         envlog.append(f"loadavg after: {b.loadavg()}; total {time.monotonic() - t_start:.0f} s")
         write_report(s, rows, errors, envlog, direct)

@@ -116,6 +116,13 @@ impl Gateway {
 /// sends no `user_context`, and proving its absence would mean buffering a whole plan.
 const PEEK_LIMIT: usize = 16 * 1024;
 
+/// What a client may send on one stream ahead of sclb reading it: an upload's window, 1 GB/s
+/// at 1 ms of round trip (hyper's default when the window is fixed).
+const CLIENT_STREAM_WINDOW: u32 = 1 << 20;
+/// What a client may send ahead on all its streams together: two uploads at full speed, and
+/// the most one connection's unread requests can hold in sclb.
+const CLIENT_CONNECTION_WINDOW: u32 = 2 << 20;
+
 static DEFAULT_GRPC: std::sync::LazyLock<crate::config::GrpcConfig> =
     std::sync::LazyLock::new(Default::default);
 
@@ -170,7 +177,13 @@ pub async fn serve<S>(
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .adaptive_window(true)
+        // Fixed windows, not hyper's adaptive ones: those measure the bandwidth with a PING
+        // round trip on each connection whenever data arrives after a back-off (0.1 s at
+        // first), and Spark sessions are long-lived channels with sparse small RPCs, so at
+        // 1,000 sessions a quarter of the calls cost an extra round trip and wake-up
+        // (bench/run --scale --parts gwconc). Uploads (artifacts) get a fixed window instead.
+        .initial_stream_window_size(CLIENT_STREAM_WINDOW)
+        .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
         .max_frame_size(1 << 20)
         // Spark's own limit; PySpark's headers are a few hundred bytes.
         .max_header_list_size(16 * 1024)
