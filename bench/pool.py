@@ -255,7 +255,8 @@ def run_direct(s, api: k8s.Api, op: Operator) -> dict:
             api.call("DELETE", f"{CONNECTS}/{name}")
         except b.BenchError:
             pass
-    return {"scenario": "direct", "times": times, "warmups": 0, "warmup_mean_s": None}
+    return {"scenario": "direct", "times": times, "warmups": 0, "warmup_mean_s": None,
+            "first_response_ms": None}
 
 
 def run_scenario(s, api: k8s.Api, kubeconfig: Path, scenario: str, op: Operator) -> dict:
@@ -283,6 +284,11 @@ def run_scenario(s, api: k8s.Api, kubeconfig: Path, scenario: str, op: Operator)
             print(f"  {scenario} #{rep + 1}: {took:.2f} s", flush=True)
         warm_n = metric(stats, "sclb_pool_warmup_seconds_count")
         warm_sum = metric(stats, "sclb_pool_warmup_seconds_sum")
+        # sclb's own part: a session's first RPC (the claim or the create happens there) to its
+        # first response.
+        result = "hit" if pool else "miss"
+        first_n = metric(stats, f'sclb_session_first_response_seconds_count{{result="{result}"}}')
+        first_sum = metric(stats, f'sclb_session_first_response_seconds_sum{{result="{result}"}}')
     finally:
         op.paused.clear()
         b.PROCS.stop(sclb)
@@ -292,7 +298,8 @@ def run_scenario(s, api: k8s.Api, kubeconfig: Path, scenario: str, op: Operator)
             except b.BenchError:
                 pass  # deleted by sclb meanwhile
     return {"scenario": scenario, "times": times, "warmups": warm_n,
-            "warmup_mean_s": warm_sum / warm_n if warm_n else None}
+            "warmup_mean_s": warm_sum / warm_n if warm_n else None,
+            "first_response_ms": 1000 * first_sum / first_n if first_n else None}
 
 
 def report(s, results: list[dict], op: Operator, errors: list[str], envlog: list[str]) -> Path:
@@ -301,15 +308,17 @@ def report(s, results: list[dict], op: Operator, errors: list[str], envlog: list
              "PySpark 4.0.5 process each time, through sclb's gateway (`on_demand`), real Spark "
              "Connect servers started by the bench as the operator, the real kube-apiserver. "
              "See bench/pool.py.", "",
-             "| scenario | reps | p50 s | max s | each s | pool warm-ups (mean s) |",
-             "|---|---:|---:|---:|---|---|"]
+             "| scenario | reps | p50 s | max s | each s | pool warm-ups (mean s) | "
+             "sclb: first RPC → its answer, mean ms |",
+             "|---|---:|---:|---:|---|---|---:|"]
     for r in results:
         t = r["times"]
         if not t:
             continue
         warm = f"{r['warmups']:.0f} ({r['warmup_mean_s']:.1f})" if r["warmup_mean_s"] else "–"
+        first = "–" if r["first_response_ms"] is None else f"{r['first_response_ms']:.0f}"
         lines.append(f"| {r['scenario']} | {len(t)} | {statistics.median(t):.2f} | {max(t):.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in t)} | {warm} |")
+                     f"{', '.join(f'{x:.2f}' for x in t)} | {warm} | {first} |")
     if op.start_s:
         lines += ["", f"Cold Spark Connect server, spark-submit to port accepting: p50 "
                       f"{statistics.median(op.start_s):.1f} s, max {max(op.start_s):.1f} s "
