@@ -1268,21 +1268,8 @@ fn read_warm_up(t: Table<'_, '_>) -> Option<WarmUp> {
             w.query = q.to_string();
         }
     }
-    if let Some(d) = wt.duration("timeout") {
-        let (min, max) = WARM_UP_TIMEOUT;
-        if d < min || d > max {
-            wt.error(
-                "timeout",
-                format!(
-                    "must be between {} and {}, got {}",
-                    humantime::format_duration(min),
-                    humantime::format_duration(max),
-                    humantime::format_duration(d)
-                ),
-            );
-        } else {
-            w.timeout = d;
-        }
+    if let Some(d) = wt.duration_between("timeout", WARM_UP_TIMEOUT.0, WARM_UP_TIMEOUT.1) {
+        w.timeout = d;
     }
     Some(w)
 }

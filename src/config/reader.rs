@@ -265,6 +265,25 @@ impl<'a, 'i> Table<'a, 'i> {
         }
     }
 
+    /// [`Table::duration`] within `min..=max` (both included), as [`Table::int`] bounds an
+    /// integer.
+    pub fn duration_between(&self, key: &str, min: Duration, max: Duration) -> Option<Duration> {
+        let d = self.duration(key)?;
+        if d < min || d > max {
+            self.error(
+                key,
+                format!(
+                    "must be between {} and {}, got {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max),
+                    humantime::format_duration(d)
+                ),
+            );
+            return None;
+        }
+        Some(d)
+    }
+
     /// A string parsed with `FromStr`; `what` names the expected form in the error.
     pub fn parse<T: FromStr>(&self, key: &str, what: &str) -> Option<T>
     where

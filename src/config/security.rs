@@ -294,19 +294,11 @@ fn read_oidc(t: Table<'_, '_>) -> Option<AuthConfig> {
         _ => true,
     };
     let bounded = |key: &str, default: Duration, min: Duration, max: Duration| {
-        let d = t.duration(key).unwrap_or(default);
-        if d < min || d > max {
-            t.error(
-                key,
-                format!(
-                    "must be between {} and {}",
-                    humantime::format_duration(min),
-                    humantime::format_duration(max)
-                ),
-            );
-            return None;
+        if t.contains(key) {
+            t.duration_between(key, min, max)
+        } else {
+            Some(default)
         }
-        Some(d)
     };
     let s = Duration::from_secs;
     let refresh = bounded("refresh", s(600), s(10), s(86_400));
