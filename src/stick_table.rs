@@ -287,9 +287,15 @@ impl StickTable {
         // lock, where nothing can overtake it: slower for new connections that once, but no
         // entry that was there all along is left out.
         let mut budget = 2 * len + CHUNK;
-        let add = |rows: &mut Vec<(StickEntry, u64)>,
-                   chunk: &[(ExpiryKey, IpAddr, ServerId)],
-                   now: Ms| {
+        // Taken for good once the budget is spent.
+        let mut held: Option<parking_lot::MutexGuard<Inner>> = None;
+        loop {
+            let now = self.now();
+            let chunk = match &held {
+                Some(inner) => inner.chunk_after(cursor),
+                None => self.inner.lock().chunk_after(cursor),
+            };
+            budget = budget.saturating_sub(chunk.len());
             rows.extend(chunk.iter().filter(|((exp, _), _, _)| *exp > now).map(
                 |&((exp, seq), key, server)| {
                     let expires_in = Duration::from_millis(exp - now);
@@ -303,29 +309,17 @@ impl StickTable {
                     )
                 },
             ));
-        };
-        loop {
-            let now = self.now();
-            let chunk = self.inner.lock().chunk_after(cursor);
-            budget = budget.saturating_sub(chunk.len());
-            add(&mut rows, &chunk, now);
             match chunk.last() {
                 Some(&(k, _, _)) if chunk.len() == CHUNK => cursor = Some(k),
                 _ => break,
             }
-            if budget == 0 {
-                let inner = self.inner.lock();
-                loop {
-                    let chunk = inner.chunk_after(cursor);
-                    add(&mut rows, &chunk, now);
-                    match chunk.last() {
-                        Some(&(k, _, _)) if chunk.len() == CHUNK => cursor = Some(k),
-                        _ => break,
-                    }
+            if held.is_none() {
+                if budget == 0 {
+                    held = Some(self.inner.lock());
+                } else {
+                    between();
                 }
-                break;
             }
-            between();
         }
         latest_rows(rows, start_seq)
     }
