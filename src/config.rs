@@ -507,6 +507,10 @@ pub struct Backend {
     /// TCP keepalive on connections to servers (HAProxy `option srvtcpka`). Default: on when
     /// the idle timeout lets a connection sit idle past the first probe (see README).
     pub tcp_keepalive: bool,
+    /// The ACK that completes the handshake with a server waits for the client's first bytes
+    /// and goes with them (HAProxy `option tcp-smart-connect`): one packet fewer per
+    /// connection. Default on: Spark Connect clients speak first.
+    pub tcp_smart_connect: bool,
     /// The backend's check settings (defaults merged), for servers that are discovered
     /// rather than listed.
     pub check: CheckConfig,

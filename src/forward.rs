@@ -409,7 +409,7 @@ async fn connect(
         let t0 = Instant::now();
         let result = timeout(
             cfg.timeout_connect,
-            sockopt::connect_upstream(server.addr(), cfg.tcp_keepalive),
+            sockopt::connect_upstream(server.addr(), cfg.tcp_keepalive, cfg.tcp_smart_connect),
         )
         .await;
         // A backend with server_tls: the handshake is part of connecting (and of its timeout).

@@ -79,12 +79,17 @@ pub fn held_by_another(addr: SocketAddr) -> bool {
 }
 
 /// Connects to a server: a socket with no Nagle delay (a gRPC request's frames go out at
-/// once) and, if asked, keepalive (four `setsockopt` calls), set before the connect.
+/// once) and, if asked, keepalive (four `setsockopt` calls) and a handshake whose last ACK
+/// waits for the first data (`smart_connect`, one call), set before the connect.
 ///
 /// Unlike `TcpSocket::connect`, a connect that succeeded costs no `getsockopt(SO_ERROR)`: epoll
 /// reporting the socket writable with neither a hang-up nor an error means it is connected
 /// (HAProxy reasons the same way); the error is read only when the connect failed.
-pub async fn connect_upstream(addr: SocketAddr, keepalive_on: bool) -> io::Result<TcpStream> {
+pub async fn connect_upstream(
+    addr: SocketAddr,
+    keepalive_on: bool,
+    smart_connect: bool,
+) -> io::Result<TcpStream> {
     static WARNED: AtomicBool = AtomicBool::new(false);
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -92,13 +97,18 @@ pub async fn connect_upstream(addr: SocketAddr, keepalive_on: bool) -> io::Resul
         Some(Protocol::TCP),
     )?;
     let mut r = socket.set_tcp_nodelay(true);
+    if smart_connect {
+        // Out of quick-ACK mode before the handshake: Linux then delays the handshake's last
+        // ACK (up to 200 ms) so that it leaves with the first data written.
+        r = r.and_then(|_| socket.set_tcp_quickack(false));
+    }
     if keepalive_on {
         r = r.and_then(|_| socket.set_tcp_keepalive(&keepalive()));
     }
     if let Err(e) = r
         && !WARNED.swap(true, Relaxed)
     {
-        warn!("cannot set socket options (nodelay, keepalive): {e}; going on without");
+        warn!("cannot set socket options (nodelay, keepalive, quickack): {e}; going on without");
     }
     match socket.connect(&addr.into()) {
         Ok(()) => {}
@@ -176,7 +186,7 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let addr = listener.local_addr().unwrap();
         for on in [true, false] {
-            let stream = connect_upstream(addr, on).await.unwrap();
+            let stream = connect_upstream(addr, on, false).await.unwrap();
             let s = SockRef::from(&stream);
             assert!(s.tcp_nodelay().unwrap());
             assert_eq!(s.keepalive().unwrap(), on);
@@ -190,7 +200,7 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = closed.local_addr().unwrap();
         drop(closed);
-        let e = connect_upstream(addr, false).await.unwrap_err();
+        let e = connect_upstream(addr, false, false).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     }
 }

@@ -621,10 +621,14 @@ bind = ["127.0.0.1:0"]
 backend = "be1"
 [[backend]]
 name = "be1"
+# The test servers greet first.
+tcp_smart_connect = false
 check = {{ type = "none" }}
 servers = [ {{ name = "sc1", addr = "{}" }}, {{ name = "shared", addr = "{}" }} ]
 [[backend]]
 name = "be2"
+# The test servers greet first.
+tcp_smart_connect = false
 check = {{ type = "none" }}
 servers = [ {{ name = "shared", addr = "{}" }} ]
 "#,

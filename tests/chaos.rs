@@ -506,6 +506,8 @@ backend = "be"
 
 [[backend]]
 name = "be"
+# The test servers greet first.
+tcp_smart_connect = false
 balance = "{balance}"
 stick = {{ on = "src", expire = "2h" }}
 servers = [

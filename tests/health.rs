@@ -216,6 +216,8 @@ bind = ["127.0.0.1:0"]
 backend = "be"
 [[backend]]
 name = "be"
+# The test servers greet first.
+tcp_smart_connect = false
 check = { type = "tcp", inter = "2s", fastinter = "500ms", downinter = "5s", rise = 2, fall = 3, spread = "0%", init_state = "fully-up" }
 servers = [ { name = "s1", addr = "127.0.0.1:1" } ]
 "#;
@@ -282,6 +284,8 @@ bind = ["127.0.0.1:0"]
 backend = "be"
 [[backend]]
 name = "be"
+# The test servers greet first.
+tcp_smart_connect = false
 stick = {{ on = "src", expire = "2h" }}
 check = {{ type = "tcp", inter = "100ms", timeout = "100ms", rise = 2, fall = 3, spread = "0%" }}
 servers = [

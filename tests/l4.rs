@@ -433,3 +433,75 @@ async fn tcp_keepalive_false_leaves_the_server_socket_without_keepalive() {
         assert_eq!(timer, Some(want), "tcp_keepalive = {on}");
     }
 }
+
+/// `tcp_smart_connect` (on by default; HAProxy `option tcp-smart-connect`): the handshake's
+/// last ACK to the server waits for the client's first bytes and travels with them, so a
+/// server sees a new connection only once its client has spoken (or after the kernel's
+/// delayed-ACK timer, 200 ms). With `false` the server sees it at once. Both read off the
+/// server's `accept`.
+#[tokio::test]
+async fn a_server_sees_a_smart_connected_client_once_it_speaks() {
+    for (setting, smart) in [
+        ("", true),
+        ("tcp_smart_connect = true", true),
+        ("tcp_smart_connect = false", false),
+    ] {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let toml = format!(
+            r#"
+[defaults]
+timeout = {{ connect = "5s", queue = "2s" }}
+check = {{ type = "none" }}
+
+[[frontend]]
+name = "fe"
+bind = ["127.0.0.1:0"]
+backend = "be"
+
+[[backend]]
+name = "be"
+{setting}
+servers = [ {{ name = "s1", addr = "{}" }} ]
+"#,
+            server.local_addr().unwrap()
+        );
+        let sclb = start_sclb(&toml).await;
+        let mut client = tokio::net::TcpStream::connect(frontend_addr(&sclb))
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(100), server.accept()).await;
+        let mut conn = if smart {
+            // A loaded machine only makes the handshake slower, never this early.
+            assert!(
+                early.is_err(),
+                "{setting:?}: the server accepted before the client spoke"
+            );
+            client.write_all(b"PRI * HTTP/2.0").await.unwrap();
+            let (conn, _) = tokio::time::timeout(Duration::from_secs(10), server.accept())
+                .await
+                .expect("accepted once the client spoke")
+                .unwrap();
+            conn
+        } else {
+            let conn = match early {
+                Ok(r) => r.unwrap().0,
+                Err(_) => {
+                    tokio::time::timeout(Duration::from_secs(10), server.accept())
+                        .await
+                        .expect("accepted while the client is silent")
+                        .unwrap()
+                        .0
+                }
+            };
+            client.write_all(b"PRI * HTTP/2.0").await.unwrap();
+            conn
+        };
+        let mut got = [0u8; 14];
+        tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut got))
+            .await
+            .expect("the client's bytes reach the server")
+            .unwrap();
+        assert_eq!(&got, b"PRI * HTTP/2.0", "{setting:?}");
+        sclb.shutdown(Duration::ZERO).await;
+    }
+}

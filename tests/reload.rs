@@ -51,6 +51,8 @@ bind = ["{bind}"]
 backend = "be"
 [[backend]]
 name = "be"
+# The test servers greet first.
+tcp_smart_connect = false
 stick = {{ on = "src", expire = "2h" }}
 servers = [ {} ]
 "#,

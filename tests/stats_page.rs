@@ -82,6 +82,8 @@ bind = ["127.0.0.1:0"]
 backend = "sparkconnect_servers"
 [[backend]]
 name = "sparkconnect_servers"
+# The test servers greet first.
+tcp_smart_connect = false
 stick = {{ on = "src", expire = "2h" }}
 check = {{ type = "tcp", inter = "100ms", fall = 1 }}
 servers = [
@@ -196,6 +198,8 @@ bind = ["127.0.0.1:0"]
 backend = "sparkconnect_servers"
 [[backend]]
 name = "sparkconnect_servers"
+# The test servers greet first.
+tcp_smart_connect = false
 stick = {{ on = "src", expire = "2h" }}
 check = {{ type = "tcp", inter = "1h", spread = "0%", init_state = "fully-up" }}
 servers = [ {} ]

@@ -44,6 +44,8 @@ backend = "spark"
 
 [[backend]]
 name = "spark"
+# The test servers greet first.
+tcp_smart_connect = false
 servers = [ {list} ]
 "#,
         dir = dir.display(),
@@ -307,6 +309,8 @@ backend = "be"
 
 [[backend]]
 name = "be"
+# The test servers greet first.
+tcp_smart_connect = false
 stick = {{ store = "shared" }}
 servers = [ {list} ]
 "#,

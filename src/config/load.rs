@@ -1292,6 +1292,7 @@ fn read_backend(t: Table<'_, '_>, d: &Defaults) -> Option<Backend> {
         "on_marked_down",
         "all_down",
         "tcp_keepalive",
+        "tcp_smart_connect",
         "discovery",
         "backend_token",
         "server_tls",
@@ -1437,6 +1438,7 @@ fn read_backend(t: Table<'_, '_>, d: &Defaults) -> Option<Backend> {
             timeouts.tunnel.or(timeouts.server).unwrap_or(DEFAULT_IDLE)
                 > crate::sockopt::KEEPALIVE_IDLE
         }),
+        tcp_smart_connect: t.bool("tcp_smart_connect").unwrap_or(true),
         check,
         discovery,
     };

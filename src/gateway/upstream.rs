@@ -203,7 +203,7 @@ async fn connect(
     let deadline = tokio::time::Instant::now() + timeout.min(crate::config::reader::MAX_DURATION);
     // Keepalive always: one shared connection per server and thread, and nothing else
     // watches it (see below).
-    let stream = tokio::time::timeout_at(deadline, sockopt::connect_upstream(addr, true))
+    let stream = tokio::time::timeout_at(deadline, sockopt::connect_upstream(addr, true, false))
         .await
         .map_err(|_| UpstreamError::Timeout(timeout))??;
     let stream = tokio::time::timeout_at(deadline, ServerTls::wrap(tls, stream, addr))

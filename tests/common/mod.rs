@@ -94,12 +94,19 @@ pub async fn start_sclb(toml: &str) -> Sclb {
 }
 
 /// A config with one frontend "fe" on 127.0.0.1:0 and one backend "be" over `backends`.
-/// `backend_extra` is added to the backend table (balance, stick, ...).
+/// `backend_extra` is added to the backend table (balance, stick, ...). [`Backend`]s greet
+/// first (their name), which is what `tcp_smart_connect = false` is for: with the default a
+/// silent client's server would see it only after the kernel's 200 ms delayed ACK.
 pub fn config(backends: &[&Backend], backend_extra: &str, global_extra: &str) -> String {
     let servers: Vec<String> = backends
         .iter()
         .map(|b| format!("{{ name = \"{}\", addr = \"{}\" }}", b.name, b.addr))
         .collect();
+    let smart = if backend_extra.contains("tcp_smart_connect") {
+        ""
+    } else {
+        "tcp_smart_connect = false"
+    };
     format!(
         r#"
 [global]
@@ -115,6 +122,7 @@ backend = "be"
 
 [[backend]]
 name = "be"
+{smart}
 {backend_extra}
 servers = [ {} ]
 "#,
