@@ -369,14 +369,7 @@ impl Entries {
 
     fn unlink(&mut self, i: SlotId) {
         let Slot { prev, next, .. } = *self.slot(i);
-        match prev {
-            NIL => self.head = next,
-            p => self.slot_mut(p).next = next,
-        }
-        match next {
-            NIL => self.tail = prev,
-            n => self.slot_mut(n).prev = prev,
-        }
+        self.join(prev, next);
         let back = match prev {
             NIL => Cursor::Head,
             p => Cursor::After(p),
@@ -424,16 +417,20 @@ impl Entries {
             NIL => self.head,
             p => self.slot(p).next,
         };
-        let s = self.slot_mut(i);
-        s.prev = after;
-        s.next = next;
-        match after {
-            NIL => self.head = i,
-            p => self.slot_mut(p).next = i,
+        self.join(after, i);
+        self.join(i, next);
+    }
+
+    /// Makes `b` follow `a` in the list ([`NIL`] for `a`: `b` is the head; for `b`: `a` is
+    /// the tail).
+    fn join(&mut self, a: SlotId, b: SlotId) {
+        match a {
+            NIL => self.head = b,
+            a => self.slot_mut(a).next = b,
         }
-        match next {
-            NIL => self.tail = i,
-            n => self.slot_mut(n).prev = i,
+        match b {
+            NIL => self.tail = a,
+            b => self.slot_mut(b).prev = a,
         }
     }
 
