@@ -321,9 +321,11 @@ impl State {
                         Some(t) if t.expire() == sc.expire && t.size() == sc.size => t,
                         Some(t) => {
                             let n = Arc::new(StickTable::new(sc.expire, sc.size));
-                            for e in t.entries() {
-                                n.restore(e.key, e.server, e.expires_in);
-                            }
+                            n.restore(
+                                t.entries()
+                                    .into_iter()
+                                    .map(|e| (e.key, e.server, e.expires_in)),
+                            );
                             n
                         }
                         None => Arc::new(StickTable::new(sc.expire, sc.size)),

@@ -8,131 +8,21 @@
 //! mutex for at most [`CHUNK`] entries at a time, so a new connection never waits for more
 //! than one chunk however large the table is.
 
+mod entries;
+
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::ops::Bound::{Excluded, Unbounded};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::server::ServerId;
+use entries::{Entries, MAX_ENTRIES, Ms, WalkId};
 
 /// Entries handled per lock hold by whole-table walks: ~50 µs of work, the longest a new
 /// connection waits behind a dump.
 const CHUNK: usize = 1024;
-
-/// A time in the table: milliseconds since it was made (8 bytes, where an `Instant` takes 16;
-/// a million entries hold two each).
-type Ms = u64;
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    server: ServerId,
-    expires: Ms,
-    /// Tie-breaker for the expiry index; grows with every insert, so an entry's `seq` tells
-    /// whether it was written after a given moment.
-    seq: u64,
-}
-
-/// Position in the expiry index.
-type ExpiryKey = (Ms, u64);
-
-#[derive(Default)]
-struct Inner {
-    map: HashMap<IpAddr, Entry>,
-    /// Entries ordered by expiry: the first is the next to expire and the one evicted when full.
-    /// A use sets the expiry to now + `expire`, after every other entry, so a walk in this
-    /// order meets an entry used during the walk again, ahead of it.
-    by_expiry: BTreeMap<ExpiryKey, IpAddr>,
-    seq: u64,
-    /// Live pins per server, kept as entries come and go so that the stats page never walks
-    /// the table.
-    per_server: HashMap<ServerId, usize>,
-}
-
-impl Inner {
-    fn remove(&mut self, ip: &IpAddr) -> Option<Entry> {
-        let e = self.map.remove(ip)?;
-        self.by_expiry.remove(&(e.expires, e.seq));
-        self.count(e.server, false);
-        Some(e)
-    }
-
-    /// Moves a live entry's expiry to `expires` in place (one hash lookup, where removing and
-    /// inserting it again took four): a client's every new connection does this. `None`, and
-    /// nothing changed, if there is no entry for `ip` or `keep` rejects it.
-    fn touch(
-        &mut self,
-        ip: &IpAddr,
-        expires: Ms,
-        keep: impl FnOnce(&Entry) -> bool,
-    ) -> Option<ServerId> {
-        let e = self.map.get_mut(ip)?;
-        if !keep(e) {
-            return None;
-        }
-        self.seq += 1;
-        let old = (e.expires, e.seq);
-        e.expires = expires;
-        e.seq = self.seq;
-        let server = e.server;
-        self.by_expiry.remove(&old);
-        self.by_expiry.insert((expires, self.seq), *ip);
-        Some(server)
-    }
-
-    fn insert(&mut self, ip: IpAddr, server: ServerId, expires: Ms) {
-        if self.touch(&ip, expires, |e| e.server == server).is_some() {
-            return;
-        }
-        self.remove(&ip);
-        self.seq += 1;
-        let seq = self.seq;
-        self.map.insert(
-            ip,
-            Entry {
-                server,
-                expires,
-                seq,
-            },
-        );
-        self.by_expiry.insert((expires, seq), ip);
-        self.count(server, true);
-    }
-
-    /// Removes the entry at `key` of the expiry index (evicted or expired).
-    fn remove_at(&mut self, key: &ExpiryKey) {
-        if let Some(ip) = self.by_expiry.remove(key)
-            && let Some(e) = self.map.remove(&ip)
-        {
-            self.count(e.server, false);
-        }
-    }
-
-    fn count(&mut self, server: ServerId, added: bool) {
-        if added {
-            *self.per_server.entry(server).or_insert(0) += 1;
-        } else if let Some(n) = self.per_server.get_mut(&server) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_server.remove(&server);
-            }
-        }
-    }
-
-    /// Up to [`CHUNK`] entries of the expiry index after `cursor` (from the start for `None`).
-    fn chunk_after(&self, cursor: Option<ExpiryKey>) -> Vec<(ExpiryKey, IpAddr, ServerId)> {
-        let range = match cursor {
-            None => self.by_expiry.range(..),
-            Some(c) => self.by_expiry.range((Excluded(c), Unbounded)),
-        };
-        range
-            .take(CHUNK)
-            .map(|(&k, &ip)| (k, ip, self.map[&ip].server))
-            .collect()
-    }
-}
 
 /// One row of `show table`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,20 +34,32 @@ pub struct StickEntry {
 }
 
 pub struct StickTable {
-    inner: Mutex<Inner>,
+    inner: Mutex<Entries>,
     /// Where the table's clock ([`Ms`]) starts.
     base: Instant,
     expire: Duration,
     size: usize,
 }
 
+/// A walk's cursor in the table, given back when the walk ends however it ends.
+struct Walk<'a> {
+    table: &'a StickTable,
+    id: WalkId,
+}
+
+impl Drop for Walk<'_> {
+    fn drop(&mut self) {
+        self.table.inner.lock().end_walk(self.id);
+    }
+}
+
 impl StickTable {
     pub fn new(expire: Duration, size: usize) -> Self {
         StickTable {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Entries::default()),
             base: Instant::now(),
             expire,
-            size: size.max(1),
+            size: size.clamp(1, MAX_ENTRIES),
         }
     }
 
@@ -177,65 +79,60 @@ impl StickTable {
             .unwrap_or(Ms::MAX)
     }
 
+    fn start_walk(&self) -> Walk<'_> {
+        let id = self.inner.lock().start_walk();
+        Walk { table: self, id }
+    }
+
     /// The server `ip` is pinned to, if the pin is still live. Refreshes its expiry.
     pub fn lookup(&self, ip: IpAddr) -> Option<ServerId> {
         let now = self.now();
         let expires = deadline(now, self.expire);
         let mut inner = self.inner.lock();
-        let mut expired = false;
-        let server = inner.touch(&ip, expires, |e| {
-            expired = e.expires <= now;
-            !expired
-        });
-        if expired {
-            inner.remove(&ip);
+        let i = inner.find(ip)?;
+        if inner.expires(i) <= now {
+            inner.remove(i);
+            return None;
         }
-        server
+        let server = inner.server(i);
+        inner.update(i, server, expires, None);
+        Some(server)
     }
 
     /// Pins `ip` to `server` (a new pin or a move). Evicts the oldest entries when full.
     pub fn pin(&self, ip: IpAddr, server: ServerId) {
-        let now = self.now();
+        let expires = deadline(self.now(), self.expire);
         let mut inner = self.inner.lock();
-        if !inner.map.contains_key(&ip) {
-            while inner.map.len() >= self.size {
-                let Some((&oldest, _)) = inner.by_expiry.first_key_value() else {
-                    break;
-                };
-                inner.remove_at(&oldest);
+        match inner.find(ip) {
+            Some(i) => inner.update(i, server, expires, None),
+            None => {
+                while inner.len() >= self.size && inner.pop_first() {}
+                inner.insert(ip, server, expires, None);
             }
         }
-        inner.insert(ip, server, deadline(now, self.expire));
     }
 
     /// Drops one pin (`clear table <t> key <ip>`). Returns whether it existed.
     pub fn unpin(&self, ip: IpAddr) -> bool {
-        self.inner.lock().remove(&ip).is_some()
+        let mut inner = self.inner.lock();
+        inner.find(ip).map(|i| inner.remove(i)).is_some()
     }
 
     pub fn clear(&self) {
         // Freeing a large table takes a while: do it after the lock is released.
-        let old = std::mem::take(&mut *self.inner.lock());
+        let old = self.inner.lock().take();
         drop(old);
     }
 
     /// Drops every pin to `server` (the server is gone for good), a chunk at a time.
     pub fn forget_server(&self, server: ServerId) {
-        let mut cursor = None;
+        let walk = self.start_walk();
         loop {
             let mut inner = self.inner.lock();
-            if !inner.per_server.contains_key(&server) {
+            if !inner.per_server().contains_key(&server)
+                || inner.remove_server_rows(walk.id, server, CHUNK)
+            {
                 return;
-            }
-            let chunk = inner.chunk_after(cursor);
-            for &(_, ip, s) in &chunk {
-                if s == server {
-                    inner.remove(&ip);
-                }
-            }
-            match chunk.last() {
-                Some(&(k, _, _)) if chunk.len() == CHUNK => cursor = Some(k),
-                _ => return,
             }
         }
     }
@@ -247,17 +144,17 @@ impl StickTable {
             let now = self.now();
             let mut inner = self.inner.lock();
             for _ in 0..CHUNK {
-                match inner.by_expiry.first_key_value() {
-                    Some((&key, _)) if key.0 <= now => inner.remove_at(&key),
+                match inner.first_expires() {
+                    Some(e) if e <= now => inner.pop_first(),
                     _ => return n,
-                }
+                };
                 n += 1;
             }
         }
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().map.len()
+        self.inner.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -276,42 +173,36 @@ impl StickTable {
 
     /// [`StickTable::entries`], calling `between` each time the lock is released.
     fn entries_between_chunks(&self, mut between: impl FnMut()) -> Vec<StickEntry> {
+        let walk = self.start_walk();
         let (start_seq, len) = {
             let inner = self.inner.lock();
-            (inner.seq, inner.map.len())
+            (inner.seq(), inner.len())
         };
-        let mut rows: Vec<(StickEntry, u64)> = Vec::with_capacity(len);
-        let mut cursor = None;
+        let mut rows: Vec<(StickEntry, u32)> = Vec::with_capacity(len);
         // Entries used during the walk are met twice. A walk overtaken by more uses than the
         // table holds (traffic outrunning a descheduled dump) takes the rest in one hold of the
         // lock, where nothing can overtake it: slower for new connections that once, but no
         // entry that was there all along is left out.
         let mut budget = 2 * len + CHUNK;
         // Taken for good once the budget is spent.
-        let mut held: Option<parking_lot::MutexGuard<Inner>> = None;
+        let mut held: Option<parking_lot::MutexGuard<Entries>> = None;
         loop {
             let now = self.now();
-            let chunk = match &held {
-                Some(inner) => inner.chunk_after(cursor),
-                None => self.inner.lock().chunk_after(cursor),
+            let (chunk, end) = match &mut held {
+                Some(inner) => inner.next_rows(walk.id, CHUNK),
+                None => self.inner.lock().next_rows(walk.id, CHUNK),
             };
             budget = budget.saturating_sub(chunk.len());
-            rows.extend(chunk.iter().filter(|((exp, _), _, _)| *exp > now).map(
-                |&((exp, seq), key, server)| {
-                    let expires_in = Duration::from_millis(exp - now);
-                    (
-                        StickEntry {
-                            key,
-                            server,
-                            expires_in,
-                        },
-                        seq,
-                    )
-                },
-            ));
-            match chunk.last() {
-                Some(&(k, _, _)) if chunk.len() == CHUNK => cursor = Some(k),
-                _ => break,
+            rows.extend(chunk.iter().filter(|r| r.expires > now).map(|r| {
+                let entry = StickEntry {
+                    key: r.key,
+                    server: r.server,
+                    expires_in: Duration::from_millis(r.expires - now),
+                };
+                (entry, r.seq)
+            }));
+            if end {
+                break;
             }
             if held.is_none() {
                 if budget == 0 {
@@ -321,37 +212,58 @@ impl StickTable {
                 }
             }
         }
+        // Before the walk gives its cursor back (which takes the lock).
+        drop(held);
         latest_rows(rows, start_seq)
     }
 
-    /// Restores an entry (from a state file) with the time it had left.
-    pub fn restore(&self, ip: IpAddr, server: ServerId, expires_in: Duration) {
-        if expires_in.is_zero() {
-            return;
+    /// Restores entries (from a state file, or a table replaced on reload) with the time each
+    /// had left, a chunk per lock hold. Entries already there take the restored server and
+    /// time; none is evicted to make room. Sorted by time left first, so that each is placed
+    /// in expiry order a few steps from the one before.
+    pub fn restore(&self, pins: impl IntoIterator<Item = (IpAddr, ServerId, Duration)>) {
+        let mut pins: Vec<_> = pins
+            .into_iter()
+            .filter(|(_, _, left)| !left.is_zero())
+            .map(|(ip, server, left)| (ip, server, left.min(self.expire)))
+            .collect();
+        pins.sort_by_key(|&(_, _, left)| left);
+        let walk = self.start_walk();
+        for chunk in pins.chunks(CHUNK) {
+            let now = self.now();
+            let mut inner = self.inner.lock();
+            for &(ip, server, left) in chunk {
+                let expires = deadline(now, left);
+                let i = match inner.find(ip) {
+                    Some(i) => {
+                        inner.update(i, server, expires, Some(walk.id));
+                        i
+                    }
+                    None if inner.len() >= self.size => continue,
+                    None => {
+                        inner.insert(ip, server, expires, Some(walk.id));
+                        inner.find(ip).expect("just inserted")
+                    }
+                };
+                inner.set_walk(walk.id, i);
+            }
         }
-        let mut inner = self.inner.lock();
-        if inner.map.len() >= self.size && !inner.map.contains_key(&ip) {
-            return;
-        }
-        inner.insert(
-            ip,
-            server,
-            deadline(self.now(), expires_in.min(self.expire)),
-        );
     }
 
     /// How many live pins each server has.
     pub fn count_by_server(&self) -> HashMap<ServerId, usize> {
-        self.inner.lock().per_server.clone()
+        self.inner.lock().per_server().clone()
     }
 }
 
 /// Drops the earlier rows of keys listed twice. Only an entry written after the walk started
-/// (`seq > start_seq`) can be listed twice, so only those keys are remembered.
-fn latest_rows(rows: Vec<(StickEntry, u64)>, start_seq: u64) -> Vec<StickEntry> {
+/// can be listed twice, so only those keys are remembered: rows whose `seq` is after
+/// `start_seq` in wrapping order (a row written 2^31 writes before may count as late too,
+/// which costs a little memory, never a row).
+fn latest_rows(rows: Vec<(StickEntry, u32)>, start_seq: u32) -> Vec<StickEntry> {
     let late: HashSet<IpAddr> = rows
         .iter()
-        .filter(|(_, seq)| *seq > start_seq)
+        .filter(|(_, seq)| (1..=1 << 31).contains(&seq.wrapping_sub(start_seq)))
         .map(|(e, _)| e.key)
         .collect();
     if late.is_empty() {
@@ -595,5 +507,105 @@ mod tests {
         assert_eq!(deadline(5, Duration::from_secs(2)), 2005);
         assert_eq!(deadline(Ms::MAX - 1, Duration::from_secs(7200)), Ms::MAX);
         assert_eq!(deadline(0, Duration::MAX), Ms::MAX);
+    }
+
+    /// Restored entries come with their own time left, in any order, beside pins: a purge
+    /// removes exactly those whose time is up, never one early.
+    #[tokio::test(start_paused = true)]
+    async fn restored_out_of_order_then_purged_exactly_when_due() {
+        let t = StickTable::new(Duration::from_secs(100), 1000);
+        t.pin(ip("10.0.0.1"), ServerId(1)); // due at 100 s
+        let secs = [70u64, 10, 50, 30, 90, 20, 200];
+        t.restore(
+            secs.iter()
+                .map(|&s| (nth(s as usize), ServerId(2), Duration::from_secs(s))),
+        );
+        // One at a time, each behind a pin that expires later.
+        t.restore([(ip("::5"), ServerId(3), Duration::from_secs(5))]);
+        t.restore([(ip("::0"), ServerId(3), Duration::ZERO)]);
+        assert_eq!(t.len(), 9, "the zero one is not restored");
+        let e = t.entries();
+        let left: Vec<u64> = e.iter().map(|e| e.expires_in.as_secs()).collect();
+        // 200 s is more than the table's 100 s: cut to it.
+        assert_eq!(left, [5, 10, 20, 30, 50, 70, 90, 100, 100]);
+        let mut gone = 0;
+        for (at, due) in [(4, 0), (5, 1), (29, 2), (30, 1), (99, 3), (100, 2)] {
+            tokio::time::advance(Duration::from_secs(at) - t.base.elapsed()).await;
+            assert_eq!(t.purge(), due, "at {at} s");
+            gone += due;
+            assert_eq!(t.len(), 9 - gone);
+            assert!(t.entries().iter().all(|e| !e.expires_in.is_zero()));
+        }
+        assert!(t.is_empty());
+        assert!(t.count_by_server().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restore_keeps_the_size_limit_and_updates_entries_in_place() {
+        let t = StickTable::new(Duration::from_secs(60), 3);
+        t.pin(ip("10.0.0.1"), ServerId(1));
+        t.pin(ip("10.0.0.2"), ServerId(1));
+        let left = Duration::from_secs(10);
+        t.restore([
+            (ip("10.0.0.3"), ServerId(2), left),
+            (ip("10.0.0.4"), ServerId(2), left),
+            (ip("10.0.0.1"), ServerId(3), left),
+        ]);
+        assert_eq!(
+            t.len(),
+            3,
+            "full: nothing evicted to make room for a restore"
+        );
+        assert_eq!(t.entries()[0].expires_in, left);
+        assert_eq!(
+            t.count_by_server(),
+            HashMap::from([(ServerId(1), 1), (ServerId(2), 1), (ServerId(3), 1)])
+        );
+        // A pin evicts the soonest to expire, a restored one here.
+        t.pin(ip("10.0.0.5"), ServerId(4));
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.lookup(ip("10.0.0.2")), Some(ServerId(1)));
+        assert_eq!(t.lookup(ip("10.0.0.5")), Some(ServerId(4)));
+        let kept: HashSet<IpAddr> = t.entries().iter().map(|e| e.key).collect();
+        assert_eq!(
+            kept,
+            HashSet::from(["10.0.0.1", "10.0.0.2", "10.0.0.5"].map(ip))
+        );
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_clients_are_pinned_apart() {
+        let t = StickTable::new(Duration::from_secs(60), 10);
+        let keys = ["10.1.2.3", "::10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1"].map(ip);
+        for (n, &k) in keys.iter().enumerate() {
+            t.pin(k, ServerId(n as u64));
+        }
+        assert!(t.unpin(ip("::10.1.2.3")));
+        assert_eq!(t.lookup(ip("10.1.2.3")), Some(ServerId(0)));
+        assert_eq!(t.lookup(ip("::10.1.2.3")), None);
+        assert_eq!(t.lookup(ip("::ffff:10.1.2.3")), Some(ServerId(2)));
+        let listed: Vec<IpAddr> = t.entries().iter().map(|e| e.key).collect();
+        assert_eq!(listed, [keys[3], keys[0], keys[2]], "order of last use");
+    }
+
+    #[test]
+    fn unpinned_slots_are_reused() {
+        let t = StickTable::new(Duration::from_secs(60), 1 << 20);
+        for i in 0..3 * CHUNK {
+            t.pin(nth(i), ServerId(1));
+        }
+        let slots = t.inner.lock().slots();
+        for round in 1..4 {
+            for i in 0..3 * CHUNK {
+                assert!(t.unpin(nth(i)));
+                t.pin(nth(round * 1_000_000 + i), ServerId(2));
+            }
+            t.clear();
+            for i in 0..3 * CHUNK {
+                t.pin(nth(i), ServerId(1));
+            }
+        }
+        assert_eq!(t.inner.lock().slots(), slots);
+        assert_eq!(t.len(), 3 * CHUNK);
     }
 }

@@ -156,6 +156,52 @@ async fn fifty_reloads_under_traffic_fail_no_connection_and_move_no_client() {
     );
 }
 
+/// A reload that changes the stick table's `expire` or `size` builds a new table and carries
+/// every pin over, each with the time it had left (cut to the new `expire`).
+#[tokio::test]
+async fn a_new_stick_expire_or_size_carries_every_pin_over() {
+    let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);
+    let (_dir, path, sclb) =
+        started_in_tempdir(&[("s1", a.addr.to_string()), ("s2", b.addr.to_string())]).await;
+    let fe = sclb.local_addrs("fe")[0];
+    let mut pinned = Vec::new();
+    for ip in 2..8u8 {
+        pinned.push((ip, which_server(ip, fe).await.0));
+    }
+    let table = |sclb: &sclb::Sclb| {
+        let snap = sclb.state().snapshot();
+        snap.backends[0].stick.clone().expect("a stick table")
+    };
+    let before = table(&sclb).entries();
+    assert_eq!(before.len(), pinned.len());
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    write(
+        &path,
+        &text.replace("expire = \"2h\"", "expire = \"30m\", size = 50"),
+    );
+    sclb.reload().await.unwrap();
+    let t = table(&sclb);
+    assert_eq!((t.expire(), t.size()), (Duration::from_secs(1800), 50));
+    let after = t.entries();
+    let keys = |e: &[sclb::stick_table::StickEntry]| -> Vec<(std::net::IpAddr, u64)> {
+        e.iter().map(|e| (e.key, e.server.0)).collect()
+    };
+    assert_eq!(keys(&after), keys(&before), "same pins, same order");
+    assert!(
+        after
+            .iter()
+            .all(|e| e.expires_in <= Duration::from_secs(1800))
+    );
+    for (ip, server) in pinned {
+        assert_eq!(
+            which_server(ip, fe).await.0,
+            server,
+            "client {ip} kept its server"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_bad_file_keeps_connections_pins_and_drains_then_a_good_one_applies() {
     let (a, b) = (Backend::start("s1").await, Backend::start("s2").await);

@@ -115,22 +115,22 @@ fn apply_matching(w: &Writer, shared: &Shared, saved: Saved) -> (Restored, Saved
             r.admin_states += 1;
         }
         if let Some(t) = &b.stick {
+            let mut pins = Vec::with_capacity(bs.pins.len());
             for p in bs.pins {
                 let left_ms = Duration::from_millis(p.expires_in_ms).saturating_sub(aged);
                 if left_ms.is_zero() {
                     continue;
                 }
                 match find(&p.server, p.server_addr) {
-                    Some(s) => {
-                        t.restore(p.client, s.id, left_ms);
-                        r.pins += 1;
-                    }
+                    Some(s) => pins.push((p.client, s.id, left_ms)),
                     None => {
                         r.skipped += 1;
                         keep.pins.push(p);
                     }
                 }
             }
+            r.pins += pins.len();
+            t.restore(pins);
         }
         let registry = &shared.gateway.registry;
         for ss in bs.sessions {
