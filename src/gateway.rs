@@ -98,9 +98,13 @@ impl Gateway {
         status: &http::HeaderMap,
     ) {
         let code = spark_proto::grpc_status_code(status).unwrap_or(2);
-        self.registry
-            .metrics
-            .request(method.name(), grpc_code_name(code));
+        if code == 0 {
+            self.registry.metrics.request_ok(method);
+        } else {
+            self.registry
+                .metrics
+                .request(method.name(), grpc_code_name(code));
+        }
         if code == 0
             && method == Method::ReleaseSession
             && let Some(s) = session

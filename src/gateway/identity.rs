@@ -65,7 +65,9 @@ pub(super) async fn authenticate(
     {
         return Ok(Some(c.identity.clone()));
     }
-    let identity = Arc::new(fa.check(token).await.map_err(refuse)?);
+    // Boxed: a check may fetch keys over HTTP, a large future that every RPC's future would
+    // otherwise carry (and copy) though a connection checks its token once.
+    let identity = Arc::new(Box::pin(fa.check(token)).await.map_err(refuse)?);
     let mut until = Instant::now() + CACHE_FOR;
     if let Some(exp) = identity.expires_at {
         let now = SystemTime::now()

@@ -184,7 +184,9 @@ pub(super) async fn route(
             };
             match candidate {
                 Some(c) => {
-                    let (live, place) = from_store(cx, backend, store, &skey, c).await?;
+                    // Boxed, as on_demand below: rare, large futures (store and Kubernetes
+                    // calls) that every RPC's future would otherwise carry and copy.
+                    let (live, place) = Box::pin(from_store(cx, backend, store, &skey, c)).await?;
                     fixed = place.or(fixed);
                     live
                 }
@@ -204,7 +206,8 @@ pub(super) async fn route(
                 },
                 // 2. A new session, no header: its own driver.
                 None if g.on_demand.is_some() => {
-                    let (s, m, hit) = on_demand(cx, backend, g, headers, &skey, identity).await?;
+                    let (s, m, hit) =
+                        Box::pin(on_demand(cx, backend, g, headers, &skey, identity)).await?;
                     fixed = Some(s);
                     first = Some(hit);
                     m

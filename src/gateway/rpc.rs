@@ -214,8 +214,14 @@ pub(super) async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownB
         server.counters.resp_errors.fetch_add(1, Relaxed);
         no_answer(session.as_ref(), &backend, server, timeout_server)
     };
-    // Room for another stream on the server's connection (its SETTINGS limit).
+    // One timer for both waits below (a timer entry per wait was two per RPC).
+    let deadline = tokio::time::sleep_until(answer_by);
+    tokio::pin!(deadline);
+    // Room for another stream on the server's connection (its SETTINGS limit). Biased: the
+    // connection almost always has room, and then neither the kill signal nor the timer is
+    // polled (registered) for this wait.
     let mut sender = tokio::select! {
+        biased;
         r = sender.ready() => match r {
             Ok(s) => s,
             Err(e) => {
@@ -224,7 +230,7 @@ pub(super) async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownB
             }
         },
         st = &mut kill => return cx.refuse(m, "session_closed", st),
-        _ = tokio::time::sleep_until(answer_by) => {
+        () = &mut deadline => {
             let (reason, st) = no_answer(&server);
             return cx.refuse(m, reason, st);
         }
@@ -254,7 +260,7 @@ pub(super) async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownB
     let resp = tokio::select! {
         r = resp_fut => r,
         st = &mut kill => return cx.refuse(m, "session_closed", st),
-        _ = tokio::time::sleep_until(answer_by) => {
+        () = &mut deadline => {
             // Dropping the response future resets the server's stream.
             let (reason, st) = no_answer(&server);
             return cx.refuse(m, reason, st);
@@ -267,7 +273,9 @@ pub(super) async fn rpc(req: Request<Incoming>, cx: Arc<Conn>) -> Response<DownB
             return cx.refuse(m, reason, st);
         }
     };
-    gw.registry.metrics.latency(m, t0.elapsed().as_secs_f64());
+    gw.registry
+        .metrics
+        .latency(method, t0.elapsed().as_secs_f64());
     // The first RPC of a session on a driver of its own: how long its user waited.
     if let Some(hit) = pool_hit {
         gw.pools.first_response(hit, arrived.elapsed());
@@ -402,31 +410,34 @@ fn upstream_request(
 ) -> Result<Request<()>, Refusal> {
     let backend_token = cfg.backend_token.as_ref();
     let mut up = Request::from_parts(parts, ());
-    let pq = up
-        .uri()
-        .path_and_query()
-        .map_or_else(|| path.to_string(), |p| p.as_str().to_string());
-    match Uri::builder()
-        .scheme(if cfg.server_tls.is_some() {
-            "https"
-        } else {
-            "http"
-        })
-        .authority(server.addr().to_string())
-        .path_and_query(pq)
-        .build()
-    {
-        Ok(u) => *up.uri_mut() = u,
-        Err(e) => {
-            return Err((
-                "bad_path",
-                Status::new(
-                    Code::InvalidArgument,
-                    format!("sclb: bad request path: {e}"),
-                ),
-            ));
-        }
-    }
+    // The client's path as it came (a cheap clone), and the server's cached authority:
+    // nothing formatted or parsed per RPC.
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(if cfg.server_tls.is_some() {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    });
+    let bad_path = |e: &dyn std::fmt::Display| {
+        (
+            "bad_path",
+            Status::new(
+                Code::InvalidArgument,
+                format!("sclb: bad request path: {e}"),
+            ),
+        )
+    };
+    uri.authority = match server.authority() {
+        Some(a) => Some(a),
+        None => Some(
+            http::uri::Authority::try_from(server.addr().to_string()).map_err(|e| bad_path(&e))?,
+        ),
+    };
+    uri.path_and_query = match up.uri().path_and_query() {
+        Some(pq) => Some(pq.clone()),
+        None => Some(http::uri::PathAndQuery::try_from(path).map_err(|e| bad_path(&e))?),
+    };
+    *up.uri_mut() = Uri::from_parts(uri).map_err(|e| bad_path(&e))?;
     for h in [
         header::CONNECTION,
         header::HOST,
