@@ -19,7 +19,7 @@
 use parking_lot::Mutex;
 use std::cmp::Ordering;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -201,8 +201,9 @@ pub struct Balancer {
     algo: Balance,
     /// Round robin and least connections: servers in pick order.
     order: Arc<Mutex<Order>>,
-    /// Consistent-hash ring: (point, server position), sorted by point.
-    ring: Vec<(u64, usize)>,
+    /// Consistent-hash ring: (point, server), sorted by point. By id, not position, so that a
+    /// server added or removed changes only its own points.
+    ring: Vec<(u64, ServerId)>,
     /// Position of each server.
     by_id: HashMap<ServerId, usize>,
 }
@@ -217,31 +218,60 @@ impl Balancer {
     /// Builds the balancer for `servers`; with least connections, the servers' connection
     /// counts report to it from now on.
     pub fn new(algo: Balance, servers: &[Arc<Server>]) -> Self {
+        let ring = if algo == Balance::Source {
+            ring_points(servers)
+        } else {
+            Vec::new()
+        };
+        let b = Self::with_ring(algo, servers, ring);
+        b.attach(servers);
+        b
+    }
+
+    /// The balancer for `servers`, which are this one's with `removed` gone and `added` come:
+    /// the ring keeps the other servers' points instead of hashing them again. Its order is
+    /// built at the next pick, as a new balancer's is.
+    pub fn patched(
+        &self,
+        servers: &[Arc<Server>],
+        removed: &[ServerId],
+        added: &[Arc<Server>],
+    ) -> Self {
         let mut ring = Vec::new();
-        if algo == Balance::Source {
-            for (pos, s) in servers.iter().enumerate() {
-                // Points hash the server's name, not its position: adding or removing one server
-                // moves only the clients that hashed to it.
-                let points = s.config().weight.max(1) * RING_POINTS_PER_WEIGHT;
-                for i in 0..points {
-                    ring.push((hash(&(&*s.name, i)), pos));
-                }
-            }
-            ring.sort_unstable();
+        if self.algo == Balance::Source {
+            let mut new = ring_points(added);
+            let removed: HashSet<ServerId> = removed.iter().copied().collect();
+            ring = self
+                .ring
+                .iter()
+                .filter(|(_, id)| !removed.contains(id))
+                .copied()
+                .collect();
+            ring.append(&mut new);
+            // Two sorted runs: the sort merges them in linear time.
+            ring.sort();
         }
+        let b = Self::with_ring(self.algo, servers, ring);
+        // Only least connections hooks the servers (by position, which may have moved); the
+        // others' servers have no hook, and new ones start without.
+        if b.algo == Balance::LeastConn {
+            b.attach(servers);
+        }
+        b
+    }
+
+    fn with_ring(algo: Balance, servers: &[Arc<Server>], ring: Vec<(u64, ServerId)>) -> Self {
         let order = Arc::new(Mutex::new(Order {
             slots: vec![None; servers.len()],
             heavier_first: algo == Balance::RoundRobin,
             ..Order::default()
         }));
-        let b = Balancer {
+        Balancer {
             algo,
             order,
             ring,
             by_id: servers.iter().enumerate().map(|(i, s)| (s.id, i)).collect(),
-        };
-        b.attach(servers);
-        b
+        }
     }
 
     /// Points the servers' load hooks at this balancer (least connections) or at none. Called
@@ -339,12 +369,26 @@ impl Balancer {
         let h = hash(&client);
         let start = self.ring.partition_point(|(p, _)| *p < h);
         (0..self.ring.len())
-            .map(|k| self.ring[(start + k) % self.ring.len()].1)
+            .filter_map(|k| self.position(self.ring[(start + k) % self.ring.len()].1))
             .find(|&pos| {
                 let s = &servers[pos];
                 !tried.contains(&s.id) && pool.admits(s)
             })
     }
+}
+
+/// The consistent-hash points of `servers`, sorted. Points hash the server's name, not its
+/// position: adding or removing one server moves only the clients that hashed to it.
+fn ring_points(servers: &[Arc<Server>]) -> Vec<(u64, ServerId)> {
+    let mut ring = Vec::new();
+    for s in servers {
+        let points = s.config().weight.max(1) * RING_POINTS_PER_WEIGHT;
+        for i in 0..points {
+            ring.push((hash(&(&*s.name, i)), s.id));
+        }
+    }
+    ring.sort_unstable();
+    ring
 }
 
 /// Round robin: a server's next due time, `(picks + ½) / weight`, kept as
