@@ -19,7 +19,7 @@
 use parking_lot::Mutex;
 use std::cmp::Ordering;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -205,7 +205,9 @@ pub struct Balancer {
     /// server added or removed changes only its own points.
     ring: Vec<(u64, ServerId)>,
     /// Position of each server.
-    by_id: HashMap<ServerId, usize>,
+    /// (foldhash, not SipHash: ids are ours, not a client's, and a discovery change updates
+    /// this for every server after the one it added or removed.)
+    by_id: foldhash::HashMap<ServerId, usize>,
 }
 
 fn hash<T: Hash>(v: &T) -> u64 {
@@ -223,20 +225,30 @@ impl Balancer {
         } else {
             Vec::new()
         };
-        let b = Self::with_ring(algo, servers, ring);
+        let by_id = servers.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+        let b = Self::with_ring(algo, by_id, ring);
         b.attach(servers);
         b
     }
 
-    /// The balancer for `servers`, which are this one's with `removed` gone and `added` come:
-    /// the ring keeps the other servers' points instead of hashing them again. Its order is
-    /// built at the next pick, as a new balancer's is.
+    /// The balancer for `servers`, which are this one's with `removed` gone and `added` come,
+    /// the same up to position `moved`: the index keeps the positions before it and the ring
+    /// the other servers' points instead of hashing them again. Its order is built at the next
+    /// pick, as a new balancer's is.
     pub fn patched(
         &self,
         servers: &[Arc<Server>],
+        moved: usize,
         removed: &[ServerId],
         added: &[Arc<Server>],
     ) -> Self {
+        let mut by_id = self.by_id.clone();
+        for id in removed {
+            by_id.remove(id);
+        }
+        for (i, s) in servers.iter().enumerate().skip(moved) {
+            by_id.insert(s.id, i);
+        }
         let mut ring = Vec::new();
         if self.algo == Balance::Source {
             let mut new = ring_points(added);
@@ -251,7 +263,7 @@ impl Balancer {
             // Two sorted runs: the sort merges them in linear time.
             ring.sort();
         }
-        let b = Self::with_ring(self.algo, servers, ring);
+        let b = Self::with_ring(self.algo, by_id, ring);
         // Only least connections hooks the servers (by position, which may have moved); the
         // others' servers have no hook, and new ones start without.
         if b.algo == Balance::LeastConn {
@@ -260,9 +272,13 @@ impl Balancer {
         b
     }
 
-    fn with_ring(algo: Balance, servers: &[Arc<Server>], ring: Vec<(u64, ServerId)>) -> Self {
+    fn with_ring(
+        algo: Balance,
+        by_id: foldhash::HashMap<ServerId, usize>,
+        ring: Vec<(u64, ServerId)>,
+    ) -> Self {
         let order = Arc::new(Mutex::new(Order {
-            slots: vec![None; servers.len()],
+            slots: vec![None; by_id.len()],
             heavier_first: algo == Balance::RoundRobin,
             ..Order::default()
         }));
@@ -270,7 +286,7 @@ impl Balancer {
             algo,
             order,
             ring,
-            by_id: servers.iter().enumerate().map(|(i, s)| (s.id, i)).collect(),
+            by_id,
         }
     }
 
@@ -415,6 +431,7 @@ mod tests {
     use super::*;
     use crate::config::{CheckConfig, ServerConfig};
     use crate::server::Writer;
+    use std::collections::HashMap;
 
     const W: Writer = Writer::FOR_TESTS;
 

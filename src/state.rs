@@ -421,7 +421,8 @@ impl State {
         let mut servers = ob.servers.clone();
         let mut range = ob.discovered.clone();
         let (mut added, mut removed) = (Vec::new(), Vec::new());
-        // The first position whose server moved: sids from there on are renumbered.
+        // The first position whose server changed: from there on, sids are numbered again and
+        // the balancer's index of positions updated.
         let mut moved = servers.len();
         for uid in uids {
             let at = servers[range.clone()]
@@ -438,6 +439,7 @@ impl State {
                     let new = self.discovered_server(w, ob, pos, &d);
                     removed.push(std::mem::replace(&mut servers[pos], new.clone()));
                     added.push(new);
+                    moved = moved.min(pos);
                 }
                 (Ok(pos), None) => {
                     removed.push(servers.remove(pos));
@@ -466,7 +468,7 @@ impl State {
             s.sid.store(i as u32 + 1, Relaxed);
         }
         let gone: Vec<ServerId> = removed.iter().map(|s| s.id).collect();
-        let balancer = ob.balancer.patched(&servers, &gone, &added);
+        let balancer = ob.balancer.patched(&servers, moved, &gone, &added);
         let leaving = ob
             .leaving
             .iter()
