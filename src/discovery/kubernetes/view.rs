@@ -35,6 +35,26 @@ pub(super) struct Change {
     pub(super) log: Vec<String>,
 }
 
+impl Change {
+    /// The log line for server `d`, handed over before as `old`, if it says anything new.
+    fn note(&mut self, old: Option<&Discovered>, d: &Discovered) {
+        match old {
+            None if d.draining => self.log.push(format!(
+                "server {} ({}) discovered, terminating: DRAIN",
+                d.name, d.addr
+            )),
+            None => self
+                .log
+                .push(format!("server {} ({}) discovered", d.name, d.addr)),
+            Some(old) if d.draining && !old.draining => self.log.push(format!(
+                "server {} ({}) is terminating: DRAIN, its pinned clients may finish",
+                d.name, d.addr
+            )),
+            _ => {}
+        }
+    }
+}
+
 /// The objects every watch of a source has reported, and the servers last handed over.
 pub(super) struct View {
     kind: KubernetesKind,
@@ -146,20 +166,7 @@ impl View {
         let before = self.sent.take().unwrap_or_default();
         let mut change = Change::default();
         for (uid, d) in &want {
-            match before.get(uid) {
-                None if d.draining => change.log.push(format!(
-                    "server {} ({}) discovered, terminating: DRAIN",
-                    d.name, d.addr
-                )),
-                None => change
-                    .log
-                    .push(format!("server {} ({}) discovered", d.name, d.addr)),
-                Some(old) if d.draining && !old.draining => change.log.push(format!(
-                    "server {} ({}) is terminating: DRAIN, its pinned clients may finish",
-                    d.name, d.addr
-                )),
-                _ => {}
-            }
+            change.note(before.get(uid), d);
             if before.get(uid) != Some(d) {
                 change.updates.push(Update::Upsert(d.clone()));
             }
@@ -224,20 +231,7 @@ impl View {
                 continue;
             };
             let old = sent.get(&d.uid);
-            match old {
-                None if d.draining => change.log.push(format!(
-                    "server {} ({}) discovered, terminating: DRAIN",
-                    d.name, d.addr
-                )),
-                None => change
-                    .log
-                    .push(format!("server {} ({}) discovered", d.name, d.addr)),
-                Some(old) if d.draining && !old.draining => change.log.push(format!(
-                    "server {} ({}) is terminating: DRAIN, its pinned clients may finish",
-                    d.name, d.addr
-                )),
-                _ => {}
-            }
+            change.note(old, &d);
             self.made.insert(object, d.uid.clone());
             if old != Some(&d) {
                 change.updates.push(Update::Upsert(d.clone()));
