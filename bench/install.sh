@@ -9,7 +9,7 @@ declare -A pkg=(
   [nginx]=nginx [gnuplot]=gnuplot-nox [gcc]=gcc [/usr/bin/python3]=python3
   [psql]=postgresql [setpriv]=util-linux   # sclb-gateway-pg: its session store
   [openssl]=openssl [curl]=curl            # tls: certificates, jwt: keys; the HTTPS download
-  [valgrind]=valgrind [callgrind_control]=valgrind   # --instructions
+  [valgrind]=valgrind [callgrind_control]=valgrind [strace]=strace   # --instructions
 )
 
 have() { command -v "$1" >/dev/null 2>&1 || [[ -x /usr/sbin/$1 || -x /sbin/$1 ]]; }

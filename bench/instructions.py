@@ -13,6 +13,9 @@ address (`benchtool conns`: connect, one byte each way, close) and a dump. Instr
 connection = the dump's total ÷ N. Per variant, the functions with the most inclusive
 instructions go to the log directory (callgrind_annotate).
 
+Then the same run without valgrind, `strace -c -f` attached to the proxy after its warm-up:
+system calls per connection, by name (the kernel's work follows them).
+
 Python standard library only.
 """
 from __future__ import annotations
@@ -74,35 +77,37 @@ def total_ir(dump: Path) -> int:
     raise b.BenchError(f"no total in {dump}")
 
 
-def measure(variant: str, n: int, sclb_bin: Path, logdir: Path) -> int:
-    backends = [free_port() for _ in range(3)]
-    port = free_port()
-    _, text = rendered(variant, port, backends)
-    cfg = logdir / f"{variant}.{'cfg' if variant.startswith('haproxy') else 'toml'}"
-    cfg.write_text(text)
-    out = logdir / f"{variant}.callgrind"
-    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    argv += ["haproxy", "-db", "-f", str(cfg)] if variant.startswith("haproxy") else [str(sclb_bin), "-c", str(cfg)]
-    echo = subprocess.Popen([str(b.TOOL), "echo1", "900", *map(str, backends)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = open(logdir / f"{variant}.log", "wb")
-    proxy = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_port(port, proxy, 120)
-        conns(port, 300)
-        subprocess.run(["callgrind_control", "-z", str(proxy.pid)], capture_output=True, timeout=60, check=True)
-        conns(port, n)
-        subprocess.run(["callgrind_control", "-d", str(proxy.pid)], capture_output=True, timeout=60, check=True)
-        dumps = sorted(logdir.glob(f"{variant}.callgrind.*"), key=lambda p: p.stat().st_mtime)
-        if not dumps:
-            raise b.BenchError(f"callgrind wrote no dump for {variant}")
-        ir = total_ir(dumps[-1])
-        top = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(dumps[-1])],
-                             capture_output=True, text=True, timeout=120).stdout
-        (logdir / f"{variant}.top.txt").write_text("\n".join(top.splitlines()[:80]) + "\n")
-        return ir // n
-    finally:
-        for p in (proxy, echo):
+class Proxied:
+    """`variant` with its config, `benchtool echo1` as its three servers, optionally under a
+    wrapper (valgrind); stopped, with the servers, on exit."""
+
+    def __init__(self, variant: str, sclb_bin: Path, logdir: Path, wrapper: list[str], suffix: str):
+        self.variant, self.sclb_bin, self.logdir, self.wrapper = variant, sclb_bin, logdir, wrapper
+        self.suffix = suffix
+
+    def __enter__(self) -> "Proxied":
+        backends = [free_port() for _ in range(3)]
+        self.port = free_port()
+        _, text = rendered(self.variant, self.port, backends)
+        cfg = self.logdir / f"{self.variant}.{'cfg' if self.variant.startswith('haproxy') else 'toml'}"
+        cfg.write_text(text)
+        argv = list(self.wrapper)
+        argv += ["haproxy", "-db", "-f", str(cfg)] if self.variant.startswith("haproxy") \
+            else [str(self.sclb_bin), "-c", str(cfg)]
+        self.echo = subprocess.Popen([str(b.TOOL), "echo1", "900", *map(str, backends)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = open(self.logdir / f"{self.variant}{self.suffix}.log", "wb")
+        self.proxy = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_port(self.port, self.proxy, 120)
+            conns(self.port, 300)  # warm-up
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for p in (self.proxy, self.echo):
             if p.poll() is None:
                 p.terminate()
                 try:
@@ -110,7 +115,55 @@ def measure(variant: str, n: int, sclb_bin: Path, logdir: Path) -> int:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        log.close()
+        self.log.close()
+
+
+def measure(variant: str, n: int, sclb_bin: Path, logdir: Path) -> int:
+    out = logdir / f"{variant}.callgrind"
+    wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    with Proxied(variant, sclb_bin, logdir, wrapper, "") as p:
+        pid = str(p.proxy.pid)
+        subprocess.run(["callgrind_control", "-z", pid], capture_output=True, timeout=60, check=True)
+        conns(p.port, n)
+        subprocess.run(["callgrind_control", "-d", pid], capture_output=True, timeout=60, check=True)
+        dumps = sorted(logdir.glob(f"{variant}.callgrind.*"), key=lambda f: f.stat().st_mtime)
+        if not dumps:
+            raise b.BenchError(f"callgrind wrote no dump for {variant}")
+        ir = total_ir(dumps[-1])
+        top = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(dumps[-1])],
+                             capture_output=True, text=True, timeout=120).stdout
+        (logdir / f"{variant}.top.txt").write_text("\n".join(top.splitlines()[:80]) + "\n")
+        return ir // n
+
+
+def syscalls(variant: str, n: int, sclb_bin: Path, logdir: Path) -> dict[str, float]:
+    """System calls per connection by name (`strace -c -f` attached to every thread of the
+    proxy after its warm-up, for n connections)."""
+    out = logdir / f"{variant}.strace"
+    with Proxied(variant, sclb_bin, logdir, [], "-strace") as p:
+        st = subprocess.Popen(["strace", "-f", "-c", "-qq", "-o", str(out), "-p", str(p.proxy.pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            time.sleep(1.0)  # attached to every thread
+            if st.poll() is not None:
+                raise b.BenchError(f"strace exited: {st.stderr.read().decode(errors='replace')[-300:]}")
+            conns(p.port, n)
+        finally:
+            st.send_signal(2)
+            try:
+                st.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                st.kill()
+                st.wait()
+    calls: dict[str, float] = {}
+    for line in out.read_text(errors="replace").splitlines():
+        f = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(f) >= 5 and f[-1] != "total" and f[3].isdigit() and re.match(r"^[\d.]+$", f[0]):
+            calls[f[-1]] = int(f[3]) / n
+    if not calls:
+        raise b.BenchError(f"strace counted nothing for {variant} (see {out})")
+    return calls
 
 
 def free_port() -> int:
@@ -144,12 +197,15 @@ def main(argv: list[str]) -> int:
     logdir.mkdir(parents=True, exist_ok=True)
     print(f"bench: instructions run {stamp}, {n} connections per variant; logs in {logdir}", flush=True)
     results: dict[str, int] = {}
+    calls: dict[str, dict[str, float]] = {}
     errors: list[str] = []
     for v in variants:
         t0 = time.monotonic()
         try:
             results[v] = measure(v, n, sclb_bin, logdir)
             print(f"  {v:<16} {results[v]:>9,} instructions per connection  ({time.monotonic() - t0:.0f} s)", flush=True)
+            calls[v] = syscalls(v, n, sclb_bin, logdir)
+            print(f"  {v:<16} {sum(calls[v].values()):>9.1f} system calls per connection", flush=True)
         except (b.BenchError, subprocess.SubprocessError, OSError) as e:
             errors.append(f"{v}: {e}")
             print(f"  {v:<16} failed: {e}", flush=True)
@@ -158,21 +214,30 @@ def main(argv: list[str]) -> int:
              f"connection (callgrind; {n} sequential connections from one address through each proxy to "
              "`benchtool echo1`, after 300 to warm up). The kernel's work is not counted.", "",
              f"valgrind: {b.tool_version(['valgrind', '--version'])}; haproxy: {b.tool_version(['haproxy', '-v'])}; "
-             f"sclb: {sclb_bin}", "",
-             "| variant | instructions per connection | ÷ HAProxy (same log setting) |", "|---|---|---|"]
+             f"sclb: {sclb_bin}", ""]
+    table_at = len(lines)
+    lines += ["| variant | instructions per connection | ÷ HAProxy (same log setting) | system calls per "
+             "connection (strace -c) |", "|---|---|---|---|"]
     for v in variants:
         if v not in results:
             continue
         ref = {"sclb": "haproxy", "sclb-log": "haproxy-log", "sclb-log-json": "haproxy-log"}.get(v)
         ratio = f"{results[v] / results[ref]:.2f}×" if ref in results else "—"
-        lines.append(f"| {v} | {results[v]:,} | {ratio} |")
+        lines.append(f"| {v} | {results[v]:,} | {ratio} | {sum(calls.get(v, {}).values()):.1f} |")
+    if calls:
+        names = sorted({c for per in calls.values() for c, k in per.items() if k >= 0.05},
+                       key=lambda c: -max(per.get(c, 0) for per in calls.values()))
+        lines += ["", "System calls per connection by name (≥ 0.05 in some variant):", "",
+                  "| call | " + " | ".join(calls) + " |", "|---|" + "---|" * len(calls)]
+        lines += [f"| `{c}` | " + " | ".join(f"{per.get(c, 0):.2f}" for per in calls.values()) + " |"
+                  for c in names]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {e}" for e in errors]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     report = out / f"{stamp}-instructions.md"
     report.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-(len(results) + 2 + (len(errors) + 3 if errors else 0)):]))
+    print("\n".join(lines[table_at:]))
     print(f"bench: wrote {report}")
     return 1 if errors else 0
 

@@ -71,9 +71,10 @@ import json, sys, time
 from pyspark.sql import SparkSession
 t0 = time.monotonic()
 spark = SparkSession.builder.remote(sys.argv[1]).getOrCreate()
+t1 = time.monotonic()
 assert spark.range(10).count() == 10
 took = time.monotonic() - t0
-print(json.dumps({"seconds": took, "session": spark.session_id}))
+print(json.dumps({"seconds": took, "get_or_create": t1 - t0, "session": spark.session_id}))
 spark.stop()
 """
 SCENARIOS = {
@@ -220,10 +221,12 @@ def pool_ready(sock: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def first_query(spark_python: Path, port: int, name: str, host: str = b.HOST) -> float:
+def first_query(spark_python: Path, port: int, name: str, host: str = b.HOST) -> tuple[float, float]:
+    """(getOrCreate() to the first answer, of which getOrCreate() itself), seconds."""
     url = f"sc://{host}:{port}/;x-spark-team={TEAM[0]};x-spark-environment={TEAM[1]}"
     out = b.PROCS.run(name, [spark_python, "-c", FIRST_QUERY, url], timeout=600)
-    return json.loads(out.strip().splitlines()[-1])["seconds"]
+    got = json.loads(out.strip().splitlines()[-1])
+    return got["seconds"], got["get_or_create"]
 
 
 def run_direct(s, api: k8s.Api, op: Operator) -> dict:
@@ -238,6 +241,7 @@ def run_direct(s, api: k8s.Api, op: Operator) -> dict:
                      {"name": "spark-kubernetes-driver", "image": "docker.io/apache/spark:4.0.5"}]}}},
                  "executor": {"instances": 1}}})
     times: list[float] = []
+    gocs: list[float] = []
     try:
         deadline = time.monotonic() + SPARK_START_BUDGET
         while name not in op.ready:
@@ -247,16 +251,17 @@ def run_direct(s, api: k8s.Api, op: Operator) -> dict:
         ip = op.servers[name][1]
         first_query(s.spark_python, s.spark_port, "client-direct-warm-up", host=ip)
         for rep in range(s.reps):
-            took = first_query(s.spark_python, s.spark_port, f"client-direct-{rep}", host=ip)
+            took, goc = first_query(s.spark_python, s.spark_port, f"client-direct-{rep}", host=ip)
             times.append(took)
+            gocs.append(goc)
             print(f"  direct #{rep + 1}: {took:.2f} s", flush=True)
     finally:
         try:
             api.call("DELETE", f"{CONNECTS}/{name}")
         except b.BenchError:
             pass
-    return {"scenario": "direct", "times": times, "warmups": 0, "warmup_mean_s": None,
-            "first_response_ms": None}
+    return {"scenario": "direct", "times": times, "get_or_create": gocs, "warmups": 0,
+            "warmup_mean_s": None, "first_response_ms": None}
 
 
 def run_scenario(s, api: k8s.Api, kubeconfig: Path, scenario: str, op: Operator) -> dict:
@@ -268,6 +273,7 @@ def run_scenario(s, api: k8s.Api, kubeconfig: Path, scenario: str, op: Operator)
     cfg, sock, port, stats = sclb_config(d, kubeconfig, s.spark_port, pool)
     sclb = b.PROCS.start(f"sclb-{scenario}", [s.sclb_bin, "-c", cfg])
     times: list[float] = []
+    gocs: list[float] = []
     try:
         b.wait_listening([port], [sclb], timeout=60)
         for rep in range(s.reps):
@@ -277,7 +283,8 @@ def run_scenario(s, api: k8s.Api, kubeconfig: Path, scenario: str, op: Operator)
                          op, sclb)
                 op.paused.set()
             hits = metric(stats, 'sclb_pool_claims_total{result="hit"}')
-            took = first_query(s.spark_python, port, f"client-{scenario}-{rep}")
+            took, goc = first_query(s.spark_python, port, f"client-{scenario}-{rep}")
+            gocs.append(goc)
             if pool and metric(stats, 'sclb_pool_claims_total{result="hit"}') != hits + 1:
                 raise b.BenchError(f"{scenario}: rep {rep} was not a pool hit")
             times.append(took)
@@ -297,7 +304,7 @@ def run_scenario(s, api: k8s.Api, kubeconfig: Path, scenario: str, op: Operator)
                 api.call("DELETE", f"{CONNECTS}/{o['metadata']['name']}")
             except b.BenchError:
                 pass  # deleted by sclb meanwhile
-    return {"scenario": scenario, "times": times, "warmups": warm_n,
+    return {"scenario": scenario, "times": times, "get_or_create": gocs, "warmups": warm_n,
             "warmup_mean_s": warm_sum / warm_n if warm_n else None,
             "first_response_ms": 1000 * first_sum / first_n if first_n else None}
 
@@ -308,9 +315,9 @@ def report(s, results: list[dict], op: Operator, errors: list[str], envlog: list
              "PySpark 4.0.5 process each time, through sclb's gateway (`on_demand`), real Spark "
              "Connect servers started by the bench as the operator, the real kube-apiserver. "
              "See bench/pool.py.", "",
-             "| scenario | reps | p50 s | max s | each s | pool warm-ups (mean s) | "
-             "sclb: first RPC → its answer, mean ms |",
-             "|---|---:|---:|---:|---|---|---:|"]
+             "| scenario | reps | p50 s | max s | each s | of which getOrCreate(), p50 s | "
+             "pool warm-ups (mean s) | sclb: first RPC → its answer, mean ms |",
+             "|---|---:|---:|---:|---|---:|---|---:|"]
     for r in results:
         t = r["times"]
         if not t:
@@ -318,7 +325,8 @@ def report(s, results: list[dict], op: Operator, errors: list[str], envlog: list
         warm = f"{r['warmups']:.0f} ({r['warmup_mean_s']:.1f})" if r["warmup_mean_s"] else "–"
         first = "–" if r["first_response_ms"] is None else f"{r['first_response_ms']:.0f}"
         lines.append(f"| {r['scenario']} | {len(t)} | {statistics.median(t):.2f} | {max(t):.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in t)} | {warm} | {first} |")
+                     f"{', '.join(f'{x:.2f}' for x in t)} | "
+                     f"{statistics.median(r['get_or_create']):.2f} | {warm} | {first} |")
     if op.start_s:
         lines += ["", f"Cold Spark Connect server, spark-submit to port accepting: p50 "
                       f"{statistics.median(op.start_s):.1f} s, max {max(op.start_s):.1f} s "

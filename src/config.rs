@@ -316,6 +316,9 @@ pub struct WarmUp {
     pub query: String,
     /// A warm-up not answered within this fails: the driver is retired and replaced.
     pub timeout: Duration,
+    /// How many sessions run the query, one after the other: a JVM's code paths get
+    /// compiled as they are used, and a claimed driver's first session comes after these.
+    pub runs: u32,
 }
 
 impl Default for WarmUp {
@@ -323,6 +326,7 @@ impl Default for WarmUp {
         WarmUp {
             query: "SELECT count(*) FROM range(1000)".into(),
             timeout: Duration::from_secs(120),
+            runs: 3,
         }
     }
 }

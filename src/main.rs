@@ -272,6 +272,7 @@ impl Workers {
                     .name(format!("sclb-worker-{i}"))
                     .spawn(move || {
                         rt.block_on(async {
+                            tokio::spawn(keep_timer_awake());
                             let _ = rx.await;
                         })
                     })?,
@@ -285,6 +286,20 @@ impl Workers {
         for t in self.threads {
             let _ = t.join();
         }
+    }
+}
+
+/// A worker's runtime writes its own wake-up eventfd whenever a task sets a timer earlier
+/// than the one it last went to sleep for, or any timer when it slept with none: on an idle
+/// worker that was every connection's connect timeout, one `write` system call (and one more
+/// wake-up event) per connection. A timer a second away at all times makes every
+/// connection's timer (connect, queue, idle: by default all a second or longer) a later one,
+/// at the cost of one wake-up per second.
+async fn keep_timer_awake() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
     }
 }
 

@@ -152,6 +152,7 @@ fn a_warm_pool_reads_into_typed_settings() {
         Some(config::WarmUp {
             query: "SELECT sum(id) FROM range(10)".into(),
             timeout: std::time::Duration::from_secs(90),
+            runs: 3,
         })
     );
 }
@@ -173,6 +174,7 @@ fn a_pool_warms_its_drivers_up_unless_told_not_to() {
     let default = Some(config::WarmUp {
         query: "SELECT count(*) FROM range(1000)".into(),
         timeout: std::time::Duration::from_secs(120),
+        runs: 3,
     });
     assert_eq!(warm_up(""), default);
     assert_eq!(warm_up(", warm_up = true"), default);
@@ -183,5 +185,9 @@ fn a_pool_warms_its_drivers_up_unless_told_not_to() {
             "SELECT count(*) FROM range(1000)".into(),
             std::time::Duration::from_secs(300)
         ))
+    );
+    assert_eq!(
+        warm_up(r#", warm_up = { runs = 1 }"#).map(|w| w.runs),
+        Some(1)
     );
 }

@@ -1232,12 +1232,14 @@ fn read_pool(t: Table<'_, '_>, defaults: (Option<&str>, Option<&str>)) -> Option
 
 /// Longest warm-up query accepted.
 const MAX_WARM_UP_QUERY: usize = 4096;
+/// Warm-up sessions per driver: a few compile what a first session uses; more only delay it.
+const MAX_WARM_UP_RUNS: i64 = 20;
 /// Bounds of a warm-up's timeout: a cold JVM takes seconds; a stuck one is retired.
 const WARM_UP_TIMEOUT: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(30 * 60));
 
 /// `pool.warm_up`: absent or `true` (the default query and timeout), `false` (no warm-up:
-/// a driver is offered once Ready), or `{ query, timeout }`.
+/// a driver is offered once Ready), or `{ query, timeout, runs }`.
 fn read_warm_up(t: Table<'_, '_>) -> Option<WarmUp> {
     if !t.contains("warm_up") || t.is_bool("warm_up") {
         return t.bool("warm_up").unwrap_or(true).then(WarmUp::default);
@@ -1245,13 +1247,13 @@ fn read_warm_up(t: Table<'_, '_>) -> Option<WarmUp> {
     if !t.is_table("warm_up") {
         t.error(
             "warm_up",
-            "expected true, false or { query = \"SELECT ...\", timeout = \"2m\" }",
+            "expected true, false or { query = \"SELECT ...\", timeout = \"2m\", runs = 3 }",
         );
         return None;
     }
     let path = join(t.path, "warm_up");
     let wt = t.table("warm_up", &path)?;
-    wt.allow(&["query", "timeout"]);
+    wt.allow(&["query", "timeout", "runs"]);
     let mut w = WarmUp::default();
     if let Some(q) = wt.str("query") {
         if q.trim().is_empty() {
@@ -1270,6 +1272,9 @@ fn read_warm_up(t: Table<'_, '_>) -> Option<WarmUp> {
     }
     if let Some(d) = wt.duration_between("timeout", WARM_UP_TIMEOUT.0, WARM_UP_TIMEOUT.1) {
         w.timeout = d;
+    }
+    if let Some(n) = wt.int("runs", 1, MAX_WARM_UP_RUNS) {
+        w.runs = n as u32;
     }
     Some(w)
 }

@@ -280,6 +280,15 @@ async fn list(
     Ok(out)
 }
 
+/// How one claiming patch went.
+enum Tried {
+    Claimed,
+    /// Claimed by someone else, changed or gone since it was read.
+    Taken,
+    /// The API server failed: no claim this time.
+    Failed,
+}
+
 /// A claimed session, for [`Pools::claim`].
 pub struct Claim<'a> {
     pub key: &'a SessionKey,
@@ -328,6 +337,10 @@ impl Pools {
         })
     }
 
+    /// Claims from the keeper's last look first (its resourceVersions: one API call, the
+    /// claiming patch, instead of a LIST and the patch); when every member of that look is
+    /// stale (a 409 or 404: claimed, retired or changed since) or it offers none, from a
+    /// fresh LIST of the pool's drivers.
     async fn claim_in(
         &self,
         api: &kube::Api<DynamicObject>,
@@ -335,6 +348,14 @@ impl Pools {
         c: &Claim<'_>,
         warm_up: bool,
     ) -> Option<String> {
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        for m in self.last_look(namespace, c) {
+            match self.try_claim(api, namespace, c, &m, &now).await {
+                Tried::Claimed => return Some(m.name),
+                Tried::Taken => {}
+                Tried::Failed => return None,
+            }
+        }
         let team = (c.team, c.environment);
         let members = match list(api, c.frontend, namespace, team, c.backend, warm_up).await {
             Ok(m) => m,
@@ -346,61 +367,103 @@ impl Pools {
                 return None;
             }
         };
-        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        for m in members.iter().filter(|m| m.state == MemberState::Ready) {
-            // Refused (409) if anyone changed it since it was read: another replica claimed
-            // it, or the keeper is retiring it.
-            let patch = json!({"metadata": {
-                "resourceVersion": m.rv,
-                "labels": {LABEL: CLAIMED},
-                "annotations": {
-                    a::SESSION: c.key.session_id,
-                    a::USER: c.key.user_id,
-                    a::FRONTEND: c.frontend,
-                    a::BACKEND: c.backend.config.name,
-                    a::TEAM: c.team,
-                    a::ENVIRONMENT: c.environment,
-                    a::CREATED: now,
-                    a::LAST_ACTIVITY: now,
-                },
-            }});
-            match timed(api.patch(&m.name, &PatchParams::default(), &Patch::Merge(&patch))).await {
-                Ok(_) => {
-                    // Not offered (nor refused by header) until the next look.
-                    for s in self.seen.lock().values_mut() {
-                        s.members
-                            .retain(|x| x.name != m.name || s.namespace != namespace);
-                    }
-                    info!(
-                        target: "sclb::audit",
-                        session = %crate::escape::token(&c.key.session_id),
-                        user = %crate::escape::token(&c.key.user_id),
-                        namespace,
-                        name = %m.name,
-                        team = %c.team,
-                        environment = %c.environment,
-                        "pool driver claimed: {namespace}/{} for session {}",
-                        m.name,
-                        crate::escape::token(&c.key.session_id)
-                    );
-                    return Some(m.name.clone());
-                }
-                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
-                    debug!(name = %m.name, "pool driver taken by another claim: trying the next");
-                }
-                Err(e) => {
-                    warn!(
-                        "pool of {}/{}: cannot claim {namespace}/{}: {}",
-                        c.team,
-                        c.environment,
-                        m.name,
-                        crate::k8s_api::chain(&e)
-                    );
-                    return None;
-                }
+        for m in members
+            .into_iter()
+            .filter(|m| m.state == MemberState::Ready)
+        {
+            match self.try_claim(api, namespace, c, &m, &now).await {
+                Tried::Claimed => return Some(m.name),
+                Tried::Taken => {}
+                Tried::Failed => return None,
             }
         }
         None
+    }
+
+    /// The members of `c`'s pool that were Ready (warm) at the keeper's last look and whose
+    /// server still takes new clients now, oldest first.
+    fn last_look(&self, namespace: &str, c: &Claim<'_>) -> Vec<Member> {
+        let key = PoolKey {
+            frontend: c.frontend.to_string(),
+            team: c.team.to_string(),
+            environment: c.environment.to_string(),
+        };
+        let seen = self.seen.lock();
+        let Some(s) = seen.get(&key).filter(|s| s.namespace == namespace) else {
+            return Vec::new();
+        };
+        s.members
+            .iter()
+            .filter(|m| {
+                m.state == MemberState::Ready
+                    && super::route::named_server(c.backend, Some(namespace), &m.name)
+                        .is_some_and(|s| s.takes_new_clients())
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// One claiming patch of `m`, naming the `resourceVersion` it was read at.
+    async fn try_claim(
+        &self,
+        api: &kube::Api<DynamicObject>,
+        namespace: &str,
+        c: &Claim<'_>,
+        m: &Member,
+        now: &str,
+    ) -> Tried {
+        // Refused (409) if anyone changed it since it was read: another replica claimed it,
+        // or the keeper is retiring it.
+        let patch = json!({"metadata": {
+            "resourceVersion": m.rv,
+            "labels": {LABEL: CLAIMED},
+            "annotations": {
+                a::SESSION: c.key.session_id,
+                a::USER: c.key.user_id,
+                a::FRONTEND: c.frontend,
+                a::BACKEND: c.backend.config.name,
+                a::TEAM: c.team,
+                a::ENVIRONMENT: c.environment,
+                a::CREATED: now,
+                a::LAST_ACTIVITY: now,
+            },
+        }});
+        match timed(api.patch(&m.name, &PatchParams::default(), &Patch::Merge(&patch))).await {
+            Ok(_) => {
+                // Not offered (nor refused by header) until the next look.
+                for s in self.seen.lock().values_mut() {
+                    s.members
+                        .retain(|x| x.name != m.name || s.namespace != namespace);
+                }
+                info!(
+                    target: "sclb::audit",
+                    session = %crate::escape::token(&c.key.session_id),
+                    user = %crate::escape::token(&c.key.user_id),
+                    namespace,
+                    name = %m.name,
+                    team = %c.team,
+                    environment = %c.environment,
+                    "pool driver claimed: {namespace}/{} for session {}",
+                    m.name,
+                    crate::escape::token(&c.key.session_id)
+                );
+                Tried::Claimed
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+                debug!(name = %m.name, "pool driver taken or changed since it was read: trying the next");
+                Tried::Taken
+            }
+            Err(e) => {
+                warn!(
+                    "pool of {}/{}: cannot claim {namespace}/{}: {}",
+                    c.team,
+                    c.environment,
+                    m.name,
+                    crate::k8s_api::chain(&e)
+                );
+                Tried::Failed
+            }
+        }
     }
 
     /// Whether `name` (in `namespace`, if given) is an unclaimed member at the last look.

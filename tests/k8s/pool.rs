@@ -252,12 +252,12 @@ async fn a_warm_pool_serves_new_sessions_at_once_and_never_reuses_a_driver() {
         assert_eq!(o.labels()["sclb.io/pool"], "ready");
         assert_eq!(o.labels()["app.kubernetes.io/managed-by"], "sclb");
         assert!(!o.annotations().contains_key("sclb.io/spark-session"));
-        // Warmed up (the default) before it was offered: one query in a session of its own,
-        // then that session released.
+        // Warmed up (the default) before it was offered: three runs, each one query in a
+        // session of its own, then that session released.
         assert!(o.annotations().contains_key("sclb.io/warmed-up"));
         assert_eq!(
             op.warm_ups(name),
-            [["ExecutePlan", "ReleaseSession"]],
+            [["ExecutePlan", "ReleaseSession"]; 3],
             "{name}"
         );
     }
@@ -698,7 +698,7 @@ async fn a_pool_driver_is_offered_only_once_warm_and_one_failing_its_warm_up_is_
         op.port,
         &k.ns,
         10,
-        r#"{ min_ready = 1, max_ready = 1, max_age = "2h", teams = ["pwarm/dev"], warm_up = { query = "SELECT 42 AS warm", timeout = "2m" } }"#,
+        r#"{ min_ready = 1, max_ready = 1, max_age = "2h", teams = ["pwarm/dev"], warm_up = { query = "SELECT 42 AS warm", timeout = "2m", runs = 2 } }"#,
         "",
     );
     let mut lb = SclbProcess::start(d.path(), &cfg, &[]);
@@ -793,7 +793,10 @@ async fn a_pool_driver_is_offered_only_once_warm_and_one_failing_its_warm_up_is_
     assert_eq!(ready, std::slice::from_ref(&warming));
     let o = connects.get(&warming).await.unwrap();
     assert!(o.annotations().contains_key("sclb.io/warmed-up"));
-    assert_eq!(op.warm_ups(&warming), [["ExecutePlan", "ReleaseSession"]]);
+    assert_eq!(
+        op.warm_ups(&warming),
+        [["ExecutePlan", "ReleaseSession"]; 2]
+    );
     assert_eq!(warm_ups("ok"), 1.0);
     let r = first_rpc(gw, 131, team).await;
     assert_eq!(r.status, 0, "{r:?}");

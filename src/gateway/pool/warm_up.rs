@@ -92,8 +92,8 @@ pub(super) fn warm_ups(
     members
 }
 
-/// Warms one member up (see [`run_warm_up`]); then marks it warm on its object, or its
-/// warm-up failed for the keeper to retire it.
+/// Warms one member up (`w.runs` runs of [`run_warm_up`], all within `w.timeout`); then marks
+/// it warm on its object, or its warm-up failed for the keeper to retire it.
 async fn warm_up(
     shared: Arc<Shared>,
     id: (PoolKey, String),
@@ -105,7 +105,13 @@ async fn warm_up(
     let pools = &shared.gateway.pools;
     let name = &id.1;
     let started = tokio::time::Instant::now();
-    let ran = tokio::time::timeout(w.timeout, run_warm_up(&shared, &server, &b, &w.query)).await;
+    let runs = async {
+        for _ in 0..w.runs {
+            run_warm_up(&shared, &server, &b, &w.query).await?;
+        }
+        Ok(())
+    };
+    let ran = tokio::time::timeout(w.timeout, runs).await;
     let ran = ran.unwrap_or_else(|_| {
         Err(format!(
             "no answer within its timeout ({})",
@@ -158,7 +164,7 @@ async fn warm_up(
     pools.wake.notify_one();
 }
 
-/// The warm-up itself: `query` collected in a session of its own, which is then released.
+/// One run of the warm-up: `query` collected in a session of its own, which is then released.
 /// A server without ReleaseSession (Spark before 4.0) keeps that session until its own idle
 /// timeout.
 async fn run_warm_up(
