@@ -34,15 +34,15 @@ import instructions as ins
 VARIANTS = ("haproxy-log", "haproxy-log-smart", "sclb-log", "sclb-log-nosmart")
 
 
-def config(variant: str, port: int, backends: list[int]) -> tuple[str, str]:
-    """(kind, config text) for `variant`."""
-    base = {"haproxy-log-smart": "haproxy-log", "sclb-log-nosmart": "sclb-log"}.get(variant, variant)
-    _, text = ins.rendered(base, port, backends)
+def base_and_edit(variant: str):
+    """(the bench/instructions.py variant it starts from, its config change or None)."""
     if variant == "haproxy-log-smart":
-        text = text.replace("backend spark_servers\n", "backend spark_servers\n    option tcp-smart-connect\n", 1)
+        return "haproxy-log", lambda t: t.replace("backend spark_servers\n",
+                                                   "backend spark_servers\n    option tcp-smart-connect\n", 1)
     if variant == "sclb-log-nosmart":
-        text = text.replace('name = "spark_servers"\n', 'name = "spark_servers"\ntcp_smart_connect = false\n', 1)
-    return ("haproxy" if variant.startswith("haproxy") else "sclb"), text
+        return "sclb-log", lambda t: t.replace('name = "spark_servers"\n',
+                                                'name = "spark_servers"\ntcp_smart_connect = false\n', 1)
+    return variant, None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -58,44 +58,19 @@ def cpu_seconds(pid: int) -> float:
 
 def round_of(variant: str, n: int, conc: int, sclb_bin: Path, logdir: Path) -> tuple[float, float]:
     """(CPU µs per connection, connections/s) for one round."""
-    backends = [ins.free_port() for _ in range(3)]
-    port = ins.free_port()
-    kind, text = config(variant, port, backends)
-    cfg = logdir / f"{variant}.{'cfg' if kind == 'haproxy' else 'toml'}"
-    cfg.write_text(text)
-    if kind == "haproxy":
-        r = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
-        if r.returncode != 0:
-            raise b.BenchError(f"haproxy -c {cfg}: {r.stdout}{r.stderr}")
-    argv = ["haproxy", "-db", "-f", str(cfg)] if kind == "haproxy" else [str(sclb_bin), "-c", str(cfg)]
-    echo = subprocess.Popen([str(b.TOOL), "echo1", "900", *map(str, backends)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # The access log goes to a file: what each proxy pays is formatting and writing it.
-    log = open(logdir / f"{variant}.log", "ab")
-    proxy = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        ins.wait_port(port, proxy, 60)
-        ins.conns(port, 500)  # warm-up
-        c0, t0 = cpu_seconds(proxy.pid), time.monotonic()
-        out = subprocess.run([str(b.TOOL), "conns", b.HOST, str(port), str(n), str(conc), "100", "1", "rand", "300"],
+    base, edit = base_and_edit(variant)
+    suffix = "" if base == variant else variant.removeprefix(base)
+    with ins.Proxied(base, sclb_bin, logdir, [], suffix, edit) as p:
+        c0, t0 = cpu_seconds(p.proxy.pid), time.monotonic()
+        out = subprocess.run([str(b.TOOL), "conns", b.HOST, str(p.port), str(n), str(conc), "100", "1", "rand", "300"],
                              capture_output=True, text=True, timeout=360)
-        elapsed, c1 = time.monotonic() - t0, cpu_seconds(proxy.pid)
-        if out.returncode != 0:
-            raise b.BenchError(f"benchtool conns failed: {out.stderr[-300:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        if r.get("errors"):
-            raise b.BenchError(f"{variant}: {r['errors']} of {n} connections failed")
-        return (c1 - c0) / n * 1e6, n / elapsed
-    finally:
-        for p in (proxy, echo):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        log.close()
+        elapsed, c1 = time.monotonic() - t0, cpu_seconds(p.proxy.pid)
+    if out.returncode != 0:
+        raise b.BenchError(f"benchtool conns failed: {out.stderr[-300:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if r.get("errors"):
+        raise b.BenchError(f"{variant}: {r['errors']} of {n} connections failed")
+    return (c1 - c0) / n * 1e6, n / elapsed
 
 
 def main(argv: list[str]) -> int:
@@ -116,13 +91,9 @@ def main(argv: list[str]) -> int:
     n = a.conns or (2000 if a.quick else 20000)
     if not 1 <= rounds <= 50 or not 100 <= n <= 200000 or not 1 <= a.concurrency <= 256:
         ap.error("--rounds 1-50, --conns 100-200000, --concurrency 1-256")
-    sclb_bin = Path(os.environ.get("SCLB_BIN", str(b.DEFAULT_SCLB_BIN))).absolute()
-    if any(v.startswith("sclb") for v in variants):
-        if not a.no_build:
-            subprocess.run(["cargo", "build", "--release", "--bin", "sclb"], cwd=b.REPO, check=True)
-        if not sclb_bin.exists():
-            print(f"bench: {sclb_bin} missing", file=sys.stderr)
-            return 1
+    sclb_bin = ins.sclb_ready(variants, a.no_build)
+    if sclb_bin is None:
+        return 1
     stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
     logdir = b.BENCH / ".work" / f"{stamp}-conncpu"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -158,15 +129,7 @@ def main(argv: list[str]) -> int:
         cpu_r = f"{us / ref[0]:.2f}×" if ref else "—"
         rate_r = f"{rate / ref[1]:.2f}×" if ref else "—"
         lines.append(f"| {v} | {us:.1f} ({each}) | {rate:.0f} | {cpu_r} | {rate_r} |")
-    if errors:
-        lines += ["", "Errors:", ""] + [f"- {e}" for e in errors]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / f"{stamp}-conncpu.md"
-    report.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[table_at:]))
-    print(f"bench: wrote {report}")
-    return 1 if errors else 0
+    return ins.write_report(lines, table_at, errors, Path(a.out) / f"{stamp}-conncpu.md")
 
 
 if __name__ == "__main__":
