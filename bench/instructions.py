@@ -81,22 +81,25 @@ class Proxied:
     """`variant` with its config, `benchtool echo1` as its three servers, optionally under a
     wrapper (valgrind); stopped, with the servers, on exit."""
 
-    def __init__(self, variant: str, sclb_bin: Path, logdir: Path, wrapper: list[str], suffix: str):
+    def __init__(self, variant: str, sclb_bin: Path, logdir: Path, wrapper: list[str], suffix: str,
+                 edit=None):
         self.variant, self.sclb_bin, self.logdir, self.wrapper = variant, sclb_bin, logdir, wrapper
-        self.suffix = suffix
+        self.suffix, self.edit = suffix, edit
 
     def __enter__(self) -> "Proxied":
         backends = [free_port() for _ in range(3)]
         self.port = free_port()
         _, text = rendered(self.variant, self.port, backends)
-        cfg = self.logdir / f"{self.variant}.{'cfg' if self.variant.startswith('haproxy') else 'toml'}"
+        if self.edit:  # a change to the config, by the caller (bench/conncpu.py)
+            text = self.edit(text)
+        cfg = self.logdir / f"{self.variant}{self.suffix}.{'cfg' if self.variant.startswith('haproxy') else 'toml'}"
         cfg.write_text(text)
         argv = list(self.wrapper)
         argv += ["haproxy", "-db", "-f", str(cfg)] if self.variant.startswith("haproxy") \
             else [str(self.sclb_bin), "-c", str(cfg)]
         self.echo = subprocess.Popen([str(b.TOOL), "echo1", "900", *map(str, backends)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.log = open(self.logdir / f"{self.variant}{self.suffix}.log", "wb")
+        self.log = open(self.logdir / f"{self.variant}{self.suffix}.log", "ab")
         self.proxy = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_port(self.port, self.proxy, 120)
@@ -166,6 +169,19 @@ def syscalls(variant: str, n: int, sclb_bin: Path, logdir: Path) -> dict[str, fl
     return calls
 
 
+def sclb_ready(variants: list[str], no_build: bool) -> Path | None:
+    """The sclb binary to run ($SCLB_BIN or the release build, built unless `no_build`), or
+    None (reported) when a variant needs it and it is missing."""
+    sclb_bin = Path(os.environ.get("SCLB_BIN", str(b.DEFAULT_SCLB_BIN))).absolute()
+    if any(v.startswith("sclb") for v in variants):
+        if not no_build:
+            subprocess.run(["cargo", "build", "--release", "--bin", "sclb"], cwd=b.REPO, check=True)
+        if not sclb_bin.exists():
+            print(f"bench: {sclb_bin} missing", file=sys.stderr)
+            return None
+    return sclb_bin
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as sk:
@@ -185,13 +201,9 @@ def main(argv: list[str]) -> int:
     if set(variants) - set(VARIANTS):
         ap.error(f"unknown variant(s): {', '.join(sorted(set(variants) - set(VARIANTS)))}; out of {', '.join(VARIANTS)}")
     n = 300 if a.quick else 3000
-    sclb_bin = Path(os.environ.get("SCLB_BIN", str(b.DEFAULT_SCLB_BIN))).absolute()
-    if any(v.startswith("sclb") for v in variants):
-        if not a.no_build:
-            subprocess.run(["cargo", "build", "--release", "--bin", "sclb"], cwd=b.REPO, check=True)
-        if not sclb_bin.exists():
-            print(f"bench: {sclb_bin} missing", file=sys.stderr)
-            return 1
+    sclb_bin = sclb_ready(variants, a.no_build)
+    if sclb_bin is None:
+        return 1
     stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
     logdir = b.BENCH / ".work" / f"{stamp}-instructions"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -231,11 +243,14 @@ def main(argv: list[str]) -> int:
                   "| call | " + " | ".join(calls) + " |", "|---|" + "---|" * len(calls)]
         lines += [f"| `{c}` | " + " | ".join(f"{per.get(c, 0):.2f}" for per in calls.values()) + " |"
                   for c in names]
+    return write_report(lines, table_at, errors, Path(a.out) / f"{stamp}-instructions.md")
+
+
+def write_report(lines: list[str], table_at: int, errors: list[str], report: Path) -> int:
+    """Writes the report (with its errors), prints its tables; the exit status."""
     if errors:
         lines += ["", "Errors:", ""] + [f"- {e}" for e in errors]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / f"{stamp}-instructions.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[table_at:]))
     print(f"bench: wrote {report}")

@@ -21,7 +21,10 @@ claims and deletes the objects. Each figure is the time a fresh PySpark process 
   Spark server the operator started (one query run on it first).
 
 While a hit is measured the operator starts nothing (a pool's replacement would otherwise start
-a JVM on the bench's two cores during the measurement; in a cluster it starts on another node).
+a JVM on the bench's two cores during the measurement; in a cluster it starts on another node),
+and each rep (hit or direct) starts once the Spark servers are quiet: a JVM that just ran its
+warm-up keeps compiling for seconds in background threads, which on a node of its own costs the
+client nothing but here would take the client's CPU.
 
 Python standard library only; PySpark runs in SPARK_PYTHON (default .venv/bin/python).
 """
@@ -50,6 +53,7 @@ CONNECTS = f"/apis/sparkoperator.k8s.io/v1alpha1/namespaces/{NAMESPACE}/sparkcon
 TEAM = ("bench", "dev")
 SPARK_START_BUDGET = 180.0  # a cold JVM on a busy 2-core machine
 READY_BUDGET = 300.0        # a pool member started and warmed up
+QUIET_BUDGET = 30.0         # the Spark servers' JIT compilers settle before a rep
 TEMPLATE = """\
 apiVersion: sparkoperator.k8s.io/v1alpha1
 kind: SparkConnect
@@ -85,6 +89,33 @@ SCENARIOS = {
     # The floor: PySpark straight to a warm Spark server (one query run on it first), no sclb.
     "direct": None,
 }
+
+
+def jvm_ticks(op: "Operator") -> int:
+    ticks = 0
+    for proc, _ip, _started in list(op.servers.values()):
+        try:
+            for tid in os.listdir(f"/proc/{proc.pid}/task"):
+                f = open(f"/proc/{proc.pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                ticks += int(f[11]) + int(f[12])
+        except (OSError, IndexError, ValueError):
+            pass  # stopped meanwhile
+    return ticks
+
+
+def settle(op: "Operator", budget: float = QUIET_BUDGET) -> float:
+    """Waits (at most `budget`) until the Spark servers together use under a tenth of a CPU;
+    the seconds waited."""
+    hz = os.sysconf("SC_CLK_TCK")
+    t0 = time.monotonic()
+    before = jvm_ticks(op)
+    while time.monotonic() < t0 + budget:
+        time.sleep(1.0)
+        now = jvm_ticks(op)
+        if now - before < 0.1 * hz:
+            break
+        before = now
+    return time.monotonic() - t0
 
 
 def accepts(ip: str, port: int) -> bool:
@@ -251,10 +282,11 @@ def run_direct(s, api: k8s.Api, op: Operator) -> dict:
         ip = op.servers[name][1]
         first_query(s.spark_python, s.spark_port, "client-direct-warm-up", host=ip)
         for rep in range(s.reps):
+            quiet = settle(op)
             took, goc = first_query(s.spark_python, s.spark_port, f"client-direct-{rep}", host=ip)
             times.append(took)
             gocs.append(goc)
-            print(f"  direct #{rep + 1}: {took:.2f} s", flush=True)
+            print(f"  direct #{rep + 1}: {took:.2f} s (Spark quiet after {quiet:.0f} s)", flush=True)
     finally:
         try:
             api.call("DELETE", f"{CONNECTS}/{name}")
@@ -282,13 +314,14 @@ def run_scenario(s, api: k8s.Api, kubeconfig: Path, scenario: str, op: Operator)
                 wait_for("a Ready (warm) pool driver", READY_BUDGET, lambda: pool_ready(sock) == 1,
                          op, sclb)
                 op.paused.set()
+            quiet = settle(op)
             hits = metric(stats, 'sclb_pool_claims_total{result="hit"}')
             took, goc = first_query(s.spark_python, port, f"client-{scenario}-{rep}")
             gocs.append(goc)
             if pool and metric(stats, 'sclb_pool_claims_total{result="hit"}') != hits + 1:
                 raise b.BenchError(f"{scenario}: rep {rep} was not a pool hit")
             times.append(took)
-            print(f"  {scenario} #{rep + 1}: {took:.2f} s", flush=True)
+            print(f"  {scenario} #{rep + 1}: {took:.2f} s (Spark quiet after {quiet:.0f} s)", flush=True)
         warm_n = metric(stats, "sclb_pool_warmup_seconds_count")
         warm_sum = metric(stats, "sclb_pool_warmup_seconds_sum")
         # sclb's own part: a session's first RPC (the claim or the create happens there) to its

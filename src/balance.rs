@@ -19,7 +19,7 @@
 use parking_lot::Mutex;
 use std::cmp::Ordering;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -201,10 +201,13 @@ pub struct Balancer {
     algo: Balance,
     /// Round robin and least connections: servers in pick order.
     order: Arc<Mutex<Order>>,
-    /// Consistent-hash ring: (point, server position), sorted by point.
-    ring: Vec<(u64, usize)>,
+    /// Consistent-hash ring: (point, server), sorted by point. By id, not position, so that a
+    /// server added or removed changes only its own points.
+    ring: Vec<(u64, ServerId)>,
     /// Position of each server.
-    by_id: HashMap<ServerId, usize>,
+    /// (foldhash, not SipHash: ids are ours, not a client's, and a discovery change updates
+    /// this for every server after the one it added or removed.)
+    by_id: foldhash::HashMap<ServerId, usize>,
 }
 
 fn hash<T: Hash>(v: &T) -> u64 {
@@ -217,31 +220,74 @@ impl Balancer {
     /// Builds the balancer for `servers`; with least connections, the servers' connection
     /// counts report to it from now on.
     pub fn new(algo: Balance, servers: &[Arc<Server>]) -> Self {
-        let mut ring = Vec::new();
-        if algo == Balance::Source {
-            for (pos, s) in servers.iter().enumerate() {
-                // Points hash the server's name, not its position: adding or removing one server
-                // moves only the clients that hashed to it.
-                let points = s.config().weight.max(1) * RING_POINTS_PER_WEIGHT;
-                for i in 0..points {
-                    ring.push((hash(&(&*s.name, i)), pos));
-                }
-            }
-            ring.sort_unstable();
+        let ring = if algo == Balance::Source {
+            ring_points(servers)
+        } else {
+            Vec::new()
+        };
+        let by_id = servers.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+        let b = Self::with_ring(algo, by_id, ring);
+        b.attach(servers);
+        b
+    }
+
+    /// The balancer for `servers`, which are this one's with `removed` gone and `added` come,
+    /// the same up to position `moved`: the index keeps the positions before it and the ring
+    /// the other servers' points instead of hashing them again. Its order is built at the next
+    /// pick, as a new balancer's is.
+    pub fn patched(
+        &self,
+        servers: &[Arc<Server>],
+        moved: usize,
+        removed: &[ServerId],
+        added: &[Arc<Server>],
+    ) -> Self {
+        let mut by_id = self.by_id.clone();
+        for id in removed {
+            by_id.remove(id);
         }
+        for (i, s) in servers.iter().enumerate().skip(moved) {
+            by_id.insert(s.id, i);
+        }
+        let mut ring = Vec::new();
+        if self.algo == Balance::Source {
+            let mut new = ring_points(added);
+            let removed: HashSet<ServerId> = removed.iter().copied().collect();
+            ring = self
+                .ring
+                .iter()
+                .filter(|(_, id)| !removed.contains(id))
+                .copied()
+                .collect();
+            ring.append(&mut new);
+            // Two sorted runs: the sort merges them in linear time.
+            ring.sort();
+        }
+        let b = Self::with_ring(self.algo, by_id, ring);
+        // Only least connections hooks the servers (by position, which may have moved); the
+        // others' servers have no hook, and new ones start without.
+        if b.algo == Balance::LeastConn {
+            b.attach(servers);
+        }
+        b
+    }
+
+    fn with_ring(
+        algo: Balance,
+        by_id: foldhash::HashMap<ServerId, usize>,
+        ring: Vec<(u64, ServerId)>,
+    ) -> Self {
         let order = Arc::new(Mutex::new(Order {
-            slots: vec![None; servers.len()],
+            slots: vec![None; by_id.len()],
             heavier_first: algo == Balance::RoundRobin,
             ..Order::default()
         }));
-        let b = Balancer {
+        Balancer {
             algo,
             order,
             ring,
-            by_id: servers.iter().enumerate().map(|(i, s)| (s.id, i)).collect(),
-        };
-        b.attach(servers);
-        b
+            by_id,
+        }
     }
 
     /// Points the servers' load hooks at this balancer (least connections) or at none. Called
@@ -339,12 +385,26 @@ impl Balancer {
         let h = hash(&client);
         let start = self.ring.partition_point(|(p, _)| *p < h);
         (0..self.ring.len())
-            .map(|k| self.ring[(start + k) % self.ring.len()].1)
+            .filter_map(|k| self.position(self.ring[(start + k) % self.ring.len()].1))
             .find(|&pos| {
                 let s = &servers[pos];
                 !tried.contains(&s.id) && pool.admits(s)
             })
     }
+}
+
+/// The consistent-hash points of `servers`, sorted. Points hash the server's name, not its
+/// position: adding or removing one server moves only the clients that hashed to it.
+fn ring_points(servers: &[Arc<Server>]) -> Vec<(u64, ServerId)> {
+    let mut ring = Vec::new();
+    for s in servers {
+        let points = s.config().weight.max(1) * RING_POINTS_PER_WEIGHT;
+        for i in 0..points {
+            ring.push((hash(&(&*s.name, i)), s.id));
+        }
+    }
+    ring.sort_unstable();
+    ring
 }
 
 /// Round robin: a server's next due time, `(picks + ½) / weight`, kept as
@@ -371,6 +431,7 @@ mod tests {
     use super::*;
     use crate::config::{CheckConfig, ServerConfig};
     use crate::server::Writer;
+    use std::collections::HashMap;
 
     const W: Writer = Writer::FOR_TESTS;
 

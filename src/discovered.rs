@@ -45,6 +45,16 @@ pub struct SourceStatus {
     pub last_sync: Option<SystemTime>,
 }
 
+/// What a batch of updates changed in a backend's discovered servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    Nothing,
+    /// These uids were added, changed or removed.
+    Servers(Vec<String>),
+    /// A reset replaced the set.
+    All,
+}
+
 /// Discovered servers per backend, and each source's status.
 #[derive(Default)]
 pub struct Registry {
@@ -53,12 +63,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Applies a source's updates, in order; returns whether the set of servers changed. Each
-    /// update costs what it touches (a reset: the whole set), not the size of the set.
-    pub fn apply(&self, backend: &str, updates: Vec<Update>) -> bool {
+    /// Applies a source's updates, in order; says what changed. Each update costs what it
+    /// touches (a reset: the whole set), not the size of the set.
+    pub fn apply(&self, backend: &str, updates: Vec<Update>) -> Changed {
         let mut all = self.servers.lock();
         let set = all.entry(backend.to_string()).or_default();
-        let mut changed = false;
+        let (mut touched, mut reset) = (Vec::new(), false);
         for update in updates {
             match update {
                 Update::Reset(list) => {
@@ -66,16 +76,20 @@ impl Registry {
                         list.into_iter().map(|d| (d.uid.clone(), d)).collect();
                     if *set != new {
                         *set = new;
-                        changed = true;
+                        reset = true;
                     }
                 }
                 Update::Upsert(d) => {
                     if set.get(&d.uid) != Some(&d) {
+                        touched.push(d.uid.clone());
                         set.insert(d.uid.clone(), d);
-                        changed = true;
                     }
                 }
-                Update::Remove(uid) => changed |= set.remove(&uid).is_some(),
+                Update::Remove(uid) => {
+                    if set.remove(&uid).is_some() {
+                        touched.push(uid);
+                    }
+                }
             }
         }
         let n = set.len();
@@ -85,7 +99,20 @@ impl Registry {
             .entry(backend.to_string())
             .or_default()
             .servers = n;
-        changed
+        if reset {
+            Changed::All
+        } else if touched.is_empty() {
+            Changed::Nothing
+        } else {
+            touched.sort_unstable();
+            touched.dedup();
+            Changed::Servers(touched)
+        }
+    }
+
+    /// A backend's discovered server `uid`, if it has one.
+    pub fn get(&self, backend: &str, uid: &str) -> Option<Discovered> {
+        self.servers.lock().get(backend)?.get(uid).cloned()
     }
 
     /// The discovered servers of a backend, in uid order.
@@ -128,21 +155,32 @@ mod tests {
     #[test]
     fn a_batch_of_updates_applies_in_order_and_says_whether_anything_changed() {
         let r = Registry::default();
-        assert!(r.apply("be", vec![Update::Reset(vec![pod("a", 1, false)])]));
+        let reset = || vec![Update::Reset(vec![pod("a", 1, false)])];
+        assert_eq!(r.apply("be", reset()), Changed::All);
         // The same again: nothing changed, no rebuild.
-        assert!(!r.apply("be", vec![Update::Upsert(pod("a", 1, false))]));
-        assert!(!r.apply("be", vec![Update::Remove("nobody".into())]));
-        assert!(!r.apply("be", vec![Update::Reset(vec![pod("a", 1, false)])]));
-        // A burst: one added, one changed, one removed, in order.
-        assert!(r.apply(
-            "be",
-            vec![
-                Update::Upsert(pod("b", 2, false)),
-                Update::Upsert(pod("c", 3, false)),
-                Update::Upsert(pod("a", 1, true)),
-                Update::Remove("b".into()),
-            ]
-        ));
+        let nothing = Changed::Nothing;
+        assert_eq!(
+            r.apply("be", vec![Update::Upsert(pod("a", 1, false))]),
+            nothing
+        );
+        assert_eq!(
+            r.apply("be", vec![Update::Remove("nobody".into())]),
+            nothing
+        );
+        assert_eq!(r.apply("be", reset()), nothing);
+        // A burst: one added, one changed, one removed, in order; each uid said once.
+        assert_eq!(
+            r.apply(
+                "be",
+                vec![
+                    Update::Upsert(pod("b", 2, false)),
+                    Update::Upsert(pod("c", 3, false)),
+                    Update::Upsert(pod("a", 1, true)),
+                    Update::Remove("b".into()),
+                ]
+            ),
+            Changed::Servers(vec!["a".into(), "b".into(), "c".into()])
+        );
         assert_eq!(r.servers("be"), vec![pod("a", 1, true), pod("c", 3, false)]);
         assert_eq!(r.statuses()["be"].servers, 2);
     }

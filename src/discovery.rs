@@ -2,9 +2,11 @@
 //! [`Update`]s through [`crate::control`] (`Change::Discovery`).
 //!
 //! A discovery source only says which servers exist; everything else — pins, health, drains,
-//! counters, checkers — is handled exactly as for servers listed in the file, because an update
-//! rebuilds the snapshot through the same path as a reload. A source that fails keeps the last
-//! servers it reported: it sends nothing until it knows better.
+//! counters, checkers — is handled exactly as for servers listed in the file: an update patches
+//! the running snapshot with the servers it changes ([`crate::state::State::patch_discovered`])
+//! and starts and retires them as a reload does; a complete relist rebuilds it as a reload does.
+//! A source that fails keeps the last servers it reported: it sends nothing until it knows
+//! better.
 //!
 //! [`sync_sources`] keeps one task per backend whose config declares a source (see
 //! [`kubernetes`]), in [`Registry`]'s list of running sources: at start, and after each reload,

@@ -585,6 +585,11 @@ impl Server {
         self.config.load_full()
     }
 
+    /// The server's config for a short read, without taking a reference.
+    pub fn config_peek(&self) -> arc_swap::Guard<Arc<ServerConfig>> {
+        self.config.load()
+    }
+
     /// The address the server was configured with (the key a reload matches on).
     pub fn config_addr(&self) -> SocketAddr {
         self.config.load().addr

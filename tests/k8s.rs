@@ -119,6 +119,81 @@ async fn pods_become_servers_when_ready_drain_when_terminating_and_go_when_delet
         .await;
 }
 
+/// A pod event changes only the server it is about: an operator's `disable server` on another
+/// discovered server holds across it and across a reload; a pinned client whose server went
+/// NotReady stays where it moved; a pod deleted and created again under the same name is a
+/// new server, with no pins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_event_changes_only_its_own_server() {
+    let Some(api) = shared() else { return };
+    let k = Cluster::new(api, "patch").await;
+    let (port, _servers) = stand_ins(&[("a", 21), ("b", 22), ("c", 23)]).await;
+    let role = json!({"spark-role": "connect-server"});
+    for (name, ip) in [
+        ("a", "127.0.0.21"),
+        ("b", "127.0.0.22"),
+        ("c", "127.0.0.23"),
+    ] {
+        k.create_pod(name, role.clone(), port).await;
+        k.kubelet(name, ip, true).await;
+    }
+    let source = discovery(
+        "pods",
+        "patch",
+        "spark-role=connect-server",
+        "\"spark-connect\"",
+        &api.kubeconfig(),
+    );
+    let lb = start_lb(&source).await;
+    let (a, b, c) = (at(21, port), at(22, port), at(23, port));
+    lb.expect_pool(&[("a", a, "UP"), ("b", b, "UP"), ("c", c, "UP")])
+        .await;
+
+    // The operator takes a out; pod events about others leave it out.
+    assert_eq!(lb.cmd("disable server be/a").await, "\n");
+    k.kubelet("c", "127.0.0.23", false).await;
+    lb.expect_pool(&[("a", a, "MAINT"), ("b", b, "UP")]).await;
+    let on_b = lb.client_on("b", 10).await;
+    k.kubelet("c", "127.0.0.23", true).await;
+    lb.expect_pool(&[("a", a, "MAINT"), ("b", b, "UP"), ("c", c, "UP")])
+        .await;
+    assert_eq!(
+        lb.hello(on_b).await,
+        "b",
+        "a pin holds across other pods' events"
+    );
+
+    // b flips NotReady and back: its pinned client moves to c and stays there.
+    k.kubelet("b", "127.0.0.22", false).await;
+    lb.expect_pool(&[("a", a, "MAINT"), ("c", c, "UP")]).await;
+    assert_eq!(lb.hello(on_b).await, "c");
+    k.kubelet("b", "127.0.0.22", true).await;
+    lb.expect_pool(&[("a", a, "MAINT"), ("b", b, "UP"), ("c", c, "UP")])
+        .await;
+    assert_eq!(lb.hello(on_b).await, "c", "the client is pinned to c now");
+
+    // A reload between events keeps the discovered servers and the operator's word.
+    lb.reload_with(Some(&source), "retries = 1").await;
+    lb.expect_pool(&[("a", a, "MAINT"), ("b", b, "UP"), ("c", c, "UP")])
+        .await;
+    k.kubelet("b", "127.0.0.22", false).await;
+    lb.expect_pool(&[("a", a, "MAINT"), ("c", c, "UP")]).await;
+    assert_eq!(lb.cmd("enable server be/a").await, "\n");
+    lb.expect_pool(&[("a", a, "UP"), ("c", c, "UP")]).await;
+
+    // c deleted and created again under its name: a new server, whose pins went with the old.
+    k.delete_pod("c", 0).await;
+    lb.expect_pool(&[("a", a, "UP")]).await;
+    assert!(!lb.cmd("show table be").await.contains("server_key=c"));
+    assert_eq!(lb.hello(on_b).await, "a", "the old pin went with the old c");
+    k.create_pod("c", role, port).await;
+    k.kubelet("c", "127.0.0.23", true).await;
+    lb.expect_pool(&[("a", a, "UP"), ("c", c, "UP")]).await;
+    let table = lb.cmd("show table be").await;
+    assert!(!table.contains("server_key=c"), "{table}");
+    assert_eq!(lb.hello(on_b).await, "a", "still pinned where it moved");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spark_application_is_served_by_its_driver_pod() {
     let Some(api) = shared() else { return };

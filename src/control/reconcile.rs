@@ -10,8 +10,8 @@ use tracing::{info, warn};
 
 use crate::Shared;
 use crate::config::Config;
-use crate::discovered::Update;
-use crate::server::{ServerId, Writer};
+use crate::discovered::{Changed, Update};
+use crate::server::{Server, ServerId, Writer};
 use crate::state::Snapshot;
 
 /// Applies a validated config, carrying live state; on a listener that cannot bind, puts the
@@ -70,16 +70,40 @@ pub(super) fn reload(
     Ok(summary)
 }
 
-/// Applies a discovery update for `backend`: the snapshot is rebuilt (the running config plus
-/// the discovered servers), then checkers start and retirements follow, as on a reload; state
-/// file entries that waited for these servers apply now.
+/// Applies a discovery update for `backend`: the snapshot is patched with the servers it
+/// changed (rebuilt after a relist), then checkers start for the new servers and the removed
+/// ones are retired, as on a reload; state file entries that waited for these servers apply
+/// now.
 pub(super) fn discovery(w: &Writer, shared: &Arc<Shared>, backend: &str, updates: Vec<Update>) {
-    if !shared.state.discovered.apply(backend, updates) {
-        return;
+    match shared.state.discovered.apply(backend, updates) {
+        Changed::Nothing => return,
+        Changed::All => {
+            let (old, new) = shared.state.refresh(w);
+            after_snapshot(shared, &old, &new);
+        }
+        Changed::Servers(uids) => {
+            let Some(p) = shared.state.patch_discovered(w, backend, &uids) else {
+                return;
+            };
+            let report = super::checker_report(shared);
+            for s in &p.added {
+                crate::health::spawn_checker(s.clone(), &report, &shared.life.stop_background);
+            }
+            let stick = p.new.backend(backend).and_then(|b| b.stick.clone());
+            for s in &p.removed {
+                retire(s, stick.as_deref());
+            }
+        }
     }
-    let (old, new) = shared.state.refresh(w);
-    after_snapshot(shared, &old, &new);
     super::restore::retry_pending(w, shared);
+}
+
+/// A server that takes no more clients: its checker stops, its pins go, its sessions drain.
+fn retire(s: &Server, stick: Option<&crate::stick_table::StickTable>) {
+    s.retired.cancel();
+    if let Some(t) = stick {
+        t.forget_server(s.id);
+    }
 }
 
 /// Rebuilds the snapshot from the running config, e.g. once servers removed by a reload have
@@ -112,10 +136,8 @@ fn after_snapshot(shared: &Arc<Shared>, old: &Snapshot, new: &Snapshot) {
             .backend(&ob.config.name)
             .is_some_and(|nb| nb.server(s.id).is_some());
         if !still {
-            s.retired.cancel();
-            if let Some(t) = new.backend(&ob.config.name).and_then(|b| b.stick.clone()) {
-                t.forget_server(s.id);
-            }
+            let stick = new.backend(&ob.config.name).and_then(|b| b.stick.clone());
+            retire(s, stick.as_deref());
         }
     }
 }

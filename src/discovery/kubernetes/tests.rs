@@ -325,3 +325,67 @@ fn a_burst_of_events_is_one_change() {
         .unwrap();
     assert_eq!(c.updates, vec![Update::Remove("uid-b".into())]);
 }
+
+/// Between lists, pods' changes are worked out from the objects an event touched: after every
+/// batch of random events (ready flips, terminations, new IPs, deletes, a pod back under its
+/// name with a new uid), what was handed over so far is what working it out from every object
+/// gives — for one namespace and for two.
+#[test]
+fn changes_worked_out_per_event_are_what_every_object_gives() {
+    for namespaces in [&["spark"][..], &["spark", "etl"][..]] {
+        let mut v = View::new(
+            &settings(KubernetesKind::Pods, namespaces),
+            namespaces.len(),
+        );
+        let mut seen = std::collections::BTreeMap::new();
+        let apply = |seen: &mut std::collections::BTreeMap<String, Discovered>, c: Change| {
+            for u in c.reset.into_iter().chain(c.updates) {
+                match u {
+                    Update::Reset(all) => {
+                        *seen = all.into_iter().map(|d| (d.uid.clone(), d)).collect();
+                    }
+                    Update::Upsert(d) => drop(seen.insert(d.uid.clone(), d)),
+                    Update::Remove(uid) => assert!(seen.remove(&uid).is_some(), "{uid}"),
+                }
+            }
+        };
+        for i in 0..namespaces.len() {
+            if let Some(c) = list(&mut v, i, vec![]) {
+                apply(&mut seen, c);
+            }
+        }
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut below = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..400 {
+            for _ in 0..1 + below(4) {
+                let i = below(namespaces.len() as u64) as usize;
+                let k = below(12);
+                let Object::Pod(mut p) = pod(&format!("p{k}"), Some("10.0.0.1"), true, false)
+                else {
+                    unreachable!()
+                };
+                p.namespace = namespaces[i].into();
+                p.uid = format!("uid-{}-{k}-{}", namespaces[i], below(4) / 3);
+                p.ip =
+                    (below(6) != 0).then(|| format!("10.0.{i}.{}", below(2) + k).parse().unwrap());
+                p.ready = below(3) != 0;
+                p.terminating = below(5) == 0;
+                let e = if below(5) == 0 {
+                    Event::Delete(Object::Pod(p))
+                } else {
+                    Event::Apply(Object::Pod(p))
+                };
+                assert_eq!(v.apply(i, e), Step::Changed);
+            }
+            if let Some(c) = v.changes(false) {
+                apply(&mut seen, c);
+            }
+            assert_eq!(seen, v.desired_servers());
+        }
+    }
+}

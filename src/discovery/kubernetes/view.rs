@@ -1,8 +1,14 @@
 //! The objects every watch of a source has reported, turned into servers, and what to hand
 //! over: a `Reset` after every complete (re)list, single `Upsert`s and `Remove`s in between,
 //! nothing before every watch has listed once.
+//!
+//! Between lists, where one object makes at most one server (pods, SparkConnects), what an
+//! event changes is worked out from the objects it touched alone: a watch of N objects costs
+//! per event what that event touches, not N. SparkApplications (an application and its driver
+//! pod) and EndpointSlices (an endpoint may sit in two slices) are joins: for them the servers
+//! are worked out again from every object.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
 use kube::runtime::watcher::Event;
@@ -29,6 +35,26 @@ pub(super) struct Change {
     pub(super) log: Vec<String>,
 }
 
+impl Change {
+    /// The log line for server `d`, handed over before as `old`, if it says anything new.
+    fn note(&mut self, old: Option<&Discovered>, d: &Discovered) {
+        match old {
+            None if d.draining => self.log.push(format!(
+                "server {} ({}) discovered, terminating: DRAIN",
+                d.name, d.addr
+            )),
+            None => self
+                .log
+                .push(format!("server {} ({}) discovered", d.name, d.addr)),
+            Some(old) if d.draining && !old.draining => self.log.push(format!(
+                "server {} ({}) is terminating: DRAIN, its pinned clients may finish",
+                d.name, d.addr
+            )),
+            _ => {}
+        }
+    }
+}
+
 /// The objects every watch of a source has reported, and the servers last handed over.
 pub(super) struct View {
     kind: KubernetesKind,
@@ -38,6 +64,11 @@ pub(super) struct View {
     stores: Vec<Store>,
     /// The servers handed over, by uid; `None` before the first complete list.
     sent: Option<BTreeMap<String, Discovered>>,
+    /// Pods and SparkConnects: the uid of the server each object (watch, key) made, among
+    /// those handed over.
+    made: HashMap<(usize, String), String>,
+    /// Objects added, changed or deleted since the last hand-over: (watch, key).
+    touched: BTreeSet<(usize, String)>,
 }
 
 /// What one event did to the view.
@@ -59,7 +90,17 @@ impl View {
             qualify: s.namespaces.len() != 1,
             stores: (0..watches).map(|_| Store::default()).collect(),
             sent: None,
+            made: HashMap::new(),
+            touched: BTreeSet::new(),
         }
+    }
+
+    /// Whether one object makes at most one server, on its own.
+    fn one_to_one(&self) -> bool {
+        matches!(
+            self.kind,
+            KubernetesKind::Pods | KubernetesKind::SparkConnects
+        )
     }
 
     /// Whether every watch has listed at least once.
@@ -96,11 +137,15 @@ impl View {
                 Step::Listed
             }
             Event::Apply(o) => {
-                store.objects.insert(o.key(), o);
+                let key = o.key();
+                store.objects.insert(key.clone(), o);
+                self.touched.insert((i, key));
                 Step::Changed
             }
             Event::Delete(o) => {
-                store.objects.remove(&o.key());
+                let key = o.key();
+                store.objects.remove(&key);
+                self.touched.insert((i, key));
                 Step::Changed
             }
         }
@@ -112,25 +157,16 @@ impl View {
         if !self.synced() {
             return None;
         }
-        let want = self.desired();
+        let touched = std::mem::take(&mut self.touched);
+        if !listed && self.sent.is_some() && self.one_to_one() {
+            return self.changes_of(touched);
+        }
+        let (want, made) = self.desired();
         let first = self.sent.is_none();
         let before = self.sent.take().unwrap_or_default();
         let mut change = Change::default();
         for (uid, d) in &want {
-            match before.get(uid) {
-                None if d.draining => change.log.push(format!(
-                    "server {} ({}) discovered, terminating: DRAIN",
-                    d.name, d.addr
-                )),
-                None => change
-                    .log
-                    .push(format!("server {} ({}) discovered", d.name, d.addr)),
-                Some(old) if d.draining && !old.draining => change.log.push(format!(
-                    "server {} ({}) is terminating: DRAIN, its pinned clients may finish",
-                    d.name, d.addr
-                )),
-                _ => {}
-            }
+            change.note(before.get(uid), d);
             if before.get(uid) != Some(d) {
                 change.updates.push(Update::Upsert(d.clone()));
             }
@@ -148,10 +184,62 @@ impl View {
             change.reset = Some(Update::Reset(want.values().cloned().collect()));
         } else if change.updates.is_empty() {
             self.sent = Some(before);
+            self.made = made;
             return None;
         }
         self.sent = Some(want);
+        self.made = made;
         Some(change)
+    }
+
+    /// Between lists, for pods and SparkConnects: what the `touched` objects change, against
+    /// what was handed over (the same lines and updates as working it out from every object).
+    fn changes_of(&mut self, touched: BTreeSet<(usize, String)>) -> Option<Change> {
+        let mut sent = self.sent.take().unwrap_or_default();
+        let known = |uid: &str| sent.contains_key(uid);
+        // What each touched object makes now, judged against what was handed over before.
+        let now: Vec<((usize, String), Option<Discovered>)> = touched
+            .into_iter()
+            .map(|(i, key)| {
+                let d = self.stores[i]
+                    .objects
+                    .get(&key)
+                    .and_then(|o| self.server_of(o, &known));
+                ((i, key), d)
+            })
+            .collect();
+        let made_now: BTreeSet<&str> = now
+            .iter()
+            .filter_map(|(_, d)| d.as_ref().map(|d| d.uid.as_str()))
+            .collect();
+        let mut change = Change::default();
+        // Gone first: a uid that another object makes now is upserted after.
+        for (object, _) in &now {
+            if let Some(uid) = self.made.get(object)
+                && !made_now.contains(uid.as_str())
+                && let Some(d) = sent.remove(uid)
+            {
+                change
+                    .log
+                    .push(format!("server {} ({}) is gone: removed", d.name, d.addr));
+                change.updates.push(Update::Remove(uid.clone()));
+            }
+        }
+        for (object, d) in now {
+            let Some(d) = d else {
+                self.made.remove(&object);
+                continue;
+            };
+            let old = sent.get(&d.uid);
+            change.note(old, &d);
+            self.made.insert(object, d.uid.clone());
+            if old != Some(&d) {
+                change.updates.push(Update::Upsert(d.clone()));
+                sent.insert(d.uid.clone(), d);
+            }
+        }
+        self.sent = Some(sent);
+        (!change.updates.is_empty()).then_some(change)
     }
 
     fn server_name(&self, namespace: &str, name: &str) -> String {
@@ -162,18 +250,66 @@ impl View {
         }
     }
 
-    /// The servers the committed objects describe, by uid.
-    fn desired(&self) -> BTreeMap<String, Discovered> {
+    /// The servers every object gives now, worked out from all of them.
+    #[cfg(test)]
+    pub(super) fn desired_servers(&self) -> BTreeMap<String, Discovered> {
+        self.desired().0
+    }
+
+    /// The server one object makes on its own (pods and SparkConnects), if any; `known`: the
+    /// uids handed over (a terminating one that served keeps serving while it drains).
+    fn server_of(&self, o: &Object, known: &impl Fn(&str) -> bool) -> Option<Discovered> {
+        match o {
+            Object::Pod(p) if self.kind == KubernetesKind::Pods => {
+                p.server(self.server_name(&p.namespace, &p.name), known)
+            }
+            Object::Connect(c) if self.kind == KubernetesKind::SparkConnects => {
+                let ip = c.ip?;
+                // A new server pod (a restart) is a new server: its sessions are gone.
+                let uid = format!(
+                    "{}/{}",
+                    c.uid,
+                    c.pod.clone().unwrap_or_else(|| ip.to_string())
+                );
+                let draining = c.terminating && known(&uid);
+                if !c.ready && !draining {
+                    return None;
+                }
+                // A SparkConnect reports an IP only: the port is the configured number.
+                let PortRef::Number(port) = self.port else {
+                    return None;
+                };
+                Some(Discovered {
+                    name: self.server_name(&c.namespace, &c.name),
+                    uid,
+                    addr: SocketAddr::new(ip, port),
+                    draining: c.terminating,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The servers the committed objects describe, by uid; for pods and SparkConnects, also
+    /// which object made each.
+    fn desired(
+        &self,
+    ) -> (
+        BTreeMap<String, Discovered>,
+        HashMap<(usize, String), String>,
+    ) {
         let known = |uid: &str| self.sent.as_ref().is_some_and(|s| s.contains_key(uid));
         let mut out = BTreeMap::new();
+        let mut made = HashMap::new();
         let objects = self.stores.iter().flat_map(|s| s.objects.values());
         match self.kind {
-            KubernetesKind::Pods => {
-                for o in objects {
-                    if let Object::Pod(p) = o
-                        && let Some(d) = p.server(self.server_name(&p.namespace, &p.name), known)
-                    {
-                        out.insert(d.uid.clone(), d);
+            KubernetesKind::Pods | KubernetesKind::SparkConnects => {
+                for (i, store) in self.stores.iter().enumerate() {
+                    for (key, o) in &store.objects {
+                        if let Some(d) = self.server_of(o, &known) {
+                            made.insert((i, key.clone()), d.uid.clone());
+                            out.insert(d.uid.clone(), d);
+                        }
                     }
                 }
             }
@@ -197,35 +333,6 @@ impl View {
                         d.draining |= app.terminating;
                         out.insert(d.uid.clone(), d);
                     }
-                }
-            }
-            KubernetesKind::SparkConnects => {
-                for o in objects {
-                    let Object::Connect(c) = o else { continue };
-                    let Some(ip) = c.ip else { continue };
-                    // A new server pod (a restart) is a new server: its sessions are gone.
-                    let uid = format!(
-                        "{}/{}",
-                        c.uid,
-                        c.pod.clone().unwrap_or_else(|| ip.to_string())
-                    );
-                    let draining = c.terminating && known(&uid);
-                    if !c.ready && !draining {
-                        continue;
-                    }
-                    // A SparkConnect reports an IP only: the port is the configured number.
-                    let PortRef::Number(port) = self.port else {
-                        continue;
-                    };
-                    out.insert(
-                        uid.clone(),
-                        Discovered {
-                            name: self.server_name(&c.namespace, &c.name),
-                            uid,
-                            addr: SocketAddr::new(ip, port),
-                            draining: c.terminating,
-                        },
-                    );
                 }
             }
             KubernetesKind::EndpointSlices => {
@@ -261,6 +368,6 @@ impl View {
                 }
             }
         }
-        out
+        (out, made)
     }
 }
