@@ -972,7 +972,15 @@ async fn the_gateway_creates_a_driver_per_new_session_and_deletes_it_when_the_se
         }
     })
     .await;
-    assert!(driver.methods(&s).contains(&"ReleaseSession".to_string()));
+    eventually("the server asked to release the session", || async {
+        let seen = driver.methods(&s);
+        if seen.contains(&"ReleaseSession".to_string()) {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
     eventually("every session reaped", || async {
         let shown = admin("show sessions").await;
         if shown == "# sessions: 0\n\n" {
