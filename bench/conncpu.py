@@ -84,9 +84,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-build", action="store_true", help="never run cargo build")
     ap.add_argument("--out", default=str(b.BENCH / "results"))
     a = ap.parse_args(argv)
-    variants = [v for v in a.variants.split(",") if v]
-    if set(variants) - set(VARIANTS):
-        ap.error(f"unknown variant(s): {', '.join(sorted(set(variants) - set(VARIANTS)))}; out of {', '.join(VARIANTS)}")
+    variants = ins.chosen(ap, a.variants, VARIANTS)
     rounds = a.rounds or (1 if a.quick else 4)
     n = a.conns or (2000 if a.quick else 20000)
     if not 1 <= rounds <= 50 or not 100 <= n <= 200000 or not 1 <= a.concurrency <= 256:

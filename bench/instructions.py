@@ -169,6 +169,14 @@ def syscalls(variant: str, n: int, sclb_bin: Path, logdir: Path) -> dict[str, fl
     return calls
 
 
+def chosen(ap: argparse.ArgumentParser, listed: str, known: tuple[str, ...]) -> list[str]:
+    """The variants of a comma list, each one of `known` (else an argparse error)."""
+    variants = [v for v in listed.split(",") if v]
+    if set(variants) - set(known):
+        ap.error(f"unknown variant(s): {', '.join(sorted(set(variants) - set(known)))}; out of {', '.join(known)}")
+    return variants
+
+
 def sclb_ready(variants: list[str], no_build: bool) -> Path | None:
     """The sclb binary to run ($SCLB_BIN or the release build, built unless `no_build`), or
     None (reported) when a variant needs it and it is missing."""
@@ -197,9 +205,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-build", action="store_true", help="never run cargo build")
     ap.add_argument("--out", default=str(b.BENCH / "results"))
     a = ap.parse_args(argv)
-    variants = [v for v in a.variants.split(",") if v]
-    if set(variants) - set(VARIANTS):
-        ap.error(f"unknown variant(s): {', '.join(sorted(set(variants) - set(VARIANTS)))}; out of {', '.join(VARIANTS)}")
+    variants = chosen(ap, a.variants, VARIANTS)
     n = 300 if a.quick else 3000
     sclb_bin = sclb_ready(variants, a.no_build)
     if sclb_bin is None:
